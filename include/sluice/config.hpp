@@ -1,0 +1,116 @@
+// sluice::Config: the validated, plain form of sluice.toml. Everything here is a value with a safe
+// default; loadConfig() turns a TOML file into it or throws ConfigError naming file, line, column
+// and key. The structs hold no OpenSSL or libuv state, so a program can also build one in code.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace sluice {
+
+using Duration = std::chrono::milliseconds;
+
+/** Severity threshold for the daemon's log. */
+enum class LogLevel { error, warn, info, debug };
+
+/** Where a listener binds or a backend lives. */
+struct Address {
+    enum class Kind { tcp, unix };
+    Kind kind = Kind::tcp;
+    std::string host; ///< tcp: an IPv4 or IPv6 literal, or a name resolved at startup
+    std::uint16_t port = 0;
+    std::string path; ///< unix: the socket path (absolute after loading)
+
+    /** The address as written in a config file: "1.2.3.4:5", "[::1]:5" or "unix:/p". */
+    std::string text() const;
+};
+
+/** A certificate chain and its private key (PEM files). */
+struct CertificateFiles {
+    std::string cert; ///< leaf first, then intermediates; absolute after loading
+    std::string key;  ///< absolute after loading
+};
+
+/** Protocol policy; a listener inherits [tls] and overrides what it names. */
+struct TlsPolicy {
+    std::string minVersion = "1.2"; ///< "1.2" or "1.3"
+    std::string maxVersion = "1.3";
+    /** TLS 1.2 cipher list (OpenSSL syntax). */
+    std::string ciphers = "ECDHE+AESGCM:ECDHE+CHACHA20";
+    /** TLS 1.3 suites (OpenSSL syntax). */
+    std::string ciphersuites =
+        "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
+    /** Key-exchange groups, preferred first. */
+    std::string groups = "X25519:P-256:P-384";
+};
+
+/** Per-connection timeouts. Zero disables one. */
+struct Timeouts {
+    Duration handshake = std::chrono::seconds(10);      ///< accept to handshake done
+    Duration idle = std::chrono::minutes(5);            ///< no byte either way
+    Duration connect = std::chrono::seconds(5);         ///< backend connect
+    Duration halfClose = std::chrono::seconds(30);      ///< idleness once one side has closed
+    Duration flush = std::chrono::seconds(5);           ///< sending the last bytes before close
+};
+
+/** Per-connection buffer sizes: the memory bound of one connection, per direction. */
+struct Buffers {
+    std::size_t tls = 16 * 1024;       ///< each half of the TLS engine's BIO pair
+    std::size_t plaintext = 64 * 1024; ///< decrypted bytes waiting for the backend
+    std::size_t backend = 64 * 1024;   ///< backend bytes waiting for encryption
+};
+
+/** One [[listener]] table. */
+struct ListenerConfig {
+    std::string name;                           ///< defaults to the first listen address
+    std::vector<Address> listen;                ///< at least one
+    std::vector<CertificateFiles> certificates; ///< at least one; the first is the default
+    Address backend;
+    TlsPolicy tls;
+    Timeouts timeouts;
+    std::uint64_t maxConnections = 0; ///< 0: only the global limit applies
+    int backlog = 511;
+};
+
+/** The [global] table. */
+struct GlobalConfig {
+    std::uint64_t maxConnections = 100000;
+    Duration drainTimeout = std::chrono::seconds(30);
+    LogLevel logLevel = LogLevel::info;
+    Buffers buffers;
+};
+
+/** A whole configuration. */
+struct Config {
+    std::string path; ///< the file it came from, empty when built in code
+    GlobalConfig global;
+    TlsPolicy tls; ///< the [tls] defaults, as written
+    std::vector<ListenerConfig> listeners;
+};
+
+/** A configuration error: what() is "FILE:LINE:COLUMN: KEY: what was expected". */
+class ConfigError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/** Reads and validates `path`. Relative paths inside it are taken from the file's folder. */
+Config loadConfig(const std::string &path);
+
+/** Parses TOML text; `path` names it in errors and anchors relative paths. */
+Config parseConfig(std::string_view text, const std::string &path);
+
+/** Parses "host:port", "[v6]:port" or "unix:/path"; throws std::invalid_argument. */
+Address parseAddress(std::string_view text);
+
+/** Parses "250ms", "10s", "5m", "1h" (or a bare integer of seconds); throws invalid_argument. */
+Duration parseDuration(std::string_view text);
+
+/** Parses "64KiB", "1MiB", "512" (bytes); throws std::invalid_argument. */
+std::size_t parseSize(std::string_view text);
+
+} // namespace sluice

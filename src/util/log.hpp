@@ -1,0 +1,25 @@
+// util/log: one line per event on stderr, "LEVEL event key=value ...", filtered by a global
+// threshold. Lines are written with one write(2) so concurrent writers never interleave.
+#pragma once
+
+#include <sluice/config.hpp>
+
+#include <string_view>
+
+namespace sluice::log {
+
+/** Sets the lowest level that is printed; the default is info. */
+void setLevel(LogLevel level);
+
+/** True when a line at `level` would be printed (skip building it otherwise). */
+bool enabled(LogLevel level);
+
+/** Prints one line at `level`. `line` should not end in a newline. */
+void write(LogLevel level, std::string_view line);
+
+inline void error(std::string_view line) { write(LogLevel::error, line); }
+inline void warn(std::string_view line) { write(LogLevel::warn, line); }
+inline void info(std::string_view line) { write(LogLevel::info, line); }
+inline void debug(std::string_view line) { write(LogLevel::debug, line); }
+
+} // namespace sluice::log
