@@ -42,6 +42,8 @@
 #include <string_view>
 
 struct ssl_ctx_st;
+struct ssl_st;
+struct bio_st;
 
 namespace sluice {
 
@@ -109,6 +111,9 @@ public:
      * (the engine must consume first: drain plainOut() and cipherOut()) or after cipherInEof().
      */
     std::span<std::uint8_t> cipherInSpace();
+
+    /** Free bytes in the network half of the pair, across its wrap point. */
+    std::size_t cipherInCapacity() const;
 
     /** Commits `n` bytes written into the last cipherInSpace() span and runs the engine. */
     void commitCipherIn(std::size_t n);
@@ -189,9 +194,10 @@ private:
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
     void recordHandshake();
+    bool failed() const { return errorSource_ != ErrorSource::none; }
 
-    struct ssl_st *ssl_ = nullptr;
-    struct bio_st *network_ = nullptr; // our half of the pair; the SSL owns the other half
+    ssl_st *ssl_ = nullptr;
+    bio_st *network_ = nullptr; // our half of the pair; the SSL owns the other half
     Role role_ = Role::server;
     std::size_t plaintextBudget_ = 0;
 
@@ -210,7 +216,8 @@ private:
     bool transportEof_ = false;
     bool shutdownWanted_ = false;
     bool closeNotifySent_ = false;
-    bool readBlockedOnWrite_ = false;
+    bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
+    bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
 };
 
 } // namespace sluice

@@ -1,1 +1,424 @@
-// placeholder
+#include <sluice/engine.hpp>
+
+#include <openssl/bio.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include "tls/errors.hpp"
+
+#include <algorithm>
+#include <climits>
+
+namespace sluice {
+namespace {
+
+// OpenSSL takes int lengths; no single call moves more than this.
+constexpr std::size_t maxCall = INT_MAX / 2;
+
+bool isLocalError(unsigned long code) {
+    const int reason = ERR_GET_REASON(code);
+    if (ERR_GET_LIB(code) == ERR_LIB_SSL) {
+        return reason == SSL_R_BAD_LENGTH || reason == SSL_R_BAD_WRITE_RETRY ||
+               reason == SSL_R_PROTOCOL_IS_SHUTDOWN || reason == ERR_R_INTERNAL_ERROR ||
+               reason == ERR_R_MALLOC_FAILURE;
+    }
+    return reason == ERR_R_MALLOC_FAILURE || reason == ERR_R_INTERNAL_ERROR;
+}
+
+bool isUnexpectedEof(unsigned long code) {
+    return ERR_GET_LIB(code) == ERR_LIB_SSL &&
+           ERR_GET_REASON(code) == SSL_R_UNEXPECTED_EOF_WHILE_READING;
+}
+
+} // namespace
+
+std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineOptions &options,
+                                       std::string *error) {
+    auto report = [error](std::string reason) {
+        if (error != nullptr) {
+            *error = std::move(reason);
+        }
+        return nullptr;
+    };
+    ERR_clear_error();
+    std::unique_ptr<Engine> engine(new Engine());
+    engine->role_ = role;
+    engine->plaintextBudget_ = std::max<std::size_t>(1, std::min(options.plaintextBudget, maxCall));
+    engine->ssl_ = SSL_new(ctx);
+    if (engine->ssl_ == nullptr) {
+        return report("SSL_new: " + tls::drainErrors().reason);
+    }
+    const std::size_t pairSize = std::max<std::size_t>(1, std::min(options.pairSize, maxCall));
+    BIO *inner = nullptr;
+    if (BIO_new_bio_pair(&inner, pairSize, &engine->network_, pairSize) != 1) {
+        return report("BIO_new_bio_pair: " + tls::drainErrors().reason);
+    }
+    // The SSL owns the inner half from here; the destructor frees the network half.
+    SSL_set_bio(engine->ssl_, inner, inner);
+    // Partial writes let write() report exactly what was taken; a moving buffer lets the caller
+    // re-offer the same bytes from a different address; idle connections give back OpenSSL's
+    // record buffers.
+    SSL_set_mode(engine->ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+                                   SSL_MODE_RELEASE_BUFFERS);
+    // A server never renegotiates, and refuses a client's request (CVE-2011-1473 class).
+    SSL_set_options(engine->ssl_, SSL_OP_NO_RENEGOTIATION);
+    if (role == Role::server) {
+        SSL_set_accept_state(engine->ssl_);
+    } else {
+        SSL_set_connect_state(engine->ssl_);
+        if (!options.serverName.empty()) {
+            X509_VERIFY_PARAM *param = SSL_get0_param(engine->ssl_);
+            // An IP literal is verified against the certificate's IP SANs and is never sent
+            // as SNI (RFC 6066); a name is both sent and verified.
+            if (X509_VERIFY_PARAM_set1_ip_asc(param, options.serverName.c_str()) != 1) {
+                ERR_clear_error();
+                if (SSL_set_tlsext_host_name(engine->ssl_, options.serverName.c_str()) != 1 ||
+                    SSL_set1_host(engine->ssl_, options.serverName.c_str()) != 1) {
+                    return report("server name: " + tls::drainErrors().reason);
+                }
+            }
+            engine->info_.serverName = options.serverName;
+        }
+    }
+    engine->run();
+    return engine;
+}
+
+Engine::~Engine() {
+    SSL_free(ssl_);
+    BIO_free(network_);
+}
+
+std::span<std::uint8_t> Engine::cipherInSpace() {
+    if (transportEof_ || network_ == nullptr) {
+        return {};
+    }
+    char *space = nullptr;
+    const int n = BIO_nwrite0(network_, &space);
+    if (n <= 0) {
+        return {};
+    }
+    return {reinterpret_cast<std::uint8_t *>(space), static_cast<std::size_t>(n)};
+}
+
+std::size_t Engine::cipherInCapacity() const {
+    if (transportEof_) {
+        return 0;
+    }
+    return BIO_ctrl_get_write_guarantee(network_);
+}
+
+void Engine::commitCipherIn(std::size_t n) {
+    if (n == 0 || transportEof_) {
+        return;
+    }
+    char *space = nullptr;
+    const int avail = BIO_nwrite0(network_, &space);
+    if (avail <= 0) {
+        return;
+    }
+    BIO_nwrite(network_, &space, static_cast<int>(std::min<std::size_t>(n, avail)));
+    run();
+}
+
+void Engine::cipherInEof() {
+    if (transportEof_) {
+        return;
+    }
+    transportEof_ = true;
+    BIO_shutdown_wr(network_);
+    run();
+}
+
+std::span<const std::uint8_t> Engine::cipherOut() {
+    char *data = nullptr;
+    const int n = BIO_nread0(network_, &data);
+    if (n <= 0) {
+        return {};
+    }
+    return {reinterpret_cast<const std::uint8_t *>(data), static_cast<std::size_t>(n)};
+}
+
+void Engine::consumeCipherOut(std::size_t n) {
+    while (n > 0) {
+        char *data = nullptr;
+        const int taken =
+            BIO_nread(network_, &data, static_cast<int>(std::min<std::size_t>(n, maxCall)));
+        if (taken <= 0) {
+            break;
+        }
+        n -= static_cast<std::size_t>(taken);
+    }
+    run();
+}
+
+std::size_t Engine::cipherOutPending() const { return BIO_ctrl_pending(network_); }
+
+std::span<const std::uint8_t> Engine::plainOut() {
+    return {plain_.get() + plainHead_, plainTail_ - plainHead_};
+}
+
+void Engine::consumePlainOut(std::size_t n) {
+    plainHead_ += std::min(n, plainTail_ - plainHead_);
+    if (plainHead_ == plainTail_) {
+        plain_.reset();
+        plainHead_ = plainTail_ = 0;
+    }
+    run();
+}
+
+std::size_t Engine::write(std::span<const std::uint8_t> data) {
+    if (failed() || !handshakeDone_ || shutdownWanted_ || data.empty()) {
+        return 0;
+    }
+    ERR_clear_error();
+    std::size_t written = 0;
+    const int ret =
+        SSL_write_ex(ssl_, data.data(), std::min(data.size(), maxCall), &written);
+    if (ret == 1) {
+        return written;
+    }
+    // WANT_WRITE: the pair is full and OpenSSL may hold part of a record; the caller drains and
+    // offers the same bytes again, which completes it. WANT_READ: a post-handshake exchange
+    // must finish first. Anything else is fatal.
+    handleResult(ret, "write");
+    return 0;
+}
+
+void Engine::shutdown() {
+    if (shutdownWanted_) {
+        return;
+    }
+    shutdownWanted_ = true;
+    run();
+}
+
+bool Engine::requestRenegotiation() {
+    if (failed() || !handshakeDone_ || role_ != Role::client) {
+        return false;
+    }
+    ERR_clear_error();
+    if (SSL_renegotiate(ssl_) != 1) {
+        tls::drainErrors();
+        return false;
+    }
+    postHandshakePending_ = true;
+    run();
+    return true;
+}
+
+bool Engine::requestKeyUpdate(bool requestPeer) {
+    if (failed() || !handshakeDone_) {
+        return false;
+    }
+    ERR_clear_error();
+    if (SSL_key_update(ssl_, requestPeer ? SSL_KEY_UPDATE_REQUESTED
+                                         : SSL_KEY_UPDATE_NOT_REQUESTED) != 1) {
+        tls::drainErrors();
+        return false;
+    }
+    postHandshakePending_ = true;
+    run();
+    return true;
+}
+
+EngineStatus Engine::status() const {
+    EngineStatus s;
+    s.handshakeDone = handshakeDone_;
+    s.plaintextReady = plainTail_ > plainHead_;
+    s.ciphertextPending = cipherOutPending() > 0;
+    s.closeNotifyReceived = closeNotifyReceived_;
+    s.truncated = truncated_;
+    s.closeNotifySent = closeNotifySent_;
+    s.failed = failed();
+    return s;
+}
+
+bool Engine::finished() const {
+    if (cipherOutPending() > 0) {
+        return false;
+    }
+    if (failed()) {
+        return true;
+    }
+    return (closeNotifyReceived_ || truncated_) && closeNotifySent_ && plainTail_ == plainHead_;
+}
+
+void Engine::fail(ErrorSource source, std::string reason) {
+    if (failed()) {
+        return;
+    }
+    errorSource_ = source;
+    errorReason_ = reason.empty() ? "unknown TLS error" : std::move(reason);
+    plain_.reset();
+    plainHead_ = plainTail_ = 0;
+}
+
+bool Engine::handleResult(int ret, const char *operation) {
+    const int err = SSL_get_error(ssl_, ret);
+    switch (err) {
+    case SSL_ERROR_NONE:
+        return true;
+    case SSL_ERROR_WANT_READ:
+    case SSL_ERROR_WANT_WRITE:
+        ERR_clear_error();
+        return false;
+    case SSL_ERROR_ZERO_RETURN:
+        closeNotifyReceived_ = true;
+        return false;
+    default:
+        break;
+    }
+    auto queued = tls::drainErrors();
+    if (isUnexpectedEof(queued.first) || (err == SSL_ERROR_SYSCALL && queued.first == 0)) {
+        // The transport ended without close_notify. After the handshake this is a possible
+        // truncation the caller must be told about; during it, the handshake failed.
+        if (handshakeDone_) {
+            truncated_ = true;
+            return false;
+        }
+        fail(ErrorSource::peer, std::string(operation) + ": connection closed by peer");
+        return false;
+    }
+    const ErrorSource source = isLocalError(queued.first) ? ErrorSource::local : ErrorSource::peer;
+    fail(source, std::string(operation) + ": " + queued.reason);
+    return false;
+}
+
+void Engine::run() {
+    if (failed()) {
+        return;
+    }
+    if (!handshakeDone_) {
+        runHandshake();
+        if (!handshakeDone_ || failed()) {
+            return;
+        }
+    }
+    if (postHandshakePending_) {
+        // A KeyUpdate or a renegotiation request waits in OpenSSL until the state machine runs.
+        ERR_clear_error();
+        const int ret = SSL_do_handshake(ssl_);
+        if (ret == 1) {
+            postHandshakePending_ = false;
+        } else {
+            const int err = SSL_get_error(ssl_, ret);
+            if (err == SSL_ERROR_WANT_READ) {
+                // Sent; the rest (if any) arrives through SSL_read.
+                postHandshakePending_ = false;
+                ERR_clear_error();
+            } else if (!handleResult(ret, "handshake") && failed()) {
+                return;
+            }
+        }
+    }
+    runRead();
+    if (shutdownWanted_ && !closeNotifySent_ && !failed()) {
+        runShutdown();
+    }
+}
+
+void Engine::runHandshake() {
+    ERR_clear_error();
+    const int ret = SSL_do_handshake(ssl_);
+    if (ret == 1) {
+        handshakeDone_ = true;
+        recordHandshake();
+        return;
+    }
+    handleResult(ret, "handshake");
+}
+
+void Engine::recordHandshake() {
+    info_.protocol = SSL_get_version(ssl_);
+    if (const char *cipher = SSL_get_cipher_name(ssl_)) {
+        info_.cipher = cipher;
+    }
+    if (role_ == Role::server) {
+        if (const char *name = SSL_get_servername(ssl_, TLSEXT_NAMETYPE_host_name)) {
+            info_.serverName = name;
+        }
+    }
+    const unsigned char *alpn = nullptr;
+    unsigned int alpnLength = 0;
+    SSL_get0_alpn_selected(ssl_, &alpn, &alpnLength);
+    if (alpn != nullptr) {
+        info_.alpn.assign(reinterpret_cast<const char *>(alpn), alpnLength);
+    }
+    info_.resumed = SSL_session_reused(ssl_) == 1;
+}
+
+void Engine::runRead() {
+    BIO *inner = SSL_get_rbio(ssl_);
+    if (closeNotifyReceived_ || truncated_) {
+        // Bytes after the end of the stream are never plaintext: discard them so the transport
+        // keeps draining and a close does not turn into a reset.
+        char *data = nullptr;
+        while (BIO_nread(inner, &data, INT_MAX) > 0) {
+        }
+        return;
+    }
+    for (;;) {
+        // Nothing to decrypt and nothing buffered: skip the call (and the buffer allocation).
+        if (BIO_ctrl_pending(inner) == 0 && SSL_has_pending(ssl_) == 0 && !transportEof_ &&
+            !readWantsWrite_) {
+            break;
+        }
+        if (plainTail_ == plaintextBudget_) {
+            break; // the consumer has to take some first; consumePlainOut() resumes
+        }
+        if (!plain_) {
+            plain_ = std::make_unique_for_overwrite<std::uint8_t[]>(plaintextBudget_);
+        }
+        ERR_clear_error();
+        std::size_t got = 0;
+        const int ret = SSL_read_ex(ssl_, plain_.get() + plainTail_,
+                                    plaintextBudget_ - plainTail_, &got);
+        readWantsWrite_ = false;
+        if (ret == 1) {
+            plainTail_ += got;
+            continue;
+        }
+        if (SSL_get_error(ssl_, ret) == SSL_ERROR_WANT_WRITE) {
+            // A KeyUpdate response or an alert needs room in the full pair; consumeCipherOut()
+            // runs the read again even if no new ciphertext arrives.
+            readWantsWrite_ = true;
+        }
+        handleResult(ret, "read");
+        break;
+    }
+    if (closeNotifyReceived_ || truncated_) {
+        char *data = nullptr;
+        while (BIO_nread(inner, &data, INT_MAX) > 0) {
+        }
+    }
+    if (plainHead_ == plainTail_) {
+        plain_.reset();
+        plainHead_ = plainTail_ = 0;
+    }
+}
+
+void Engine::runShutdown() {
+    if (!handshakeDone_) {
+        return; // close_notify is sent once the handshake completes, or never
+    }
+    ERR_clear_error();
+    const int ret = SSL_shutdown(ssl_);
+    if (ret >= 0) {
+        closeNotifySent_ = true;
+        ERR_clear_error();
+        return;
+    }
+    const int err = SSL_get_error(ssl_, ret);
+    if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ) {
+        ERR_clear_error();
+        return; // retried after the pair drains
+    }
+    // The peer already closed the transport: there is no one to tell.
+    tls::drainErrors();
+    closeNotifySent_ = true;
+}
+
+} // namespace sluice

@@ -1,1 +1,121 @@
-// placeholder
+#include "proxy/listener.hpp"
+
+#include "proxy/connection.hpp"
+#include "proxy/server.hpp"
+#include "util/log.hpp"
+
+#include <stdexcept>
+
+namespace sluice::proxy {
+namespace {
+
+// An accept error (EMFILE, ENFILE, ENOMEM) repeats for every pending connection: say it at most
+// once a second.
+constexpr std::uint64_t acceptErrorLogIntervalMs = 1000;
+
+} // namespace
+
+Listener::Listener(Server &server, std::shared_ptr<const ListenerSettings> settings)
+    : server_(server)
+    , settings_(std::move(settings)) {}
+
+Listener::~Listener() = default;
+
+const std::string &Listener::name() const { return settings_->name; }
+
+void Listener::bind(const net::SocketAddress &address, const std::string &text, int backlog) {
+    if (address.kind != Address::Kind::tcp) {
+        throw std::runtime_error("listen " + text + ": only TCP addresses can be listened on");
+    }
+    handle_ = new uv_tcp_t;
+    uv_tcp_init(server_.loop(), handle_);
+    handle_->data = this;
+    // An IPv6 listener takes only IPv6, so "[::]:443" and "0.0.0.0:443" can both be bound.
+    const unsigned flags = address.storage.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
+    int err = uv_tcp_bind(handle_, address.raw(), flags);
+    if (err == 0) {
+        err = uv_listen(reinterpret_cast<uv_stream_t *>(handle_), backlog, onConnection);
+    }
+    if (err != 0) {
+        throw std::runtime_error("listen " + text + ": " + uv_strerror(err));
+    }
+}
+
+std::string Listener::boundText() const {
+    sockaddr_storage storage{};
+    int length = sizeof storage;
+    if (handle_ == nullptr ||
+        uv_tcp_getsockname(handle_, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
+        return "?";
+    }
+    return net::format(reinterpret_cast<const sockaddr *>(&storage));
+}
+
+void Listener::onConnection(uv_stream_t *stream, int status) {
+    auto *self = static_cast<Listener *>(stream->data);
+    if (self->closing_) {
+        return;
+    }
+    if (status < 0) {
+        // libuv has already accepted and closed what it could (its reserve-descriptor trick for
+        // EMFILE), so the listener neither spins nor dies; it accepts again on the next event.
+        self->server_.counters().acceptErrors++;
+        const std::uint64_t now = uv_now(self->server_.loop());
+        if (now - self->lastAcceptErrorLog_ >= acceptErrorLogIntervalMs ||
+            self->lastAcceptErrorLog_ == 0) {
+            self->lastAcceptErrorLog_ = now;
+            log::warn("accept-failed listener=" + self->settings_->name +
+                      " error=" + uv_err_name(status));
+        }
+        return;
+    }
+    if (!self->server_.admits(*self->settings_)) {
+        // Leaving the connection unaccepted makes libuv stop polling this socket until
+        // retryAccept() takes it: back-pressure into the kernel's backlog.
+        self->pending_ = true;
+        return;
+    }
+    self->acceptOne();
+}
+
+void Listener::acceptOne() {
+    auto *client = new uv_tcp_t;
+    uv_tcp_init(server_.loop(), client);
+    const int err = uv_accept(reinterpret_cast<uv_stream_t *>(handle_),
+                              reinterpret_cast<uv_stream_t *>(client));
+    if (err != 0) {
+        uv_close(reinterpret_cast<uv_handle_t *>(client),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+        return;
+    }
+    server_.counters().accepted++;
+    Connection::start(server_, settings_, client);
+}
+
+void Listener::retryAccept() {
+    if (pending_ && !closing_ && server_.admits(*settings_)) {
+        pending_ = false;
+        acceptOne();
+    }
+}
+
+void Listener::close(std::function<void()> closed) {
+    closing_ = true;
+    closed_ = std::move(closed);
+    if (handle_ == nullptr) {
+        if (closed_) {
+            closed_();
+        }
+        return;
+    }
+    uv_close(reinterpret_cast<uv_handle_t *>(handle_), [](uv_handle_t *handle) {
+        auto *self = static_cast<Listener *>(handle->data);
+        delete reinterpret_cast<uv_tcp_t *>(handle);
+        self->handle_ = nullptr;
+        if (self->closed_) {
+            self->closed_();
+        }
+    });
+}
+
+} // namespace sluice::proxy

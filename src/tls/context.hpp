@@ -1,0 +1,45 @@
+// tls/context: builds the shared, immutable SSL_CTX objects that every connection of a listener
+// uses. Built on the control path (startup, reload, --check): failures throw TlsError with one
+// message naming the file or setting at fault.
+#pragma once
+
+#include <sluice/config.hpp>
+
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+struct ssl_ctx_st;
+
+namespace sluice::tls {
+
+/** A failure to build a context: what() names the listener, the file or the key, and why. */
+class TlsError : public std::runtime_error {
+public:
+    using std::runtime_error::runtime_error;
+};
+
+/** Shared ownership of an SSL_CTX; the last owner frees it. */
+using ContextPtr = std::shared_ptr<ssl_ctx_st>;
+
+/**
+ * Builds a server context for `listener`: its certificates and keys (each key checked against
+ * its certificate), version bounds, ciphers, suites and groups, renegotiation refused.
+ * Logs a warning for a certificate that is expired or not yet valid. Throws TlsError.
+ */
+ContextPtr makeServerContext(const ListenerConfig &listener);
+
+/** Client-side options for makeClientContext. */
+struct ClientContextOptions {
+    std::string caFile;      ///< PEM bundle to verify the server; empty: system default paths
+    bool verify = true;      ///< verify the server's certificate chain and name
+    TlsPolicy policy;        ///< versions, ciphers, groups
+};
+
+/** Builds a client context (outbound TLS). Throws TlsError. */
+ContextPtr makeClientContext(const ClientContextOptions &options);
+
+/** OpenSSL's version string, for --version. */
+std::string openSslVersion();
+
+} // namespace sluice::tls
