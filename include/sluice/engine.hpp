@@ -191,6 +191,7 @@ private:
     void runHandshake();
     void runRead();
     void runShutdown();
+    void discardInput();
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
     void recordHandshake();

@@ -1,14 +1,6 @@
 // The sluice daemon: command line, configuration, signals, and the loop that runs the server.
 // Everything else lives in libsluice.
 
-#include <sluice/config.hpp>
-
-#include <uv.h>
-
-#include "proxy/server.hpp"
-#include "tls/context.hpp"
-#include "util/log.hpp"
-
 #include <csignal>
 #include <cstdio>
 #include <cstring>
@@ -18,6 +10,14 @@
 #include <string>
 #include <sys/resource.h>
 #include <unistd.h>
+
+#include <uv.h>
+
+#include <sluice/config.hpp>
+
+#include "proxy/server.hpp"
+#include "tls/context.hpp"
+#include "util/log.hpp"
 
 #ifndef SLUICE_VERSION
 #define SLUICE_VERSION "unknown"

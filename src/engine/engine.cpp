@@ -1,14 +1,14 @@
-#include <sluice/engine.hpp>
+#include <algorithm>
+#include <climits>
 
 #include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
-#include "tls/errors.hpp"
+#include <sluice/engine.hpp>
 
-#include <algorithm>
-#include <climits>
+#include "tls/errors.hpp"
 
 namespace sluice {
 namespace {
@@ -59,8 +59,7 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     // Partial writes let write() report exactly what was taken; a moving buffer lets the caller
     // re-offer the same bytes from a different address; idle connections give back OpenSSL's
     // record buffers.
-    SSL_set_mode(engine->ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE |
-                                   SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
+    SSL_set_mode(engine->ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                                    SSL_MODE_RELEASE_BUFFERS);
     // A server never renegotiates, and refuses a client's request (CVE-2011-1473 class).
     SSL_set_options(engine->ssl_, SSL_OP_NO_RENEGOTIATION);
@@ -154,7 +153,9 @@ void Engine::consumeCipherOut(std::size_t n) {
     run();
 }
 
-std::size_t Engine::cipherOutPending() const { return BIO_ctrl_pending(network_); }
+std::size_t Engine::cipherOutPending() const {
+    return BIO_ctrl_pending(network_);
+}
 
 std::span<const std::uint8_t> Engine::plainOut() {
     return {plain_.get() + plainHead_, plainTail_ - plainHead_};
@@ -175,8 +176,7 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
     }
     ERR_clear_error();
     std::size_t written = 0;
-    const int ret =
-        SSL_write_ex(ssl_, data.data(), std::min(data.size(), maxCall), &written);
+    const int ret = SSL_write_ex(ssl_, data.data(), std::min(data.size(), maxCall), &written);
     if (ret == 1) {
         return written;
     }
@@ -287,8 +287,18 @@ bool Engine::handleResult(int ret, const char *operation) {
     return false;
 }
 
+void Engine::discardInput() {
+    BIO *inner = SSL_get_rbio(ssl_);
+    char *data = nullptr;
+    while (BIO_nread(inner, &data, INT_MAX) > 0) {
+    }
+}
+
 void Engine::run() {
     if (failed()) {
+        // Nothing after a fatal error is plaintext; draining it keeps the transport readable so
+        // the caller can wait for the peer's FIN instead of closing into a reset.
+        discardInput();
         return;
     }
     if (!handshakeDone_) {
@@ -355,9 +365,7 @@ void Engine::runRead() {
     if (closeNotifyReceived_ || truncated_) {
         // Bytes after the end of the stream are never plaintext: discard them so the transport
         // keeps draining and a close does not turn into a reset.
-        char *data = nullptr;
-        while (BIO_nread(inner, &data, INT_MAX) > 0) {
-        }
+        discardInput();
         return;
     }
     for (;;) {
@@ -374,8 +382,8 @@ void Engine::runRead() {
         }
         ERR_clear_error();
         std::size_t got = 0;
-        const int ret = SSL_read_ex(ssl_, plain_.get() + plainTail_,
-                                    plaintextBudget_ - plainTail_, &got);
+        const int ret =
+            SSL_read_ex(ssl_, plain_.get() + plainTail_, plaintextBudget_ - plainTail_, &got);
         readWantsWrite_ = false;
         if (ret == 1) {
             plainTail_ += got;
@@ -389,10 +397,8 @@ void Engine::runRead() {
         handleResult(ret, "read");
         break;
     }
-    if (closeNotifyReceived_ || truncated_) {
-        char *data = nullptr;
-        while (BIO_nread(inner, &data, INT_MAX) > 0) {
-        }
+    if (closeNotifyReceived_ || truncated_ || failed()) {
+        discardInput();
     }
     if (plainHead_ == plainTail_) {
         plain_.reset();

@@ -1,10 +1,10 @@
 #include "net/address.hpp"
 
-#include <uv.h>
-
 #include <cstring>
 #include <netdb.h>
 #include <stdexcept>
+
+#include <uv.h>
 
 namespace sluice::net {
 

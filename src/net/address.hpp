@@ -1,10 +1,10 @@
 // net/address: config addresses turned into socket addresses, and socket addresses into text.
 #pragma once
 
-#include <sluice/config.hpp>
-
 #include <string>
 #include <sys/socket.h>
+
+#include <sluice/config.hpp>
 
 namespace sluice::net {
 

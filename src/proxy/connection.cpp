@@ -1,11 +1,11 @@
 #include "proxy/connection.hpp"
 
+#include <algorithm>
+#include <cstring>
+
 #include "net/address.hpp"
 #include "proxy/server.hpp"
 #include "util/log.hpp"
-
-#include <algorithm>
-#include <cstring>
 
 namespace sluice::proxy {
 namespace {
@@ -206,9 +206,8 @@ bool Connection::flushBackend() {
         if (plain.empty()) {
             break;
         }
-        uv_buf_t buf =
-            uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(plain.data())),
-                        static_cast<unsigned>(plain.size()));
+        uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(plain.data())),
+                                   static_cast<unsigned>(plain.size()));
         const int sent = uv_try_write(backendStream(), &buf, 1);
         if (sent > 0) {
             engine_->consumePlainOut(static_cast<std::size_t>(sent));
@@ -281,7 +280,7 @@ void Connection::updateReading() {
     // full because the backend is slow; reading resumes once a quarter of the pair is free.
     const std::size_t capacity = engine_->cipherInCapacity();
     const std::size_t resumeAt = std::max<std::size_t>(1, settings_->buffers.tls / 4);
-    bool wantClient = !clientEof_ && !clientGone_ && !flushing_ && capacity > 0;
+    bool wantClient = !clientEof_ && !clientGone_ && capacity > 0;
     if (!clientReading_ && capacity < resumeAt) {
         wantClient = false;
     }
@@ -319,15 +318,28 @@ bool Connection::upstreamDone() const {
     return backendGone_ || backendShutdownDone_;
 }
 
-bool Connection::downstreamDone() const { return clientGone_ || clientShutdownDone_; }
+bool Connection::downstreamDone() const {
+    return clientGone_ || clientShutdownDone_;
+}
 
 void Connection::maybeFinish() {
     if (closing_) {
         return;
     }
     if (flushing_) {
-        if (engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
+        if (engine_->cipherOutPending() > 0 || clientWriteInFlight_ > 0) {
+            return;
+        }
+        // The alert is out. A FIN follows it, and the connection closes when the client's FIN
+        // arrives (or the flush timeout fires): closing with unread input would send a reset
+        // that can destroy the alert before the client reads it.
+        if (clientEof_ || clientGone_) {
             closeAll();
+        } else if (!clientShutdown_) {
+            clientShutdown_ = true;
+            if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
+                closeAll();
+            }
         }
         return;
     }
@@ -421,7 +433,9 @@ void Connection::armTimer() {
     uv_timer_start(&timer_, onTimer, due > now ? due - now : 0, 0);
 }
 
-void Connection::touch() { lastActivity_ = uv_now(server_.loop()); }
+void Connection::touch() {
+    lastActivity_ = uv_now(server_.loop());
+}
 
 void Connection::onTimer(uv_timer_t *timer) {
     auto *self = static_cast<Connection *>(timer->data);
@@ -434,8 +448,8 @@ void Connection::onTimer(uv_timer_t *timer) {
         return;
     }
     const EngineStatus status = self->engine_->status();
-    const char *phase = self->flushing_              ? "flush"
-                        : !status.handshakeDone      ? "handshake"
+    const char *phase = self->flushing_                                   ? "flush"
+                        : !status.handshakeDone                           ? "handshake"
                         : !self->backendConnected_ && !self->backendGone_ ? "connect"
                         : (status.closeNotifyReceived || status.truncated || self->backendEof_ ||
                            self->backendGone_ || self->clientShutdown_ || self->backendShutdown_)

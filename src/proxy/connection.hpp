@@ -3,13 +3,13 @@
 // libuv handle it owns has run its close callback.
 #pragma once
 
-#include <sluice/engine.hpp>
-
-#include <uv.h>
-
 #include <cstdint>
 #include <memory>
 #include <string>
+
+#include <uv.h>
+
+#include <sluice/engine.hpp>
 
 namespace sluice::proxy {
 

@@ -1,10 +1,10 @@
 #include "proxy/listener.hpp"
 
+#include <stdexcept>
+
 #include "proxy/connection.hpp"
 #include "proxy/server.hpp"
 #include "util/log.hpp"
-
-#include <stdexcept>
 
 namespace sluice::proxy {
 namespace {
@@ -21,7 +21,9 @@ Listener::Listener(Server &server, std::shared_ptr<const ListenerSettings> setti
 
 Listener::~Listener() = default;
 
-const std::string &Listener::name() const { return settings_->name; }
+const std::string &Listener::name() const {
+    return settings_->name;
+}
 
 void Listener::bind(const net::SocketAddress &address, const std::string &text, int backlog) {
     if (address.kind != Address::Kind::tcp) {

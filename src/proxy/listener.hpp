@@ -1,13 +1,13 @@
 // proxy/listener: one bound TCP socket that accepts connections while the server admits them.
 #pragma once
 
-#include <uv.h>
-
-#include "net/address.hpp"
-
 #include <functional>
 #include <memory>
 #include <string>
+
+#include <uv.h>
+
+#include "net/address.hpp"
 
 namespace sluice::proxy {
 

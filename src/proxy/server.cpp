@@ -1,10 +1,10 @@
 #include "proxy/server.hpp"
 
+#include <stdexcept>
+
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "util/log.hpp"
-
-#include <stdexcept>
 
 namespace sluice::proxy {
 
@@ -138,8 +138,8 @@ void Server::onDrainTimer(uv_timer_t *timer) {
     self->forced_ = true;
     log::warn("drain-deadline connections=" + std::to_string(self->connections_.size()));
     // abort() only starts closing; connections leave the set from their close callbacks.
-    for (Connection *connection : std::vector<Connection *>(self->connections_.begin(),
-                                                            self->connections_.end())) {
+    for (Connection *connection :
+         std::vector<Connection *>(self->connections_.begin(), self->connections_.end())) {
         connection->abort("drain deadline");
     }
 }

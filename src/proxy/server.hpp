@@ -2,13 +2,6 @@
 // accepted, the connection limits, and the drain that ends them.
 #pragma once
 
-#include <sluice/config.hpp>
-
-#include <uv.h>
-
-#include "net/address.hpp"
-#include "tls/context.hpp"
-
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -16,6 +9,13 @@
 #include <unordered_map>
 #include <unordered_set>
 #include <vector>
+
+#include <uv.h>
+
+#include <sluice/config.hpp>
+
+#include "net/address.hpp"
+#include "tls/context.hpp"
 
 namespace sluice::proxy {
 

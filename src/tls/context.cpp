@@ -1,5 +1,9 @@
 #include "tls/context.hpp"
 
+#include <algorithm>
+#include <cstdio>
+#include <ctime>
+
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
@@ -7,10 +11,6 @@
 
 #include "tls/errors.hpp"
 #include "util/log.hpp"
-
-#include <algorithm>
-#include <cstdio>
-#include <ctime>
 
 namespace sluice::tls {
 namespace {
@@ -41,7 +41,8 @@ void applyPolicy(SSL_CTX *ctx, const TlsPolicy &policy) {
         SSL_CTX_set_max_proto_version(ctx, maximum) != 1) {
         raise("cannot set the TLS version bounds");
     }
-    if (maximum >= TLS1_3_VERSION && SSL_CTX_set_ciphersuites(ctx, policy.ciphersuites.c_str()) != 1) {
+    if (maximum >= TLS1_3_VERSION &&
+        SSL_CTX_set_ciphersuites(ctx, policy.ciphersuites.c_str()) != 1) {
         raise("ciphersuites '" + policy.ciphersuites + "' names no TLS 1.3 suite");
     }
     if (minimum <= TLS1_2_VERSION && SSL_CTX_set_cipher_list(ctx, policy.ciphers.c_str()) != 1) {
@@ -109,9 +110,9 @@ ContextPtr makeServerContext(const ListenerConfig &listener) {
     }
     // Sessions resumed through the cache must come from this listener.
     const auto *id = reinterpret_cast<const unsigned char *>(listener.name.data());
-    SSL_CTX_set_session_id_context(ctx.get(), id,
-                                   static_cast<unsigned>(std::min<std::size_t>(
-                                       listener.name.size(), SSL_MAX_SID_CTX_LENGTH)));
+    SSL_CTX_set_session_id_context(
+        ctx.get(), id,
+        static_cast<unsigned>(std::min<std::size_t>(listener.name.size(), SSL_MAX_SID_CTX_LENGTH)));
     return ctx;
 }
 
@@ -124,10 +125,10 @@ ContextPtr makeClientContext(const ClientContextOptions &options) {
     applyPolicy(ctx.get(), options.policy);
     if (options.verify) {
         SSL_CTX_set_verify(ctx.get(), SSL_VERIFY_PEER, nullptr);
-        const int loaded = options.caFile.empty()
-                               ? SSL_CTX_set_default_verify_paths(ctx.get())
-                               : SSL_CTX_load_verify_locations(ctx.get(), options.caFile.c_str(),
-                                                               nullptr);
+        const int loaded =
+            options.caFile.empty()
+                ? SSL_CTX_set_default_verify_paths(ctx.get())
+                : SSL_CTX_load_verify_locations(ctx.get(), options.caFile.c_str(), nullptr);
         if (loaded != 1) {
             raise("CA " + options.caFile + ": cannot load");
         }
@@ -135,6 +136,8 @@ ContextPtr makeClientContext(const ClientContextOptions &options) {
     return ctx;
 }
 
-std::string openSslVersion() { return OpenSSL_version(OPENSSL_VERSION); }
+std::string openSslVersion() {
+    return OpenSSL_version(OPENSSL_VERSION);
+}
 
 } // namespace sluice::tls

@@ -3,11 +3,11 @@
 // message naming the file or setting at fault.
 #pragma once
 
-#include <sluice/config.hpp>
-
 #include <memory>
 #include <stdexcept>
 #include <string>
+
+#include <sluice/config.hpp>
 
 struct ssl_ctx_st;
 
@@ -31,9 +31,9 @@ ContextPtr makeServerContext(const ListenerConfig &listener);
 
 /** Client-side options for makeClientContext. */
 struct ClientContextOptions {
-    std::string caFile;      ///< PEM bundle to verify the server; empty: system default paths
-    bool verify = true;      ///< verify the server's certificate chain and name
-    TlsPolicy policy;        ///< versions, ciphers, groups
+    std::string caFile; ///< PEM bundle to verify the server; empty: system default paths
+    bool verify = true; ///< verify the server's certificate chain and name
+    TlsPolicy policy;   ///< versions, ciphers, groups
 };
 
 /** Builds a client context (outbound TLS). Throws TlsError. */

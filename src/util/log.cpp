@@ -25,9 +25,13 @@ const char *levelName(LogLevel level) {
 
 } // namespace
 
-void setLevel(LogLevel level) { threshold.store(static_cast<int>(level)); }
+void setLevel(LogLevel level) {
+    threshold.store(static_cast<int>(level));
+}
 
-bool enabled(LogLevel level) { return static_cast<int>(level) <= threshold.load(); }
+bool enabled(LogLevel level) {
+    return static_cast<int>(level) <= threshold.load();
+}
 
 void write(LogLevel level, std::string_view line) {
     if (!enabled(level)) {

@@ -2,9 +2,9 @@
 // threshold. Lines are written with one write(2) so concurrent writers never interleave.
 #pragma once
 
-#include <sluice/config.hpp>
-
 #include <string_view>
+
+#include <sluice/config.hpp>
 
 namespace sluice::log {
 
@@ -17,9 +17,17 @@ bool enabled(LogLevel level);
 /** Prints one line at `level`. `line` should not end in a newline. */
 void write(LogLevel level, std::string_view line);
 
-inline void error(std::string_view line) { write(LogLevel::error, line); }
-inline void warn(std::string_view line) { write(LogLevel::warn, line); }
-inline void info(std::string_view line) { write(LogLevel::info, line); }
-inline void debug(std::string_view line) { write(LogLevel::debug, line); }
+inline void error(std::string_view line) {
+    write(LogLevel::error, line);
+}
+inline void warn(std::string_view line) {
+    write(LogLevel::warn, line);
+}
+inline void info(std::string_view line) {
+    write(LogLevel::info, line);
+}
+inline void debug(std::string_view line) {
+    write(LogLevel::debug, line);
+}
 
 } // namespace sluice::log
