@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace sluice {
@@ -50,18 +51,18 @@ struct TlsPolicy {
 
 /** Per-connection timeouts. Zero disables one. */
 struct Timeouts {
-    Duration handshake = std::chrono::seconds(10);      ///< accept to handshake done
-    Duration idle = std::chrono::minutes(5);            ///< no byte either way
-    Duration connect = std::chrono::seconds(5);         ///< backend connect
-    Duration halfClose = std::chrono::seconds(30);      ///< idleness once one side has closed
-    Duration flush = std::chrono::seconds(5);           ///< sending the last bytes before close
+    Duration handshake = std::chrono::seconds(10); ///< accept to handshake done
+    Duration idle = std::chrono::minutes(5);       ///< no byte either way
+    Duration connect = std::chrono::seconds(5);    ///< backend connect
+    Duration halfClose = std::chrono::seconds(30); ///< idleness once one side has closed
+    Duration flush = std::chrono::seconds(5);      ///< sending the last bytes before close
 };
 
 /** Per-connection buffer sizes: the memory bound of one connection, per direction. */
 struct Buffers {
-    std::size_t tls = 16 * 1024;       ///< each half of the TLS engine's BIO pair
-    std::size_t plaintext = 64 * 1024; ///< decrypted bytes waiting for the backend
-    std::size_t backend = 64 * 1024;   ///< backend bytes waiting for encryption
+    std::size_t tls = std::size_t{16} * 1024;       ///< each half of the TLS engine's BIO pair
+    std::size_t plaintext = std::size_t{64} * 1024; ///< decrypted bytes waiting for the backend
+    std::size_t backend = std::size_t{64} * 1024;   ///< backend bytes waiting for encryption
 };
 
 /** One [[listener]] table. */

@@ -1,1 +1,791 @@
-// placeholder
+// config: sluice.toml to sluice::Config. The loader walks the parsed TOML tree once, checks every
+// key against the ones it knows and throws ConfigError at the first problem, naming the position
+// toml++ recorded for the offending node. Nothing here touches the files the config names.
+#include <sluice/config.hpp>
+
+#if __has_include(<toml++/toml.hpp>)
+#include <toml++/toml.hpp>
+#else
+// Debian's libtomlplusplus-dev 3.3 ships the single header only under its older name.
+#include <toml++/toml.h>
+#endif
+
+#include <algorithm>
+#include <arpa/inet.h>
+#include <cerrno>
+#include <charconv>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <initializer_list>
+#include <limits>
+#include <map>
+#include <memory>
+#include <string_view>
+#include <vector>
+
+namespace sluice {
+
+namespace {
+
+/** The longest path a sockaddr_un can hold, leaving room for the terminating NUL. */
+constexpr std::size_t maxUnixPath = 107;
+
+bool isDigit(char c) {
+    return c >= '0' && c <= '9';
+}
+
+std::string inQuotes(std::string_view s) {
+    return "\"" + std::string(s) + "\"";
+}
+
+std::invalid_argument badValue(std::string_view what, std::string_view text,
+                               std::string_view problem) {
+    return std::invalid_argument("bad " + std::string(what) + " " + inQuotes(text) + ": " +
+                                 std::string(problem));
+}
+
+/**
+ * Reads the leading decimal digits of `text` into `value` and leaves the rest in `rest`. Returns
+ * false when `text` does not start with a digit; throws std::out_of_range when the number does
+ * not fit in 64 bits.
+ */
+bool leadingNumber(std::string_view text, std::uint64_t &value, std::string_view &rest) {
+    std::size_t digits = 0;
+    while (digits < text.size() && isDigit(text[digits])) {
+        ++digits;
+    }
+    if (digits == 0) {
+        return false;
+    }
+    if (std::from_chars(text.data(), text.data() + digits, value).ec != std::errc()) {
+        throw std::out_of_range("too large");
+    }
+    rest = text.substr(digits);
+    return true;
+}
+
+bool isHostName(std::string_view host) {
+    if (host.size() > 253) {
+        return false;
+    }
+    std::size_t start = 0;
+    while (true) {
+        std::size_t dot = host.find('.', start);
+        std::string_view label =
+            host.substr(start, dot == std::string_view::npos ? dot : dot - start);
+        if (label.empty() || label.size() > 63 || label.front() == '-' || label.back() == '-') {
+            return false;
+        }
+        for (char c : label) {
+            bool alnum = isDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+            if (!alnum && c != '-' && c != '_') {
+                return false;
+            }
+        }
+        if (dot == std::string_view::npos) {
+            return true;
+        }
+        start = dot + 1;
+    }
+}
+
+bool isIpLiteral(int family, std::string_view host) {
+    unsigned char out[16];
+    return inet_pton(family, std::string(host).c_str(), out) == 1;
+}
+
+} // namespace
+
+std::string Address::text() const {
+    if (kind == Kind::unix) {
+        return "unix:" + path;
+    }
+    if (host.find(':') != std::string::npos) {
+        return "[" + host + "]:" + std::to_string(port);
+    }
+    return host + ":" + std::to_string(port);
+}
+
+Address parseAddress(std::string_view text) {
+    constexpr std::string_view unixPrefix = "unix:";
+    Address address;
+    if (text.starts_with(unixPrefix)) {
+        address.kind = Address::Kind::unix;
+        address.path = std::string(text.substr(unixPrefix.size()));
+        if (address.path.empty()) {
+            throw badValue("address", text, "the socket path is empty");
+        }
+        if (address.path.find('\0') != std::string::npos) {
+            throw badValue("address", text, "the socket path contains a NUL byte");
+        }
+        return address;
+    }
+    if (text.empty()) {
+        throw badValue("address", text, "expected host:port, [ipv6]:port or unix:/path");
+    }
+
+    std::string_view host;
+    std::string_view port;
+    if (text.front() == '[') {
+        std::size_t close = text.find(']');
+        if (close == std::string_view::npos) {
+            throw badValue("address", text, "missing ']' after the IPv6 address");
+        }
+        host = text.substr(1, close - 1);
+        if (host.empty()) {
+            throw badValue("address", text, "empty host");
+        }
+        // A zone ("fe80::1%eth0") is kept in the host; only the address part is checked here.
+        if (!isIpLiteral(AF_INET6, host.substr(0, host.find('%')))) {
+            throw badValue("address", text, inQuotes(host) + " is not an IPv6 address");
+        }
+        std::string_view rest = text.substr(close + 1);
+        if (rest.empty()) {
+            throw badValue("address", text, "missing port");
+        }
+        if (rest.front() != ':') {
+            throw badValue("address", text, "expected ':' and a port after ']'");
+        }
+        port = rest.substr(1);
+    } else {
+        std::size_t colon = text.rfind(':');
+        if (colon == std::string_view::npos) {
+            throw badValue("address", text, "missing port (expected host:port)");
+        }
+        host = text.substr(0, colon);
+        port = text.substr(colon + 1);
+        if (host.empty()) {
+            throw badValue("address", text, "empty host");
+        }
+        if (host.find(':') != std::string_view::npos) {
+            throw badValue("address", text, "an IPv6 address needs brackets, as in [::1]:443");
+        }
+        bool numeric =
+            std::all_of(host.begin(), host.end(), [](char c) { return isDigit(c) || c == '.'; });
+        if (numeric && !isIpLiteral(AF_INET, host)) {
+            throw badValue("address", text, inQuotes(host) + " is not an IPv4 address");
+        }
+        if (!numeric && !isHostName(host)) {
+            throw badValue("address", text, inQuotes(host) + " is not a valid host name");
+        }
+    }
+
+    std::uint64_t number = 0;
+    std::string_view rest;
+    if (port.empty()) {
+        throw badValue("address", text, "missing port");
+    }
+    bool ok = port.size() <= 5 && leadingNumber(port, number, rest) && rest.empty();
+    if (!ok || number > 65535) {
+        throw badValue("address", text, "the port must be a number from 0 to 65535");
+    }
+    address.host = std::string(host);
+    address.port = static_cast<std::uint16_t>(number);
+    return address;
+}
+
+Duration parseDuration(std::string_view text) {
+    constexpr std::string_view expected = "expected a number followed by ms, s, m or h";
+    std::uint64_t value = 0;
+    std::string_view unit;
+    try {
+        if (!leadingNumber(text, value, unit)) {
+            throw badValue("duration", text, expected);
+        }
+    } catch (const std::out_of_range &) {
+        throw badValue("duration", text, "too large");
+    }
+    std::uint64_t factor = 0;
+    if (unit.empty() || unit == "s") {
+        factor = 1000;
+    } else if (unit == "ms") {
+        factor = 1;
+    } else if (unit == "m") {
+        factor = std::uint64_t{60} * 1000;
+    } else if (unit == "h") {
+        factor = std::uint64_t{60} * 60 * 1000;
+    } else {
+        throw badValue("duration", text, expected);
+    }
+    constexpr auto max = static_cast<std::uint64_t>(std::numeric_limits<Duration::rep>::max());
+    if (value > max / factor) {
+        throw badValue("duration", text, "too large");
+    }
+    return Duration(static_cast<Duration::rep>(value * factor));
+}
+
+std::size_t parseSize(std::string_view text) {
+    constexpr std::string_view expected =
+        "expected a number of bytes, optionally followed by B, KiB, MiB, GiB, KB, MB or GB";
+    std::uint64_t value = 0;
+    std::string_view unit;
+    try {
+        if (!leadingNumber(text, value, unit)) {
+            throw badValue("size", text, expected);
+        }
+    } catch (const std::out_of_range &) {
+        throw badValue("size", text, "too large");
+    }
+    static const std::map<std::string_view, std::uint64_t> units = {
+        {"", 1},
+        {"B", 1},
+        {"K", 1ULL << 10},
+        {"KiB", 1ULL << 10},
+        {"KB", 1000},
+        {"M", 1ULL << 20},
+        {"MiB", 1ULL << 20},
+        {"MB", 1000 * 1000},
+        {"G", 1ULL << 30},
+        {"GiB", 1ULL << 30},
+        {"GB", 1000 * 1000 * 1000},
+    };
+    auto found = units.find(unit);
+    if (found == units.end()) {
+        throw badValue("size", text, expected);
+    }
+    if (value > std::numeric_limits<std::size_t>::max() / found->second) {
+        throw badValue("size", text, "too large");
+    }
+    return static_cast<std::size_t>(value * found->second);
+}
+
+namespace config {
+namespace {
+
+using Keys = std::initializer_list<std::string_view>;
+
+constexpr std::int64_t maxInt = std::numeric_limits<std::int64_t>::max();
+constexpr std::int64_t maxBuffer = std::int64_t{64} * 1024 * 1024;
+
+std::size_t editDistance(std::string_view a, std::string_view b) {
+    std::vector<std::size_t> row(b.size() + 1);
+    for (std::size_t j = 0; j <= b.size(); ++j) {
+        row[j] = j;
+    }
+    for (std::size_t i = 1; i <= a.size(); ++i) {
+        std::size_t diagonal = row[0];
+        row[0] = i;
+        for (std::size_t j = 1; j <= b.size(); ++j) {
+            std::size_t above = row[j];
+            std::size_t substitute = diagonal + (a[i - 1] == b[j - 1] ? 0 : 1);
+            row[j] = std::min({row[j] + 1, row[j - 1] + 1, substitute});
+            diagonal = above;
+        }
+    }
+    return row[b.size()];
+}
+
+std::string_view typeName(toml::node_type type) {
+    switch (type) {
+    case toml::node_type::none:
+        return "nothing";
+    case toml::node_type::table:
+        return "a table";
+    case toml::node_type::array:
+        return "an array";
+    case toml::node_type::string:
+        return "a string";
+    case toml::node_type::integer:
+        return "an integer";
+    case toml::node_type::floating_point:
+        return "a floating-point number";
+    case toml::node_type::boolean:
+        return "a boolean";
+    case toml::node_type::date:
+        return "a date";
+    case toml::node_type::time:
+        return "a time";
+    case toml::node_type::date_time:
+        return "a date-time";
+    }
+    return "an unknown type";
+}
+
+bool before(const toml::source_position &a, const toml::source_position &b) {
+    return a.line < b.line || (a.line == b.line && a.column < b.column);
+}
+
+std::string child(const std::string &path, std::string_view key) {
+    return path.empty() ? std::string(key) : path + "." + std::string(key);
+}
+
+std::string element(const std::string &path, std::size_t index) {
+    return path + "[" + std::to_string(index) + "]";
+}
+
+/** "FILE:LINE:COLUMN: ", the prefix of every error that has a position. */
+std::string located(const std::string &file, const toml::source_position &position) {
+    // A node built without a source (never the case for parsed input) points at the top.
+    auto line = position.line == 0 ? 1 : position.line;
+    auto column = position.line == 0 ? 1 : position.column;
+    return file + ":" + std::to_string(line) + ":" + std::to_string(column) + ": ";
+}
+
+/** The absolute folder that relative paths in the file at `path` are taken from. */
+std::filesystem::path baseDirectory(const std::string &path) {
+    std::filesystem::path file =
+        path.empty() ? std::filesystem::path("config") : std::filesystem::path(path);
+    return std::filesystem::absolute(file).parent_path();
+}
+
+/**
+ * Joins `base` and `path` and drops "." and empty parts. ".." is kept on purpose: removing it
+ * lexically would give a different file than the kernel's lookup when the folder is a symlink.
+ */
+std::string resolve(const std::filesystem::path &base, const std::string &path) {
+    std::filesystem::path joined =
+        std::filesystem::path(path).is_absolute() ? std::filesystem::path(path) : base / path;
+    std::filesystem::path clean;
+    for (const auto &part : joined) {
+        if (part != "." && !part.empty()) {
+            clean /= part;
+        }
+    }
+    return clean.string();
+}
+
+class Loader {
+public:
+    Loader(std::string file, std::filesystem::path base)
+        : file_(std::move(file))
+        , base_(std::move(base)) {}
+
+    Config load(const toml::table &root) {
+        checkKeys(root, "", {"global", "tls", "listener"});
+        Config config;
+        if (const toml::node *node = root.get("global")) {
+            loadGlobal(asTable(*node, "global"), config.global);
+        }
+        if (const toml::node *node = root.get("tls")) {
+            const toml::table &tls = asTable(*node, "tls");
+            checkKeys(tls, "tls",
+                      {"min_version", "max_version", "ciphers", "ciphersuites", "groups"});
+            loadTls(tls, "tls", config.tls);
+        }
+        const toml::node *node = root.get("listener");
+        if (node == nullptr) {
+            fail(root.source(), "listener", "at least one [[listener]] table is required");
+        }
+        const toml::array *listeners = node->as_array();
+        if (listeners == nullptr) {
+            wrongType(*node, "listener", "an array of tables ([[listener]])");
+        }
+        if (listeners->empty()) {
+            fail(node->source(), "listener", "at least one [[listener]] table is required");
+        }
+        std::map<std::string, std::size_t> names;
+        for (std::size_t i = 0; i < listeners->size(); ++i) {
+            const std::string key = element("listener", i);
+            const toml::table &table = asTable((*listeners)[i], key);
+            ListenerConfig listener = loadListener(table, key, config.tls);
+            auto [previous, added] = names.emplace(listener.name, i);
+            if (!added) {
+                const toml::node *where = table.get("name");
+                fail(where != nullptr ? where->source() : table.get("listen")->source(),
+                     child(key, "name"),
+                     "duplicate listener name " + inQuotes(listener.name) + " (listener[" +
+                         std::to_string(previous->second) + "] has the same name)");
+            }
+            config.listeners.push_back(std::move(listener));
+        }
+        return config;
+    }
+
+private:
+    std::string file_;
+    std::filesystem::path base_;
+
+    [[noreturn]] void fail(const toml::source_region &where, const std::string &key,
+                           const std::string &message) const {
+        throw ConfigError(located(file_, where.begin) + key + ": " + message);
+    }
+
+    [[noreturn]] void wrongType(const toml::node &node, const std::string &key,
+                                std::string_view expected) const {
+        fail(node.source(), key,
+             "expected " + std::string(expected) + ", got " + std::string(typeName(node.type())));
+    }
+
+    /** Rejects the first key (in file order) of `table` that is not in `known`. */
+    void checkKeys(const toml::table &table, const std::string &path, Keys known) const {
+        const toml::key *unknown = nullptr;
+        for (auto &&[key, value] : table) {
+            bool isKnown = std::find(known.begin(), known.end(), key.str()) != known.end();
+            if (!isKnown &&
+                (unknown == nullptr || before(key.source().begin, unknown->source().begin))) {
+                unknown = &key;
+            }
+        }
+        if (unknown == nullptr) {
+            return;
+        }
+        std::string message = "unknown key '" + std::string(unknown->str()) + "'";
+        std::string_view best;
+        std::size_t bestDistance = 3;
+        for (std::string_view candidate : known) {
+            std::size_t distance = editDistance(unknown->str(), candidate);
+            if (distance < bestDistance) {
+                best = candidate;
+                bestDistance = distance;
+            }
+        }
+        if (!best.empty()) {
+            message += " (did you mean '" + std::string(best) + "'?)";
+        }
+        fail(unknown->source(), child(path, unknown->str()), message);
+    }
+
+    const toml::table &asTable(const toml::node &node, const std::string &key) const {
+        const toml::table *table = node.as_table();
+        if (table == nullptr) {
+            wrongType(node, key, "a table");
+        }
+        return *table;
+    }
+
+    const toml::node &required(const toml::table &table, const std::string &path,
+                               std::string_view key) const {
+        const toml::node *node = table.get(key);
+        if (node == nullptr) {
+            fail(table.source(), child(path, key), "required key is missing");
+        }
+        return *node;
+    }
+
+    /** A non-empty string. */
+    std::string string(const toml::node &node, const std::string &key) const {
+        const toml::value<std::string> *value = node.as_string();
+        if (value == nullptr) {
+            wrongType(node, key, "a string");
+        }
+        if (value->get().empty()) {
+            fail(node.source(), key, "must not be empty");
+        }
+        return value->get();
+    }
+
+    /** "must be between MIN and MAX UNIT" or, without an upper bound, "must be at least MIN". */
+    static std::string range(std::int64_t min, std::int64_t max, std::string_view unit) {
+        std::string suffix = unit.empty() ? "" : " " + std::string(unit);
+        if (max == maxInt) {
+            return "must be at least " + std::to_string(min) + suffix;
+        }
+        return "must be between " + std::to_string(min) + " and " + std::to_string(max) + suffix;
+    }
+
+    std::int64_t integer(const toml::node &node, const std::string &key, std::int64_t min,
+                         std::int64_t max) const {
+        const toml::value<std::int64_t> *value = node.as_integer();
+        if (value == nullptr) {
+            wrongType(node, key, "an integer");
+        }
+        if (value->get() < min || value->get() > max) {
+            fail(node.source(), key, range(min, max, "") + ", got " + std::to_string(value->get()));
+        }
+        return value->get();
+    }
+
+    Duration duration(const toml::node &node, const std::string &key) const {
+        if (const toml::value<std::int64_t> *seconds = node.as_integer()) {
+            if (seconds->get() < 0) {
+                fail(node.source(), key,
+                     "must not be negative, got " + std::to_string(seconds->get()));
+            }
+            if (seconds->get() > std::numeric_limits<Duration::rep>::max() / 1000) {
+                fail(node.source(), key, "too large, got " + std::to_string(seconds->get()));
+            }
+            return std::chrono::seconds(seconds->get());
+        }
+        if (const toml::value<std::string> *text = node.as_string()) {
+            try {
+                return parseDuration(text->get());
+            } catch (const std::invalid_argument &error) {
+                fail(node.source(), key, error.what());
+            }
+        }
+        wrongType(node, key, "a duration such as \"10s\" or an integer of seconds");
+    }
+
+    std::size_t size(const toml::node &node, const std::string &key, std::int64_t min,
+                     std::int64_t max) const {
+        std::uint64_t bytes = 0;
+        if (const toml::value<std::int64_t> *number = node.as_integer()) {
+            if (number->get() < min || number->get() > max) {
+                fail(node.source(), key,
+                     range(min, max, "bytes") + ", got " + std::to_string(number->get()));
+            }
+            bytes = static_cast<std::uint64_t>(number->get());
+        } else if (const toml::value<std::string> *text = node.as_string()) {
+            try {
+                bytes = parseSize(text->get());
+            } catch (const std::invalid_argument &error) {
+                fail(node.source(), key, error.what());
+            }
+            if (bytes < static_cast<std::uint64_t>(min) ||
+                bytes > static_cast<std::uint64_t>(max)) {
+                fail(node.source(), key,
+                     range(min, max, "bytes") + ", got " + inQuotes(text->get()) + " (" +
+                         std::to_string(bytes) + " bytes)");
+            }
+        } else {
+            wrongType(node, key, "a size such as \"64KiB\" or an integer of bytes");
+        }
+        return static_cast<std::size_t>(bytes);
+    }
+
+    std::string version(const toml::node &node, const std::string &key) const {
+        std::string text = string(node, key);
+        if (text != "1.2" && text != "1.3") {
+            fail(node.source(), key, "expected \"1.2\" or \"1.3\", got " + inQuotes(text));
+        }
+        return text;
+    }
+
+    std::string path(const toml::node &node, const std::string &key) const {
+        std::string text = string(node, key);
+        if (text.find('\0') != std::string::npos) {
+            fail(node.source(), key, "a path must not contain a NUL byte");
+        }
+        return resolve(base_, text);
+    }
+
+    enum class Role { listener, backend };
+
+    Address address(const toml::node &node, const std::string &key, Role role) const {
+        std::string text = string(node, key);
+        Address address;
+        try {
+            address = parseAddress(text);
+        } catch (const std::invalid_argument &error) {
+            fail(node.source(), key, error.what());
+        }
+        if (address.kind == Address::Kind::unix) {
+            address.path = resolve(base_, address.path);
+            if (address.path.size() > maxUnixPath) {
+                fail(node.source(), key,
+                     "the socket path " + inQuotes(address.path) + " is too long (" +
+                         std::to_string(address.path.size()) + " bytes, at most " +
+                         std::to_string(maxUnixPath) + ")");
+            }
+        } else if (role == Role::backend && address.port == 0) {
+            fail(node.source(), key,
+                 "bad address " + inQuotes(text) + ": a backend needs a port from 1 to 65535");
+        }
+        return address;
+    }
+
+    void loadGlobal(const toml::table &table, GlobalConfig &global) const {
+        checkKeys(table, "global", {"max_connections", "drain_timeout", "log_level", "buffers"});
+        if (const toml::node *node = table.get("max_connections")) {
+            global.maxConnections =
+                static_cast<std::uint64_t>(integer(*node, "global.max_connections", 1, maxInt));
+        }
+        if (const toml::node *node = table.get("drain_timeout")) {
+            global.drainTimeout = duration(*node, "global.drain_timeout");
+        }
+        if (const toml::node *node = table.get("log_level")) {
+            std::string level = string(*node, "global.log_level");
+            if (level == "error") {
+                global.logLevel = LogLevel::error;
+            } else if (level == "warn") {
+                global.logLevel = LogLevel::warn;
+            } else if (level == "info") {
+                global.logLevel = LogLevel::info;
+            } else if (level == "debug") {
+                global.logLevel = LogLevel::debug;
+            } else {
+                fail(node->source(), "global.log_level",
+                     "expected \"error\", \"warn\", \"info\" or \"debug\", got " + inQuotes(level));
+            }
+        }
+        if (const toml::node *node = table.get("buffers")) {
+            const toml::table &buffers = asTable(*node, "global.buffers");
+            checkKeys(buffers, "global.buffers", {"tls", "plaintext", "backend"});
+            // The TLS engine must hold at least one record header plus a useful fragment.
+            if (const toml::node *value = buffers.get("tls")) {
+                global.buffers.tls = size(*value, "global.buffers.tls", 512, maxBuffer);
+            }
+            if (const toml::node *value = buffers.get("plaintext")) {
+                global.buffers.plaintext = size(*value, "global.buffers.plaintext", 1, maxBuffer);
+            }
+            if (const toml::node *value = buffers.get("backend")) {
+                global.buffers.backend = size(*value, "global.buffers.backend", 1, maxBuffer);
+            }
+        }
+    }
+
+    /** Overrides the members of `policy` that `table` names; used for [tls] and each listener. */
+    void loadTls(const toml::table &table, const std::string &path, TlsPolicy &policy) const {
+        const toml::node *minVersion = table.get("min_version");
+        const toml::node *maxVersion = table.get("max_version");
+        if (minVersion != nullptr) {
+            policy.minVersion = version(*minVersion, child(path, "min_version"));
+        }
+        if (maxVersion != nullptr) {
+            policy.maxVersion = version(*maxVersion, child(path, "max_version"));
+        }
+        if (const toml::node *node = table.get("ciphers")) {
+            policy.ciphers = string(*node, child(path, "ciphers"));
+        }
+        if (const toml::node *node = table.get("ciphersuites")) {
+            policy.ciphersuites = string(*node, child(path, "ciphersuites"));
+        }
+        if (const toml::node *node = table.get("groups")) {
+            policy.groups = string(*node, child(path, "groups"));
+        }
+        // Versions are "1.2" or "1.3", so comparing the strings compares the versions. The
+        // inherited half was checked where it was written, so blame the one named here.
+        if (policy.minVersion > policy.maxVersion) {
+            bool blameMin = minVersion != nullptr;
+            fail((blameMin ? minVersion : maxVersion)->source(),
+                 child(path, blameMin ? "min_version" : "max_version"),
+                 "min_version " + inQuotes(policy.minVersion) + " is greater than max_version " +
+                     inQuotes(policy.maxVersion));
+        }
+    }
+
+    CertificateFiles loadCertificate(const toml::node &node, const std::string &key) const {
+        const toml::table &table = asTable(node, key);
+        checkKeys(table, key, {"cert", "key"});
+        CertificateFiles files;
+        files.cert = path(required(table, key, "cert"), child(key, "cert"));
+        if (const toml::node *keyNode = table.get("key")) {
+            files.key = path(*keyNode, child(key, "key"));
+        } else {
+            files.key = files.cert; // the key follows the chain in the same PEM file
+        }
+        return files;
+    }
+
+    void loadTimeouts(const toml::table &table, const std::string &path, Timeouts &timeouts) const {
+        checkKeys(table, path, {"handshake", "idle", "connect", "half_close", "flush"});
+        struct Field {
+            std::string_view key;
+            Duration Timeouts::*member;
+        };
+        for (const Field &field :
+             {Field{"handshake", &Timeouts::handshake}, Field{"idle", &Timeouts::idle},
+              Field{"connect", &Timeouts::connect}, Field{"half_close", &Timeouts::halfClose},
+              Field{"flush", &Timeouts::flush}}) {
+            if (const toml::node *node = table.get(field.key)) {
+                timeouts.*field.member = duration(*node, child(path, field.key));
+            }
+        }
+    }
+
+    ListenerConfig loadListener(const toml::table &table, const std::string &path,
+                                const TlsPolicy &defaults) const {
+        checkKeys(table, path,
+                  {"name", "listen", "certificate", "backend", "min_version", "max_version",
+                   "ciphers", "ciphersuites", "groups", "timeouts", "max_connections", "backlog"});
+        ListenerConfig listener;
+
+        const std::string listenKey = child(path, "listen");
+        const toml::node &listen = required(table, path, "listen");
+        if (listen.is_string()) {
+            listener.listen.push_back(address(listen, listenKey, Role::listener));
+        } else if (const toml::array *addresses = listen.as_array()) {
+            if (addresses->empty()) {
+                fail(listen.source(), listenKey, "must name at least one address");
+            }
+            for (std::size_t i = 0; i < addresses->size(); ++i) {
+                listener.listen.push_back(
+                    address((*addresses)[i], element(listenKey, i), Role::listener));
+            }
+        } else {
+            wrongType(listen, listenKey, "a string or an array of strings");
+        }
+
+        const std::string certificateKey = child(path, "certificate");
+        const toml::node &certificate = required(table, path, "certificate");
+        if (certificate.is_table()) {
+            listener.certificates.push_back(loadCertificate(certificate, certificateKey));
+        } else if (const toml::array *certificates = certificate.as_array()) {
+            if (certificates->empty()) {
+                fail(certificate.source(), certificateKey, "must name at least one certificate");
+            }
+            for (std::size_t i = 0; i < certificates->size(); ++i) {
+                listener.certificates.push_back(
+                    loadCertificate((*certificates)[i], element(certificateKey, i)));
+            }
+        } else {
+            wrongType(certificate, certificateKey, "a table or an array of tables");
+        }
+
+        listener.backend =
+            address(required(table, path, "backend"), child(path, "backend"), Role::backend);
+
+        if (const toml::node *node = table.get("name")) {
+            listener.name = string(*node, child(path, "name"));
+        } else {
+            listener.name = listener.listen.front().text();
+        }
+
+        listener.tls = defaults;
+        loadTls(table, path, listener.tls);
+
+        if (const toml::node *node = table.get("timeouts")) {
+            const std::string key = child(path, "timeouts");
+            loadTimeouts(asTable(*node, key), key, listener.timeouts);
+        }
+        if (const toml::node *node = table.get("max_connections")) {
+            listener.maxConnections = static_cast<std::uint64_t>(
+                integer(*node, child(path, "max_connections"), 0, maxInt));
+        }
+        if (const toml::node *node = table.get("backlog")) {
+            listener.backlog = static_cast<int>(integer(*node, child(path, "backlog"), 1, 65535));
+        }
+        return listener;
+    }
+};
+
+/** toml++ says "Error while parsing X: Y"; this makes it read as the rest of our messages. */
+std::string syntaxMessage(std::string_view description) {
+    constexpr std::string_view prefix = "Error while ";
+    if (description.starts_with(prefix)) {
+        return "syntax error while " + std::string(description.substr(prefix.size()));
+    }
+    return "syntax error: " + std::string(description);
+}
+
+struct FileCloser {
+    void operator()(std::FILE *file) const { std::fclose(file); }
+};
+
+} // namespace
+} // namespace config
+
+Config parseConfig(std::string_view text, const std::string &path) {
+    const std::string name = path.empty() ? "<string>" : path;
+    toml::table root;
+    try {
+        root = toml::parse(text, std::string_view(name));
+    } catch (const toml::parse_error &error) {
+        throw ConfigError(config::located(name, error.source().begin) +
+                          config::syntaxMessage(error.description()));
+    }
+    Config config = config::Loader(name, config::baseDirectory(path)).load(root);
+    config.path = path;
+    return config;
+}
+
+Config loadConfig(const std::string &path) {
+    std::unique_ptr<std::FILE, config::FileCloser> file(std::fopen(path.c_str(), "rb"));
+    if (!file) {
+        throw ConfigError(path + ": cannot read: " + std::strerror(errno));
+    }
+    std::string text;
+    char chunk[16384];
+    std::size_t count = 0;
+    while ((count = std::fread(chunk, 1, sizeof chunk, file.get())) > 0) {
+        text.append(chunk, count);
+    }
+    if (std::ferror(file.get())) {
+        // A folder opens fine and fails here with EISDIR.
+        throw ConfigError(path + ": cannot read: " + std::strerror(errno));
+    }
+    return parseConfig(text, path);
+}
+
+} // namespace sluice
