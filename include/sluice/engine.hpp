@@ -143,10 +143,13 @@ public:
     // --- Plaintext in (from the application) -----------------------------------------------
 
     /**
-     * Encrypts a prefix of `data` and returns how many bytes were taken. Zero is not an error:
-     * the ciphertext queue is full or the handshake is not done; drain cipherOut() and offer the
-     * same bytes again (the front of the next offer must be the bytes not yet taken). Returns 0
-     * forever after a fatal error or after shutdown().
+     * Encrypts a prefix of `data` (at most one record, 16 KiB) and returns how many bytes were
+     * taken. Zero is not an error: the ciphertext queue is full or the handshake is not done;
+     * drain cipherOut() and offer the same bytes again. After a refusal the next offer must
+     * begin with the refused bytes and be at least as long as the refused offer (at most 16 KiB,
+     * which the caller still holds), from any address; a shorter one is a caller error that
+     * fails the engine with ErrorSource::local. Returns 0 forever after a fatal error or after
+     * shutdown().
      */
     std::size_t write(std::span<const std::uint8_t> data);
 
@@ -155,11 +158,15 @@ public:
 
     /**
      * Client role: asks the peer for a TLS 1.2 renegotiation. Only for tests of the refusal;
-     * a server never starts one. Returns false if OpenSSL refused to start it.
+     * a server never starts one. Returns false if OpenSSL refused to start it, or once either
+     * side has begun to close.
      */
     bool requestRenegotiation();
 
-    /** TLS 1.3: sends a KeyUpdate; `requestPeer` also asks the peer to update its keys. */
+    /**
+     * TLS 1.3: sends a KeyUpdate; `requestPeer` also asks the peer to update its keys. Returns
+     * false before the handshake, after an error, or once either side has begun to close.
+     */
     bool requestKeyUpdate(bool requestPeer);
 
     // --- State ------------------------------------------------------------------------------
@@ -192,6 +199,7 @@ private:
     void runRead();
     void runShutdown();
     void discardInput();
+    bool streamOpen() const;
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
     void recordHandshake();
@@ -201,6 +209,7 @@ private:
     bio_st *network_ = nullptr; // our half of the pair; the SSL owns the other half
     Role role_ = Role::server;
     std::size_t plaintextBudget_ = 0;
+    std::size_t refusedLength_ = 0; // length of the last offer write() refused
 
     // Decrypted bytes: [plainHead_, plainTail_) of plain_. The buffer is allocated while bytes
     // are waiting and released when it empties, so an idle connection holds none.

@@ -16,6 +16,9 @@ namespace {
 // OpenSSL takes int lengths; no single call moves more than this.
 constexpr std::size_t maxCall = INT_MAX / 2;
 
+// The most plaintext one TLS record carries.
+constexpr std::size_t maxRecordPlaintext = 16384;
+
 bool isLocalError(unsigned long code) {
     const int reason = ERR_GET_REASON(code);
     if (ERR_GET_LIB(code) == ERR_LIB_SSL) {
@@ -61,9 +64,9 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     // record buffers.
     SSL_set_mode(engine->ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                                    SSL_MODE_RELEASE_BUFFERS);
-    // A server never renegotiates, and refuses a client's request (CVE-2011-1473 class).
-    SSL_set_options(engine->ssl_, SSL_OP_NO_RENEGOTIATION);
     if (role == Role::server) {
+        // A server never renegotiates, and refuses a client's request (CVE-2011-1473 class).
+        SSL_set_options(engine->ssl_, SSL_OP_NO_RENEGOTIATION);
         SSL_set_accept_state(engine->ssl_);
     } else {
         SSL_set_connect_state(engine->ssl_);
@@ -174,12 +177,25 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
     if (failed() || !handshakeDone_ || shutdownWanted_ || data.empty()) {
         return 0;
     }
+    if (data.size() < refusedLength_) {
+        // OpenSSL may hold part of the refused offer in a record; a shorter retry would make it
+        // send bytes the caller no longer offers.
+        fail(ErrorSource::local, "write: a retry offered " + std::to_string(data.size()) +
+                                     " bytes, fewer than the " + std::to_string(refusedLength_) +
+                                     " refused");
+        return 0;
+    }
+    // One record per call: partial-write mode returns after a record anyway, and the cap keeps
+    // the bytes a caller must re-offer after a refusal small.
+    const std::size_t offer = std::min(data.size(), maxRecordPlaintext);
     ERR_clear_error();
     std::size_t written = 0;
-    const int ret = SSL_write_ex(ssl_, data.data(), std::min(data.size(), maxCall), &written);
+    const int ret = SSL_write_ex(ssl_, data.data(), offer, &written);
     if (ret == 1) {
+        refusedLength_ = 0;
         return written;
     }
+    refusedLength_ = offer;
     // WANT_WRITE: the pair is full and OpenSSL may hold part of a record; the caller drains and
     // offers the same bytes again, which completes it. WANT_READ: a post-handshake exchange
     // must finish first. Anything else is fatal.
@@ -195,8 +211,13 @@ void Engine::shutdown() {
     run();
 }
 
+bool Engine::streamOpen() const {
+    return !failed() && handshakeDone_ && !shutdownWanted_ && !closeNotifySent_ &&
+           !closeNotifyReceived_ && !truncated_;
+}
+
 bool Engine::requestRenegotiation() {
-    if (failed() || !handshakeDone_ || role_ != Role::client) {
+    if (!streamOpen() || role_ != Role::client) {
         return false;
     }
     ERR_clear_error();
@@ -210,7 +231,7 @@ bool Engine::requestRenegotiation() {
 }
 
 bool Engine::requestKeyUpdate(bool requestPeer) {
-    if (failed() || !handshakeDone_) {
+    if (!streamOpen()) {
         return false;
     }
     ERR_clear_error();
