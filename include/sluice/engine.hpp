@@ -189,6 +189,13 @@ public:
      */
     bool finished() const;
 
+    /**
+     * Frees the BIO pair's buffers when nothing is queued in either direction, so an idle
+     * connection holds only the SSL object; the next call that needs the pair re-creates it.
+     * Call it only while holding no span from cipherInSpace(). Returns true if nothing is held.
+     */
+    bool releaseIdleBuffers();
+
     /** Bytes of ciphertext queued for the transport, across the pair's wrap point. */
     std::size_t cipherOutPending() const;
 
@@ -199,6 +206,7 @@ private:
     void runRead();
     void runShutdown();
     void discardInput();
+    bool ensurePair();
     bool streamOpen() const;
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
@@ -209,6 +217,7 @@ private:
     bio_st *network_ = nullptr; // our half of the pair; the SSL owns the other half
     Role role_ = Role::server;
     std::size_t plaintextBudget_ = 0;
+    std::size_t pairSize_ = 0;
     std::size_t refusedLength_ = 0; // length of the last offer write() refused
 
     // Decrypted bytes: [plainHead_, plainTail_) of plain_. The buffer is allocated while bytes

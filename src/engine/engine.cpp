@@ -52,13 +52,10 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     if (engine->ssl_ == nullptr) {
         return report("SSL_new: " + tls::drainErrors().reason);
     }
-    const std::size_t pairSize = std::max<std::size_t>(1, std::min(options.pairSize, maxCall));
-    BIO *inner = nullptr;
-    if (BIO_new_bio_pair(&inner, pairSize, &engine->network_, pairSize) != 1) {
-        return report("BIO_new_bio_pair: " + tls::drainErrors().reason);
+    engine->pairSize_ = std::max<std::size_t>(1, std::min(options.pairSize, maxCall));
+    if (!engine->ensurePair()) {
+        return report(engine->errorReason_);
     }
-    // The SSL owns the inner half from here; the destructor frees the network half.
-    SSL_set_bio(engine->ssl_, inner, inner);
     // Partial writes let write() report exactly what was taken; a moving buffer lets the caller
     // re-offer the same bytes from a different address; idle connections give back OpenSSL's
     // record buffers.
@@ -88,13 +85,44 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     return engine;
 }
 
+bool Engine::ensurePair() {
+    if (network_ != nullptr) {
+        return true;
+    }
+    BIO *inner = nullptr;
+    if (BIO_new_bio_pair(&inner, pairSize_, &network_, pairSize_) != 1) {
+        network_ = nullptr;
+        fail(ErrorSource::local, "BIO_new_bio_pair: " + tls::drainErrors().reason);
+        return false;
+    }
+    // The SSL owns the inner half; the destructor or releaseIdleBuffers() frees the network half.
+    SSL_set_bio(ssl_, inner, inner);
+    return true;
+}
+
+bool Engine::releaseIdleBuffers() {
+    if (network_ == nullptr) {
+        return true;
+    }
+    if (transportEof_ || BIO_ctrl_pending(network_) > 0 ||
+        BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0 || plainTail_ > plainHead_ ||
+        SSL_has_pending(ssl_) == 1 || readWantsWrite_ || postHandshakePending_ ||
+        refusedLength_ > 0) {
+        return false;
+    }
+    SSL_set_bio(ssl_, nullptr, nullptr); // frees the inner half
+    BIO_free(network_);
+    network_ = nullptr;
+    return true;
+}
+
 Engine::~Engine() {
     SSL_free(ssl_);
     BIO_free(network_);
 }
 
 std::span<std::uint8_t> Engine::cipherInSpace() {
-    if (transportEof_ || network_ == nullptr) {
+    if (transportEof_ || failed() || !ensurePair()) {
         return {};
     }
     char *space = nullptr;
@@ -109,11 +137,11 @@ std::size_t Engine::cipherInCapacity() const {
     if (transportEof_) {
         return 0;
     }
-    return BIO_ctrl_get_write_guarantee(network_);
+    return network_ != nullptr ? BIO_ctrl_get_write_guarantee(network_) : pairSize_;
 }
 
 void Engine::commitCipherIn(std::size_t n) {
-    if (n == 0 || transportEof_) {
+    if (n == 0 || transportEof_ || network_ == nullptr) {
         return;
     }
     char *space = nullptr;
@@ -129,12 +157,18 @@ void Engine::cipherInEof() {
     if (transportEof_) {
         return;
     }
+    if (!ensurePair()) {
+        return;
+    }
     transportEof_ = true;
     BIO_shutdown_wr(network_);
     run();
 }
 
 std::span<const std::uint8_t> Engine::cipherOut() {
+    if (network_ == nullptr) {
+        return {};
+    }
     char *data = nullptr;
     const int n = BIO_nread0(network_, &data);
     if (n <= 0) {
@@ -144,7 +178,7 @@ std::span<const std::uint8_t> Engine::cipherOut() {
 }
 
 void Engine::consumeCipherOut(std::size_t n) {
-    while (n > 0) {
+    while (n > 0 && network_ != nullptr) {
         char *data = nullptr;
         const int taken =
             BIO_nread(network_, &data, static_cast<int>(std::min<std::size_t>(n, maxCall)));
@@ -157,7 +191,7 @@ void Engine::consumeCipherOut(std::size_t n) {
 }
 
 std::size_t Engine::cipherOutPending() const {
-    return BIO_ctrl_pending(network_);
+    return network_ != nullptr ? BIO_ctrl_pending(network_) : 0;
 }
 
 std::span<const std::uint8_t> Engine::plainOut() {
@@ -183,6 +217,9 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
         fail(ErrorSource::local, "write: a retry offered " + std::to_string(data.size()) +
                                      " bytes, fewer than the " + std::to_string(refusedLength_) +
                                      " refused");
+        return 0;
+    }
+    if (!ensurePair()) {
         return 0;
     }
     // One record per call: partial-write mode returns after a record anyway, and the cap keeps
@@ -310,6 +347,9 @@ bool Engine::handleResult(int ret, const char *operation) {
 
 void Engine::discardInput() {
     BIO *inner = SSL_get_rbio(ssl_);
+    if (inner == nullptr) {
+        return;
+    }
     char *data = nullptr;
     while (BIO_nread(inner, &data, INT_MAX) > 0) {
     }
@@ -321,6 +361,16 @@ void Engine::run() {
         // the caller can wait for the peer's FIN instead of closing into a reset.
         discardInput();
         return;
+    }
+    if (network_ == nullptr) {
+        // The pair was released while idle: nothing came in, and only a close or a KeyUpdate
+        // has something to send.
+        if (!shutdownWanted_ && !postHandshakePending_) {
+            return;
+        }
+        if (!ensurePair()) {
+            return;
+        }
     }
     if (!handshakeDone_) {
         runHandshake();

@@ -133,6 +133,11 @@ void Connection::pump() {
         maybeFinish();
     } while (pumpAgain_ && !closing_);
     inPump_ = false;
+    if (!closing_) {
+        // Between pumps no span into the pair is held (libuv asks for read space only when the
+        // socket is readable), so an idle connection can give its pair back.
+        engine_->releaseIdleBuffers();
+    }
 }
 
 bool Connection::feedEngine() {

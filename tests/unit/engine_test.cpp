@@ -905,6 +905,33 @@ TEST_CASE("a re-offer shorter than the refused one is a caller error, reported a
     CHECK(c->client.engine->plainOut().empty());
 }
 
+TEST_CASE("idle engines release their pair and re-create it on the next byte") {
+    const std::uint32_t seed = testSeed();
+    INFO("seed " << seed);
+    std::mt19937 rng(seed);
+    for (const auto version : {TlsVersion::tls12, TlsVersion::tls13}) {
+        ContextOptions only;
+        only.version = version;
+        auto c = connect(only, only, serverOptions(4 * KiB), clientOptions(4 * KiB));
+        Pump pump(c->client, c->server, PumpOptions{}, seed);
+        handshake(*c, pump);
+        for (int round = 0; round < 4; ++round) {
+            transfer(*c, pump, randomBytes(64 * KiB, rng), randomBytes(64 * KiB, rng));
+            CHECK(c->client.engine->releaseIdleBuffers());
+            CHECK(c->server.engine->releaseIdleBuffers());
+            CHECK(c->server.engine->cipherOut().empty());
+            CHECK(c->server.engine->cipherInCapacity() == 4 * KiB);
+        }
+        // With ciphertext queued, nothing is released.
+        const Bytes data = randomBytes(1000, rng);
+        REQUIRE(c->client.engine->write(data) == data.size());
+        CHECK_FALSE(c->client.engine->releaseIdleBuffers());
+        CHECK(c->client.engine->cipherOutPending() > 0);
+        transfer(*c, pump, {}, {});
+        checkClean(pump);
+    }
+}
+
 TEST_CASE("many records in one feed are all delivered without further input") {
     // LESSONS #1: one SSL_read per feed would leave all but the first record stuck.
     for (const TlsVersion v : {TlsVersion::tls13, TlsVersion::tls12}) {
