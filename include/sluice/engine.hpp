@@ -67,6 +67,11 @@ struct HandshakeInfo {
     std::string serverName; ///< SNI the client sent (server role) or requested (client role)
     std::string alpn;       ///< negotiated ALPN protocol, empty if none
     bool resumed = false;   ///< a session was resumed
+    // Server role, when the client presented a certificate (client_auth); empty otherwise.
+    std::string clientSubject;    ///< its subject, RFC 2253
+    std::string clientIdentity;   ///< its first URI SAN, else first DNS SAN, else subject CN
+    std::string clientSpkiSha256; ///< hex SHA-256 of its SubjectPublicKeyInfo (the pin)
+    bool clientVerified = false;  ///< it verified: CA, CRLs, depth and allow lists
 };
 
 /** Who caused a fatal error: the peer's bytes, or the local side (config, misuse, resources). */
@@ -109,6 +114,7 @@ public:
     /**
      * Writable space in the network half of the pair, contiguous; empty when the pair is full
      * (the engine must consume first: drain plainOut() and cipherOut()) or after cipherInEof().
+     * After a fatal error or the peer's close_notify, committed bytes are discarded unread.
      */
     std::span<std::uint8_t> cipherInSpace();
 

@@ -8,6 +8,7 @@
 
 #include <sluice/engine.hpp>
 
+#include "tls/client_auth.hpp"
 #include "tls/errors.hpp"
 
 namespace sluice {
@@ -122,7 +123,10 @@ Engine::~Engine() {
 }
 
 std::span<std::uint8_t> Engine::cipherInSpace() {
-    if (transportEof_ || failed() || !ensurePair()) {
+    // After a failure the space is still offered: what arrives is discarded, so the transport
+    // can be drained until the peer's FIN. cipherInCapacity() agrees, so a driver that reads
+    // while capacity is non-zero never spins on an empty span.
+    if (transportEof_ || !ensurePair()) {
         return {};
     }
     char *space = nullptr;
@@ -429,6 +433,16 @@ void Engine::recordHandshake() {
         info_.alpn.assign(reinterpret_cast<const char *>(alpn), alpnLength);
     }
     info_.resumed = SSL_session_reused(ssl_) == 1;
+    if (role_ == Role::server) {
+        // On a resumed session this is the certificate verified by the original handshake.
+        if (X509 *peer = SSL_get0_peer_certificate(ssl_)) {
+            const tls::PeerNames names = tls::peerNames(peer);
+            info_.clientSubject = names.subject;
+            info_.clientIdentity = tls::identityOf(names);
+            info_.clientSpkiSha256 = names.spkiSha256;
+            info_.clientVerified = SSL_get_verify_result(ssl_) == X509_V_OK;
+        }
+    }
 }
 
 void Engine::runRead() {
