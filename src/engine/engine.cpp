@@ -8,7 +8,6 @@
 
 #include <sluice/engine.hpp>
 
-#include "tls/client_auth.hpp"
 #include "tls/errors.hpp"
 
 namespace sluice {
@@ -433,16 +432,6 @@ void Engine::recordHandshake() {
         info_.alpn.assign(reinterpret_cast<const char *>(alpn), alpnLength);
     }
     info_.resumed = SSL_session_reused(ssl_) == 1;
-    if (role_ == Role::server) {
-        // On a resumed session this is the certificate verified by the original handshake.
-        if (X509 *peer = SSL_get0_peer_certificate(ssl_)) {
-            const tls::PeerNames names = tls::peerNames(peer);
-            info_.clientSubject = names.subject;
-            info_.clientIdentity = tls::identityOf(names);
-            info_.clientSpkiSha256 = names.spkiSha256;
-            info_.clientVerified = SSL_get_verify_result(ssl_) == X509_V_OK;
-        }
-    }
 }
 
 void Engine::runRead() {
