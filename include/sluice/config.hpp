@@ -34,6 +34,7 @@ struct Address {
 struct CertificateFiles {
     std::string cert; ///< leaf first, then intermediates; absolute after loading
     std::string key;  ///< absolute after loading
+    std::string ocsp; ///< a DER OCSP response to staple, re-read when it changes; empty: none
 };
 
 /** Protocol policy; a listener inherits [tls] and overrides what it names. */
@@ -47,6 +48,47 @@ struct TlsPolicy {
         "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256";
     /** Key-exchange groups, preferred first. */
     std::string groups = "X25519:P-256:P-384";
+    /** Signature algorithms we sign with and accept (OpenSSL syntax), preferred first. */
+    std::string signatureAlgorithms = "ECDSA+SHA256:ECDSA+SHA384:ECDSA+SHA512:ed25519:ed448:"
+                                      "rsa_pss_rsae_sha256:rsa_pss_rsae_sha384:rsa_pss_rsae_sha512:"
+                                      "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:"
+                                      "RSA+SHA256:RSA+SHA384:RSA+SHA512";
+    /** TLS 1.3 tickets sent after each full handshake; 0 disables tickets (1.2 and 1.3). */
+    int sessionTickets = 2;
+    /** Ticket-key file (first key encrypts, all decrypt); empty: random keys per process. */
+    std::string ticketKeys;
+    /** Without a key file: how often the random ticket key is replaced. */
+    Duration ticketKeyRotation = std::chrono::hours(1);
+    /** TLS 1.2 session-ID cache entries; 0 disables the cache. */
+    std::uint64_t sessionCache = 20000;
+    /** How long a session (cached or in a ticket) may be resumed. */
+    Duration sessionLifetime = std::chrono::hours(1);
+};
+
+/** What a listener does when the client offers ALPN protocols and none is configured. */
+enum class AlpnMismatch {
+    proceed, ///< finish the handshake without ALPN
+    fail     ///< fail it with a no_application_protocol alert
+};
+
+/** Whether a listener asks for a client certificate. */
+enum class ClientAuthMode { none, optional, required };
+
+/**
+ * Client-certificate (mTLS) policy of a listener. A certificate that is presented must verify
+ * against `ca` (and `crl`) and, when any allow list is non-empty, match at least one entry of
+ * one of them.
+ */
+struct ClientAuth {
+    ClientAuthMode mode = ClientAuthMode::none;
+    std::string ca;                    ///< PEM bundle of trusted client CAs (required unless none)
+    std::vector<std::string> crl;      ///< PEM CRL files; the leaf is checked against them
+    int verifyDepth = 4;               ///< most intermediate CAs between the leaf and `ca`
+    std::vector<std::string> allowCn;  ///< subject CN patterns, '*' matches any run
+    std::vector<std::string> allowDns; ///< DNS SAN patterns, "*.x" matches one label
+    std::vector<std::string> allowUri; ///< URI SAN patterns (SPIFFE IDs), '*' matches any run
+    /** SHA-256 of the leaf's SubjectPublicKeyInfo, 64 lowercase hex digits each. */
+    std::vector<std::string> allowSpkiSha256;
 };
 
 /** Per-connection timeouts. Zero disables one. */
@@ -69,7 +111,14 @@ struct Buffers {
 struct ListenerConfig {
     std::string name;                           ///< defaults to the first listen address
     std::vector<Address> listen;                ///< at least one
-    std::vector<CertificateFiles> certificates; ///< at least one; the first is the default
+    std::vector<CertificateFiles> certificates; ///< the first is the default for no/unknown SNI
+    /** A folder of more certificates (NAME.crt + NAME.key, NAME.pem, or DIR/fullchain.pem +
+     * DIR/privkey.pem); empty: none. With no `certificates`, its first one is the default. */
+    std::string certificatesDir;
+    bool strictSni = false;        ///< reject an unknown SNI name (unrecognized_name alert)
+    std::vector<std::string> alpn; ///< protocols in our order of preference; empty: no ALPN
+    AlpnMismatch alpnMismatch = AlpnMismatch::proceed;
+    ClientAuth clientAuth;
     Address backend;
     TlsPolicy tls;
     Timeouts timeouts;

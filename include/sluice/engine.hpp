@@ -214,6 +214,7 @@ private:
     void discardInput();
     bool ensurePair();
     bool streamOpen() const;
+    static void onInfo(const ssl_st *ssl, int where, int value);
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
     void recordHandshake();
@@ -241,6 +242,7 @@ private:
     bool transportEof_ = false;
     bool shutdownWanted_ = false;
     bool closeNotifySent_ = false;
+    bool closeNotifyAlertSeen_ = false; // recorded by onInfo
     bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
 };

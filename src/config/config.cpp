@@ -360,7 +360,9 @@ public:
         if (const toml::node *node = root.get("tls")) {
             const toml::table &tls = asTable(*node, "tls");
             checkKeys(tls, "tls",
-                      {"min_version", "max_version", "ciphers", "ciphersuites", "groups"});
+                      {"min_version", "max_version", "ciphers", "ciphersuites", "groups",
+                       "signature_algorithms", "session_tickets", "ticket_keys",
+                       "ticket_key_rotation", "session_cache", "session_lifetime"});
             loadTls(tls, "tls", config.tls);
         }
         const toml::node *node = root.get("listener");
@@ -463,6 +465,31 @@ private:
             fail(node.source(), key, "must not be empty");
         }
         return value->get();
+    }
+
+    bool boolean(const toml::node &node, const std::string &key) const {
+        const toml::value<bool> *value = node.as_boolean();
+        if (value == nullptr) {
+            wrongType(node, key, "a boolean (true or false)");
+        }
+        return value->get();
+    }
+
+    /** A non-empty string, or an array of them (an empty array is allowed). */
+    std::vector<std::string> strings(const toml::node &node, const std::string &key) const {
+        std::vector<std::string> out;
+        if (node.is_string()) {
+            out.push_back(string(node, key));
+            return out;
+        }
+        const toml::array *array = node.as_array();
+        if (array == nullptr) {
+            wrongType(node, key, "a string or an array of strings");
+        }
+        for (std::size_t i = 0; i < array->size(); ++i) {
+            out.push_back(string((*array)[i], element(key, i)));
+        }
+        return out;
     }
 
     /** "must be between MIN and MAX UNIT" or, without an upper bound, "must be at least MIN". */
@@ -634,6 +661,36 @@ private:
         if (const toml::node *node = table.get("groups")) {
             policy.groups = string(*node, child(path, "groups"));
         }
+        if (const toml::node *node = table.get("signature_algorithms")) {
+            policy.signatureAlgorithms = string(*node, child(path, "signature_algorithms"));
+        }
+        if (const toml::node *node = table.get("session_tickets")) {
+            policy.sessionTickets =
+                static_cast<int>(integer(*node, child(path, "session_tickets"), 0, 16));
+        }
+        if (const toml::node *node = table.get("ticket_keys")) {
+            policy.ticketKeys = this->path(*node, child(path, "ticket_keys"));
+        }
+        if (const toml::node *node = table.get("ticket_key_rotation")) {
+            const std::string key = child(path, "ticket_key_rotation");
+            policy.ticketKeyRotation = duration(*node, key);
+            if (policy.ticketKeyRotation < std::chrono::seconds(1)) {
+                fail(node->source(), key, "must be at least 1s");
+            }
+        }
+        if (const toml::node *node = table.get("session_cache")) {
+            policy.sessionCache = static_cast<std::uint64_t>(
+                integer(*node, child(path, "session_cache"), 0, 10'000'000));
+        }
+        if (const toml::node *node = table.get("session_lifetime")) {
+            const std::string key = child(path, "session_lifetime");
+            policy.sessionLifetime = duration(*node, key);
+            // TLS 1.3 caps a ticket's lifetime at seven days (RFC 8446, 4.6.1).
+            if (policy.sessionLifetime < std::chrono::seconds(1) ||
+                policy.sessionLifetime > std::chrono::hours(24 * 7)) {
+                fail(node->source(), key, "must be between 1s and 7 days (\"168h\")");
+            }
+        }
         // Versions are "1.2" or "1.3", so comparing the strings compares the versions. The
         // inherited half was checked where it was written, so blame the one named here.
         if (policy.minVersion > policy.maxVersion) {
@@ -647,7 +704,7 @@ private:
 
     CertificateFiles loadCertificate(const toml::node &node, const std::string &key) const {
         const toml::table &table = asTable(node, key);
-        checkKeys(table, key, {"cert", "key"});
+        checkKeys(table, key, {"cert", "key", "ocsp"});
         CertificateFiles files;
         files.cert = path(required(table, key, "cert"), child(key, "cert"));
         if (const toml::node *keyNode = table.get("key")) {
@@ -655,7 +712,90 @@ private:
         } else {
             files.key = files.cert; // the key follows the chain in the same PEM file
         }
+        if (const toml::node *ocsp = table.get("ocsp")) {
+            if (ocsp->value_or(std::string_view()) == "auto") {
+                fail(ocsp->source(), child(key, "ocsp"),
+                     "fetching OCSP responses (\"auto\") is not supported yet; name a DER file");
+            }
+            files.ocsp = path(*ocsp, child(key, "ocsp"));
+        }
         return files;
+    }
+
+    static bool isHex(char c) { return isDigit(c) || (c >= 'a' && c <= 'f'); }
+
+    /** 64 hex digits, optionally separated by ':', to lowercase hex. */
+    std::string spkiPin(const toml::node &node, const std::string &key) const {
+        std::string text = string(node, key);
+        std::string hex;
+        for (char c : text) {
+            if (c == ':') {
+                continue;
+            }
+            hex += static_cast<char>((c >= 'A' && c <= 'F') ? c - 'A' + 'a' : c);
+        }
+        if (hex.size() != 64 || !std::all_of(hex.begin(), hex.end(), isHex)) {
+            fail(node.source(), key,
+                 "expected a SHA-256 digest as 64 hex digits (colons allowed), got " +
+                     inQuotes(text));
+        }
+        return hex;
+    }
+
+    void loadClientAuth(const toml::table &table, const std::string &path, ClientAuth &auth) const {
+        checkKeys(table, path,
+                  {"mode", "ca", "crl", "verify_depth", "allow_cn", "allow_dns", "allow_uri",
+                   "allow_spki_sha256"});
+        if (const toml::node *node = table.get("mode")) {
+            std::string mode = string(*node, child(path, "mode"));
+            if (mode == "none") {
+                auth.mode = ClientAuthMode::none;
+            } else if (mode == "optional") {
+                auth.mode = ClientAuthMode::optional;
+            } else if (mode == "required") {
+                auth.mode = ClientAuthMode::required;
+            } else {
+                fail(node->source(), child(path, "mode"),
+                     "expected \"none\", \"optional\" or \"required\", got " + inQuotes(mode));
+            }
+        }
+        if (const toml::node *node = table.get("ca")) {
+            auth.ca = this->path(*node, child(path, "ca"));
+        } else if (auth.mode != ClientAuthMode::none) {
+            fail(table.source(), child(path, "ca"),
+                 "required key is missing (mode is not \"none\")");
+        }
+        if (const toml::node *node = table.get("crl")) {
+            const std::string key = child(path, "crl");
+            for (const std::string &file : strings(*node, key)) {
+                auth.crl.push_back(resolve(base_, file));
+            }
+        }
+        if (const toml::node *node = table.get("verify_depth")) {
+            auth.verifyDepth =
+                static_cast<int>(integer(*node, child(path, "verify_depth"), 1, 100));
+        }
+        if (const toml::node *node = table.get("allow_cn")) {
+            auth.allowCn = strings(*node, child(path, "allow_cn"));
+        }
+        if (const toml::node *node = table.get("allow_dns")) {
+            auth.allowDns = strings(*node, child(path, "allow_dns"));
+        }
+        if (const toml::node *node = table.get("allow_uri")) {
+            auth.allowUri = strings(*node, child(path, "allow_uri"));
+        }
+        if (const toml::node *node = table.get("allow_spki_sha256")) {
+            const std::string key = child(path, "allow_spki_sha256");
+            if (node->is_string()) {
+                auth.allowSpkiSha256.push_back(spkiPin(*node, key));
+            } else if (const toml::array *pins = node->as_array()) {
+                for (std::size_t i = 0; i < pins->size(); ++i) {
+                    auth.allowSpkiSha256.push_back(spkiPin((*pins)[i], element(key, i)));
+                }
+            } else {
+                wrongType(*node, key, "a string or an array of strings");
+            }
+        }
     }
 
     void loadTimeouts(const toml::table &table, const std::string &path, Timeouts &timeouts) const {
@@ -677,8 +817,29 @@ private:
     ListenerConfig loadListener(const toml::table &table, const std::string &path,
                                 const TlsPolicy &defaults) const {
         checkKeys(table, path,
-                  {"name", "listen", "certificate", "backend", "min_version", "max_version",
-                   "ciphers", "ciphersuites", "groups", "timeouts", "max_connections", "backlog"});
+                  {"name",
+                   "listen",
+                   "certificate",
+                   "certificates_dir",
+                   "strict_sni",
+                   "alpn",
+                   "alpn_mismatch",
+                   "client_auth",
+                   "backend",
+                   "min_version",
+                   "max_version",
+                   "ciphers",
+                   "ciphersuites",
+                   "groups",
+                   "signature_algorithms",
+                   "session_tickets",
+                   "ticket_keys",
+                   "ticket_key_rotation",
+                   "session_cache",
+                   "session_lifetime",
+                   "timeouts",
+                   "max_connections",
+                   "backlog"});
         ListenerConfig listener;
 
         const std::string listenKey = child(path, "listen");
@@ -697,20 +858,29 @@ private:
             wrongType(listen, listenKey, "a string or an array of strings");
         }
 
+        if (const toml::node *node = table.get("certificates_dir")) {
+            listener.certificatesDir = this->path(*node, child(path, "certificates_dir"));
+        }
         const std::string certificateKey = child(path, "certificate");
-        const toml::node &certificate = required(table, path, "certificate");
-        if (certificate.is_table()) {
-            listener.certificates.push_back(loadCertificate(certificate, certificateKey));
-        } else if (const toml::array *certificates = certificate.as_array()) {
+        // With a certificates_dir, every certificate may come from the folder.
+        const toml::node *certificate = table.get("certificate");
+        if (certificate == nullptr && listener.certificatesDir.empty()) {
+            fail(table.source(), certificateKey, "required key is missing");
+        }
+        if (certificate == nullptr) {
+            // Nothing more to read here.
+        } else if (certificate->is_table()) {
+            listener.certificates.push_back(loadCertificate(*certificate, certificateKey));
+        } else if (const toml::array *certificates = certificate->as_array()) {
             if (certificates->empty()) {
-                fail(certificate.source(), certificateKey, "must name at least one certificate");
+                fail(certificate->source(), certificateKey, "must name at least one certificate");
             }
             for (std::size_t i = 0; i < certificates->size(); ++i) {
                 listener.certificates.push_back(
                     loadCertificate((*certificates)[i], element(certificateKey, i)));
             }
         } else {
-            wrongType(certificate, certificateKey, "a table or an array of tables");
+            wrongType(*certificate, certificateKey, "a table or an array of tables");
         }
 
         listener.backend =
@@ -724,6 +894,38 @@ private:
 
         listener.tls = defaults;
         loadTls(table, path, listener.tls);
+
+        if (const toml::node *node = table.get("strict_sni")) {
+            listener.strictSni = boolean(*node, child(path, "strict_sni"));
+        }
+        if (const toml::node *node = table.get("alpn")) {
+            const std::string key = child(path, "alpn");
+            listener.alpn = strings(*node, key);
+            for (std::size_t i = 0; i < listener.alpn.size(); ++i) {
+                // ALPN protocol names are 1 to 255 bytes on the wire (RFC 7301).
+                if (listener.alpn[i].size() > 255) {
+                    const toml::node *where = node->is_array() ? node->as_array()->get(i) : node;
+                    fail(where->source(), node->is_array() ? element(key, i) : key,
+                         "an ALPN protocol name is at most 255 bytes");
+                }
+            }
+        }
+        if (const toml::node *node = table.get("alpn_mismatch")) {
+            const std::string key = child(path, "alpn_mismatch");
+            std::string policy = string(*node, key);
+            if (policy == "proceed") {
+                listener.alpnMismatch = AlpnMismatch::proceed;
+            } else if (policy == "fail") {
+                listener.alpnMismatch = AlpnMismatch::fail;
+            } else {
+                fail(node->source(), key,
+                     "expected \"proceed\" or \"fail\", got " + inQuotes(policy));
+            }
+        }
+        if (const toml::node *node = table.get("client_auth")) {
+            const std::string key = child(path, "client_auth");
+            loadClientAuth(asTable(*node, key), key, listener.clientAuth);
+        }
 
         if (const toml::node *node = table.get("timeouts")) {
             const std::string key = child(path, "timeouts");

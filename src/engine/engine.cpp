@@ -8,6 +8,7 @@
 
 #include <sluice/engine.hpp>
 
+#include "tls/client_auth.hpp"
 #include "tls/errors.hpp"
 
 namespace sluice {
@@ -61,6 +62,13 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     // record buffers.
     SSL_set_mode(engine->ssl_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER |
                                    SSL_MODE_RELEASE_BUFFERS);
+    // Without this option OpenSSL 3 treats a FIN without close_notify as a fatal decode_error
+    // and the connection can send nothing more; with it the stream stays writable, so a client
+    // that half-closes TCP still gets its reply. The info callback tells a real close_notify
+    // from a bare EOF (the half-close tests guard this).
+    SSL_set_options(engine->ssl_, SSL_OP_IGNORE_UNEXPECTED_EOF);
+    SSL_set_app_data(engine->ssl_, engine.get());
+    SSL_set_info_callback(engine->ssl_, onInfo);
     if (role == Role::server) {
         // A server never renegotiates, and refuses a client's request (CVE-2011-1473 class).
         SSL_set_options(engine->ssl_, SSL_OP_NO_RENEGOTIATION);
@@ -116,7 +124,19 @@ bool Engine::releaseIdleBuffers() {
     return true;
 }
 
+void Engine::onInfo(const ssl_st *ssl, int where, int value) {
+    // Records one fact and returns: the engine acts on it after the SSL_* call (DESIGN.md).
+    if ((where & SSL_CB_READ_ALERT) != 0 && (value & 0xff) == SSL_AD_CLOSE_NOTIFY) {
+        static_cast<Engine *>(SSL_get_app_data(ssl))->closeNotifyAlertSeen_ = true;
+    }
+}
+
 Engine::~Engine() {
+    if (ssl_ != nullptr && handshakeDone_ && !failed()) {
+        // A healthy session ended without our close_notify (an abort, a timeout) is still a
+        // good session: keep it resumable, as OpenSSL would drop it from the cache otherwise.
+        SSL_set_shutdown(ssl_, SSL_get_shutdown(ssl_) | SSL_SENT_SHUTDOWN);
+    }
     SSL_free(ssl_);
     BIO_free(network_);
 }
@@ -327,7 +347,14 @@ bool Engine::handleResult(int ret, const char *operation) {
         ERR_clear_error();
         return false;
     case SSL_ERROR_ZERO_RETURN:
-        closeNotifyReceived_ = true;
+        ERR_clear_error();
+        if (!handshakeDone_) {
+            fail(ErrorSource::peer, std::string(operation) + ": connection closed by peer");
+        } else if (closeNotifyAlertSeen_) {
+            closeNotifyReceived_ = true;
+        } else {
+            truncated_ = true; // EOF without close_notify
+        }
         return false;
     default:
         break;
@@ -432,6 +459,16 @@ void Engine::recordHandshake() {
         info_.alpn.assign(reinterpret_cast<const char *>(alpn), alpnLength);
     }
     info_.resumed = SSL_session_reused(ssl_) == 1;
+    if (role_ == Role::server) {
+        // On a resumed session this is the certificate verified by the original handshake.
+        if (X509 *peer = SSL_get0_peer_certificate(ssl_)) {
+            const tls::PeerNames names = tls::peerNames(peer);
+            info_.clientSubject = names.subject;
+            info_.clientIdentity = tls::identityOf(names);
+            info_.clientSpkiSha256 = names.spkiSha256;
+            info_.clientVerified = SSL_get_verify_result(ssl_) == X509_V_OK;
+        }
+    }
 }
 
 void Engine::runRead() {

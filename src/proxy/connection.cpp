@@ -110,9 +110,16 @@ void Connection::pump() {
             if (status.handshakeDone && !backendStarted_ && !status.failed) {
                 if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
                     const auto &info = engine_->handshake();
-                    log::debug("handshake listener=" + settings_->name + " peer=" + peer_ +
-                               " protocol=" + info.protocol + " cipher=" + info.cipher +
-                               " sni=" + quoted(info.serverName));
+                    log::debug(
+                        "handshake listener=" + settings_->name + " peer=" + peer_ +
+                        " protocol=" + info.protocol + " cipher=" + info.cipher +
+                        " sni=" + quoted(info.serverName) + " alpn=" + quoted(info.alpn) +
+                        " resumed=" + (info.resumed ? "yes" : "no") +
+                        (info.clientSubject.empty()
+                             ? std::string()
+                             : " client=" + quoted(info.clientIdentity) +
+                                   " client_subject=" + quoted(info.clientSubject) +
+                                   " client_verified=" + (info.clientVerified ? "yes" : "no")));
                 }
                 handshakeLogged_ = true;
                 startBackend();
@@ -120,7 +127,7 @@ void Connection::pump() {
             }
             if (!flushing_) {
                 progress |= feedEngine();
-                propagateCloses();
+                progress |= propagateCloses();
             }
             if (!progress) {
                 break;
@@ -236,7 +243,8 @@ bool Connection::flushBackend() {
     return progress;
 }
 
-void Connection::propagateCloses() {
+bool Connection::propagateCloses() {
+    bool progress = false;
     const EngineStatus status = engine_->status();
     // Upstream: the client's close_notify or FIN becomes a FIN to the backend once every byte
     // before it has been written.
@@ -248,13 +256,16 @@ void Connection::propagateCloses() {
             backendShutdownDone_ = true;
         }
         armTimer();
+        progress = true;
     }
     if (backendGone_ && status.plaintextReady) {
         // Nobody will take these bytes; dropping them lets the engine keep reading to the end.
         engine_->consumePlainOut(engine_->plainOut().size());
+        progress = true;
     }
     // Downstream: the backend's FIN becomes close_notify once every reply byte is encrypted,
-    // then a FIN once the close_notify has left.
+    // then a FIN once the close_notify has left. The close_notify is new ciphertext: reporting
+    // progress makes the pump flush it in the same turn (the clean-close tests guard this).
     const bool backendFinished = backendEof_ || backendGone_;
     if (backendFinished && replyHead_ == replyTail_) {
         if (truncateClient_) {
@@ -263,9 +274,13 @@ void Connection::propagateCloses() {
             if (engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
                 abort("backend reset");
             }
-            return;
+            return progress;
         }
-        engine_->shutdown();
+        if (!shutdownRequested_) {
+            shutdownRequested_ = true;
+            engine_->shutdown();
+            progress = true;
+        }
     }
     if (engine_->status().closeNotifySent && !clientShutdown_ && !clientGone_ &&
         engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
@@ -274,7 +289,9 @@ void Connection::propagateCloses() {
             clientShutdownDone_ = true;
         }
         armTimer();
+        progress = true;
     }
+    return progress;
 }
 
 void Connection::updateReading() {

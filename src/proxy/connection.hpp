@@ -53,7 +53,7 @@ private:
     bool flushBackend();
     bool feedEngine();
     void updateReading();
-    void propagateCloses();
+    bool propagateCloses();
     bool upstreamDone() const;
     bool downstreamDone() const;
     void maybeFinish();
@@ -127,7 +127,8 @@ private:
     bool backendGone_ = false; // refused, reset or failed: nothing more to or from it
     bool backendShutdown_ = false;
     bool backendShutdownDone_ = false;
-    bool truncateClient_ = false; // end the client without close_notify (backend reset)
+    bool truncateClient_ = false;    // end the client without close_notify (backend reset)
+    bool shutdownRequested_ = false; // engine_->shutdown() was called
     bool handshakeLogged_ = false;
     bool flushing_ = false; // only the last bytes to the client remain
     bool closing_ = false;

@@ -290,8 +290,8 @@ TEST_CASE("unknown keys are named, with a suggestion when one is close") {
           "t.toml:6:2: globl: unknown key 'globl' (did you mean 'global'?)");
     CHECK(errorOf(std::string(minimal) + "timeouts = { handshake = \"10s\", idel = \"5m\" }\n") ==
           "t.toml:5:33: listener[0].timeouts.idel: unknown key 'idel' (did you mean 'idle'?)");
-    CHECK(errorOf(std::string(minimal) + "alpn = [\"h2\"]\n") ==
-          "t.toml:5:1: listener[0].alpn: unknown key 'alpn'");
+    CHECK(errorOf(std::string(minimal) + "routes = [\"h2\"]\n") ==
+          "t.toml:5:1: listener[0].routes: unknown key 'routes'");
     CHECK(errorOf(std::string(minimal) + "[global]\nworkers = 4\n") ==
           "t.toml:6:1: global.workers: unknown key 'workers'");
     CHECK(errorOf(std::string(minimal) + "[global]\nbuffers = { tsl = 1024 }\n") ==
@@ -601,4 +601,94 @@ TEST_CASE("every file in conf/ loads") {
     }
     // Both the reference file and the minimal one must be there.
     CHECK(loaded >= 2);
+}
+
+TEST_CASE("TLS feature keys: SNI, ALPN, sessions, OCSP, client certificates") {
+    Config config = parseConfig(R"([tls]
+signature_algorithms = "ECDSA+SHA256"
+session_tickets = 3
+ticket_keys = "keys/tickets.keys"
+ticket_key_rotation = "30m"
+session_cache = 500
+session_lifetime = "2h"
+
+[[listener]]
+listen = "127.0.0.1:0"
+backend = "127.0.0.1:80"
+certificates_dir = "certs.d"
+strict_sni = true
+alpn = ["h2", "http/1.1"]
+alpn_mismatch = "fail"
+session_tickets = 0
+client_auth = { mode = "required", ca = "ca.pem", crl = ["a.crl", "/b.crl"], verify_depth = 2, allow_cn = ["c*"], allow_dns = ["*.x.test"], allow_uri = ["spiffe://x/*"], allow_spki_sha256 = ["AB:CD:ef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"] }
+  [[listener.certificate]]
+  cert = "a.crt"
+  ocsp = "a.ocsp"
+)",
+                                "/srv/s.toml");
+    CHECK(config.tls.signatureAlgorithms == "ECDSA+SHA256");
+    CHECK(config.tls.sessionTickets == 3);
+    CHECK(config.tls.ticketKeys == "/srv/keys/tickets.keys");
+    CHECK(config.tls.ticketKeyRotation == 30min);
+    CHECK(config.tls.sessionCache == 500);
+    CHECK(config.tls.sessionLifetime == 2h);
+    const sluice::ListenerConfig &l = config.listeners.at(0);
+    CHECK(l.tls.sessionTickets == 0);                    // overridden
+    CHECK(l.tls.ticketKeys == "/srv/keys/tickets.keys"); // inherited
+    CHECK(l.certificatesDir == "/srv/certs.d");
+    CHECK(l.strictSni);
+    CHECK(l.alpn == std::vector<std::string>{"h2", "http/1.1"});
+    CHECK(l.alpnMismatch == sluice::AlpnMismatch::fail);
+    CHECK(l.certificates.at(0).ocsp == "/srv/a.ocsp");
+    CHECK(l.clientAuth.mode == sluice::ClientAuthMode::required);
+    CHECK(l.clientAuth.ca == "/srv/ca.pem");
+    CHECK(l.clientAuth.crl == std::vector<std::string>{"/srv/a.crl", "/b.crl"});
+    CHECK(l.clientAuth.verifyDepth == 2);
+    CHECK(l.clientAuth.allowCn == std::vector<std::string>{"c*"});
+    CHECK(l.clientAuth.allowSpkiSha256 ==
+          std::vector<std::string>{
+              "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"});
+
+    // certificates_dir alone is enough; the defaults when nothing is named.
+    Config dirOnly = parseConfig(
+        "[[listener]]\nlisten = \"a:1\"\nbackend = \"b:2\"\ncertificates_dir = \"d\"\n", "t.toml");
+    CHECK(dirOnly.listeners.at(0).certificates.empty());
+    CHECK(dirOnly.listeners.at(0).alpn.empty());
+    CHECK(dirOnly.listeners.at(0).clientAuth.mode == sluice::ClientAuthMode::none);
+    CHECK(dirOnly.tls.sessionTickets == 2);
+    CHECK(dirOnly.tls.sessionCache == 20000);
+}
+
+TEST_CASE("TLS feature keys: bad values are named") {
+    const std::string head = "[[listener]]\nlisten = \"a:1\"\nbackend = \"b:2\"\n"
+                             "certificate = { cert = \"c\" }\n";
+    CHECK(errorOf(head + "alpn_mismatch = \"drop\"\n") ==
+          "t.toml:5:17: listener[0].alpn_mismatch: expected \"proceed\" or \"fail\", got \"drop\"");
+    CHECK(errorOf(head + "strict_sni = \"yes\"\n") ==
+          "t.toml:5:14: listener[0].strict_sni: expected a boolean (true or false), got a string");
+    CHECK(errorOf(head + "client_auth = { mode = \"required\" }\n") ==
+          "t.toml:5:15: listener[0].client_auth.ca: required key is missing (mode is not "
+          "\"none\")");
+    CHECK(errorOf(head + "client_auth = { mode = \"maybe\" }\n") ==
+          "t.toml:5:24: listener[0].client_auth.mode: expected \"none\", \"optional\" or "
+          "\"required\", got \"maybe\"");
+    CHECK(errorOf(head + "client_auth = { allow_spki_sha256 = [\"abc\"] }\n") ==
+          "t.toml:5:38: listener[0].client_auth.allow_spki_sha256[0]: expected a SHA-256 digest "
+          "as 64 hex digits (colons allowed), got \"abc\"");
+    CHECK(errorOf(head + "client_auth = { alow_cn = [] }\n") ==
+          "t.toml:5:17: listener[0].client_auth.alow_cn: unknown key 'alow_cn' (did you mean "
+          "'allow_cn'?)");
+    CHECK(errorOf("[tls]\nsession_tickets = 17\n" + head) ==
+          "t.toml:2:19: tls.session_tickets: must be between 0 and 16, got 17");
+    CHECK(errorOf("[tls]\nsession_lifetime = \"8d\"\n" + head) ==
+          "t.toml:2:20: tls.session_lifetime: bad duration \"8d\": expected a number followed "
+          "by ms, s, m or h");
+    CHECK(errorOf("[tls]\nsession_lifetime = \"169h\"\n" + head) ==
+          "t.toml:2:20: tls.session_lifetime: must be between 1s and 7 days (\"168h\")");
+    CHECK(errorOf("[tls]\nticket_key_rotation = \"0s\"\n" + head) ==
+          "t.toml:2:23: tls.ticket_key_rotation: must be at least 1s");
+    CHECK(errorOf("[[listener]]\nlisten = \"a:1\"\nbackend = \"b:2\"\n"
+                  "certificate = { cert = \"c\", ocsp = \"auto\" }\n") ==
+          "t.toml:4:36: listener[0].certificate.ocsp: fetching OCSP responses (\"auto\") is not "
+          "supported yet; name a DER file");
 }
