@@ -132,6 +132,11 @@ struct GlobalConfig {
     Duration drainTimeout = std::chrono::seconds(30);
     LogLevel logLevel = LogLevel::info;
     Buffers buffers;
+    /** Worker threads, each with its own loop and listening sockets; 0 means one per CPU. */
+    unsigned workers = 1;
+    /** Drop to this user (and group) after binding and loading keys; empty keeps root. */
+    std::string user;
+    std::string group;
 };
 
 /** A whole configuration. */

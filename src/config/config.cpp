@@ -603,7 +603,26 @@ private:
     }
 
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {
-        checkKeys(table, "global", {"max_connections", "drain_timeout", "log_level", "buffers"});
+        checkKeys(table, "global",
+                  {"max_connections", "drain_timeout", "log_level", "buffers", "workers", "user",
+                   "group"});
+        if (const toml::node *node = table.get("workers")) {
+            if (node->is_string()) {
+                if (string(*node, "global.workers") != "auto") {
+                    fail(node->source(), "global.workers",
+                         "expected \"auto\" or an integer from 1 to 256");
+                }
+                global.workers = 0;
+            } else {
+                global.workers = static_cast<unsigned>(integer(*node, "global.workers", 1, 256));
+            }
+        }
+        if (const toml::node *node = table.get("user")) {
+            global.user = string(*node, "global.user");
+        }
+        if (const toml::node *node = table.get("group")) {
+            global.group = string(*node, "global.group");
+        }
         if (const toml::node *node = table.get("max_connections")) {
             global.maxConnections =
                 static_cast<std::uint64_t>(integer(*node, "global.max_connections", 1, maxInt));

@@ -1,20 +1,27 @@
 // The sluice daemon: command line, configuration, signals, and the loop that runs the server.
 // Everything else lives in libsluice.
 
+#include <algorithm>
+#include <cerrno>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <grp.h>
 #include <memory>
 #include <optional>
+#include <pwd.h>
 #include <string>
 #include <sys/resource.h>
+#include <thread>
 #include <unistd.h>
 
 #include <uv.h>
 
 #include <sluice/config.hpp>
 
+#include "daemon/worker.hpp"
+#include "net/listen_socket.hpp"
 #include "proxy/server.hpp"
 #include "tls/context.hpp"
 #include "util/log.hpp"
@@ -42,7 +49,8 @@ Terminates TLS and forwards plaintext to a TCP or UNIX-socket backend.
   -h, --help          print this help
 
 Signals: TERM or INT drain (stop accepting, let connections finish up to
-global.drain_timeout; a second signal stops at once). Exit status: 0 after a clean drain,
+global.drain_timeout; a second signal stops at once). HUP reloads the configuration:
+everything is built first and swapped in only if all of it is valid. USR1 reopens logs. Exit status: 0 after a clean drain,
 1 if the drain deadline closed connections or a runtime error occurred, 2 for a bad
 command line or configuration.
 )";
@@ -114,8 +122,12 @@ std::optional<Options> parseArguments(int argc, char **argv, int &exitCode) {
 void raiseDescriptorLimit() {
     rlimit limit{};
     if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+        const rlim_t before = limit.rlim_cur;
         limit.rlim_cur = limit.rlim_max;
-        setrlimit(RLIMIT_NOFILE, &limit);
+        if (setrlimit(RLIMIT_NOFILE, &limit) == 0) {
+            sluice::log::info("fd-limit-raised from=" + std::to_string(before) +
+                              " to=" + std::to_string(limit.rlim_cur));
+        }
     }
 }
 
@@ -130,44 +142,269 @@ void writeAll(int fd, const std::string &text) {
     }
 }
 
-/** The running daemon: the loop's handles and what ends it. */
+unsigned workerCount(const sluice::Config &config) {
+    if (config.global.workers != 0) {
+        return config.global.workers;
+    }
+    const unsigned cpus = std::thread::hardware_concurrency();
+    return cpus == 0 ? 1 : cpus;
+}
+
+/** A listen address of the configuration, resolved, with the identity it keeps across reloads. */
+struct PlannedSocket {
+    std::string key; ///< "NAME ADDRESS" as configured
+    std::string name;
+    std::string text;
+    sluice::net::SocketAddress address;
+    int backlog = 511;
+};
+
+std::vector<PlannedSocket> planSockets(const sluice::Config &config) {
+    std::vector<PlannedSocket> plan;
+    for (const auto &listener : config.listeners) {
+        for (const auto &address : listener.listen) {
+            PlannedSocket socket;
+            socket.name = listener.name;
+            socket.text = address.text();
+            socket.key = listener.name + " " + socket.text;
+            try {
+                socket.address = sluice::net::resolve(address);
+            } catch (const std::exception &e) {
+                throw std::runtime_error("listener " + listener.name + ": listen " + e.what());
+            }
+            socket.backlog = listener.backlog;
+            plan.push_back(std::move(socket));
+        }
+    }
+    return plan;
+}
+
+/**
+ * Opens one socket per worker for each planned address (SO_REUSEPORT). For port 0 the first
+ * socket's port is reused by the others, so all workers share one port. Returns the sockets by
+ * worker; on failure closes what it opened and throws.
+ */
+std::vector<std::vector<sluice::proxy::ListenSocket>>
+openSockets(const std::vector<PlannedSocket> &plan, unsigned workers) {
+    std::vector<std::vector<sluice::proxy::ListenSocket>> byWorker(workers);
+    try {
+        for (const auto &planned : plan) {
+            sluice::net::SocketAddress address = planned.address;
+            for (unsigned w = 0; w < workers; ++w) {
+                const int fd =
+                    sluice::net::openListenSocket(address, planned.text, planned.backlog);
+                byWorker[w].push_back({planned.key, planned.name, fd});
+                if (w == 0) {
+                    address = sluice::net::withPort(address, sluice::net::boundPort(fd));
+                }
+            }
+        }
+    } catch (...) {
+        for (auto &sockets : byWorker) {
+            for (auto &socket : sockets) {
+                ::close(socket.fd);
+            }
+        }
+        throw;
+    }
+    return byWorker;
+}
+
+/** Drops root for `user` (and `group`, else the user's primary group). Throws. */
+void dropPrivileges(const std::string &user, const std::string &group) {
+    if (user.empty()) {
+        return;
+    }
+    errno = 0;
+    const passwd *pw = getpwnam(user.c_str());
+    if (pw == nullptr) {
+        throw std::runtime_error("global.user: no user named '" + user + "'");
+    }
+    gid_t gid = pw->pw_gid;
+    if (!group.empty()) {
+        const struct group *gr = getgrnam(group.c_str());
+        if (gr == nullptr) {
+            throw std::runtime_error("global.group: no group named '" + group + "'");
+        }
+        gid = gr->gr_gid;
+    }
+    if (setgroups(0, nullptr) != 0 || setgid(gid) != 0 || setuid(pw->pw_uid) != 0) {
+        throw std::runtime_error("cannot drop privileges to " + user + ": " + std::strerror(errno));
+    }
+    if (setuid(0) == 0) {
+        throw std::runtime_error("privileges were not dropped: setuid(0) still works");
+    }
+    sluice::log::info("privileges-dropped user=" + user + " uid=" + std::to_string(pw->pw_uid) +
+                      " gid=" + std::to_string(gid));
+}
+
+/** The running daemon: the main loop's handles, the workers, reload and drain. */
 class Daemon {
 public:
-    Daemon(uv_loop_t *loop, std::unique_ptr<sluice::proxy::Server> server)
+    Daemon(uv_loop_t *loop, std::string configPath, sluice::Config config,
+           std::vector<PlannedSocket> plan,
+           std::vector<std::unique_ptr<sluice::daemon::Worker>> workers)
         : loop_(loop)
-        , server_(std::move(server)) {
-        for (auto *handle : {&term_, &interrupt_}) {
+        , configPath_(std::move(configPath))
+        , config_(std::move(config))
+        , workers_(std::move(workers)) {
+        for (auto &planned : plan) {
+            keys_.push_back(planned.key);
+        }
+        for (auto *handle : {&term_, &interrupt_, &hangup_, &user1_}) {
             uv_signal_init(loop_, handle);
             handle->data = this;
         }
-        uv_signal_start(&term_, onSignal, SIGTERM);
-        uv_signal_start(&interrupt_, onSignal, SIGINT);
+        uv_signal_start(&term_, onStop, SIGTERM);
+        uv_signal_start(&interrupt_, onStop, SIGINT);
+        uv_signal_start(&hangup_, onReload, SIGHUP);
+        uv_signal_start(&user1_, onReopen, SIGUSR1);
+        uv_async_init(loop_, &exited_, onWorkerExited);
+        exited_.data = this;
+    }
+
+    /** Called from a worker thread when its loop has ended. */
+    void workerExited() { uv_async_send(&exited_); }
+
+    void start() {
+        for (auto &worker : workers_) {
+            worker->start();
+        }
     }
 
     int exitCode() const { return exitCode_; }
 
 private:
-    static void onSignal(uv_signal_t *handle, int signum) {
+    static void onStop(uv_signal_t *handle, int signum) {
         auto *self = static_cast<Daemon *>(handle->data);
-        if (self->signalled_) {
+        if (self->stopping_) {
             sluice::log::warn(std::string("stop signal=") + strsignal(signum));
-            self->server_->stop(nullptr);
+            for (auto &worker : self->workers_) {
+                worker->stop();
+            }
             return;
         }
-        self->signalled_ = true;
+        self->stopping_ = true;
         sluice::log::info(std::string("drain signal=") + strsignal(signum));
-        self->server_->drain([self](bool forced) {
-            self->exitCode_ = forced ? exitForced : exitOk;
-            uv_close(reinterpret_cast<uv_handle_t *>(&self->term_), nullptr);
-            uv_close(reinterpret_cast<uv_handle_t *>(&self->interrupt_), nullptr);
-        });
+        for (auto &worker : self->workers_) {
+            worker->drain();
+        }
+    }
+
+    static void onReload(uv_signal_t *handle, int) {
+        auto *self = static_cast<Daemon *>(handle->data);
+        if (self->stopping_) {
+            return;
+        }
+        self->reload();
+    }
+
+    static void onReopen(uv_signal_t *, int) { sluice::log::info("reopen-logs"); }
+
+    /**
+     * Builds the whole new configuration first (config, TLS contexts, backends, new sockets);
+     * only if all of it succeeds do the workers switch. Live connections keep the settings
+     * they started with; sockets whose listener and address are unchanged stay open.
+     */
+    void reload() {
+        sluice::log::info("reload-start config=" + configPath_);
+        sluice::Config config;
+        std::shared_ptr<const sluice::proxy::Runtime> runtime;
+        std::vector<PlannedSocket> plan;
+        const unsigned workers = static_cast<unsigned>(workers_.size());
+        try {
+            config = sluice::loadConfig(configPath_);
+            if (workerCount(config) != workers) {
+                sluice::log::warn(
+                    "reload-workers-unchanged configured=" + std::to_string(workerCount(config)) +
+                    " running=" + std::to_string(workers) +
+                    " reason=\"the worker count changes on restart only\"");
+            }
+            runtime = sluice::proxy::buildRuntime(config, workers);
+            plan = planSockets(config);
+        } catch (const std::exception &e) {
+            reloadFailed(e.what());
+            return;
+        }
+        std::vector<PlannedSocket> added;
+        std::vector<std::string> keys;
+        for (auto &planned : plan) {
+            keys.push_back(planned.key);
+            if (std::find(keys_.begin(), keys_.end(), planned.key) == keys_.end()) {
+                added.push_back(planned);
+            }
+        }
+        std::vector<std::string> removed;
+        for (const auto &key : keys_) {
+            if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
+                removed.push_back(key);
+            }
+        }
+        std::vector<std::vector<sluice::proxy::ListenSocket>> sockets;
+        try {
+            sockets = openSockets(added, workers);
+        } catch (const std::exception &e) {
+            reloadFailed(e.what());
+            return;
+        }
+        for (unsigned w = 0; w < workers; ++w) {
+            workers_[w]->post([runtime, socketsForWorker = std::move(sockets[w]),
+                               removed](sluice::daemon::Worker &worker) mutable {
+                worker.server().update(runtime, std::move(socketsForWorker), removed);
+            });
+        }
+        keys_ = std::move(keys);
+        config_ = std::move(config);
+        sluice::log::setLevel(config_.global.logLevel);
+        sluice::log::info("reload-done listeners=" + std::to_string(config_.listeners.size()) +
+                          " sockets_added=" + std::to_string(added.size()) +
+                          " sockets_removed=" + std::to_string(removed.size()));
+    }
+
+    void reloadFailed(const std::string &reason) {
+        std::string quoted;
+        for (char c : reason) {
+            quoted += c == '"' ? '\'' : c;
+        }
+        sluice::log::error("reload-failed reason=\"" + quoted +
+                           "\" action=\"kept the running configuration\"");
+    }
+
+    static void onWorkerExited(uv_async_t *handle) {
+        auto *self = static_cast<Daemon *>(handle->data);
+        // uv_async_send coalesces: count the workers whose threads have finished.
+        std::size_t running = 0;
+        for (auto &worker : self->workers_) {
+            running += worker->exitedFlag() ? 0 : 1;
+        }
+        if (running > 0 || self->closing_) {
+            return;
+        }
+        self->closing_ = true;
+        for (auto &worker : self->workers_) {
+            worker->join();
+            if (worker->forced()) {
+                self->exitCode_ = exitForced;
+            }
+        }
+        for (auto *signal : {&self->term_, &self->interrupt_, &self->hangup_, &self->user1_}) {
+            uv_close(reinterpret_cast<uv_handle_t *>(signal), nullptr);
+        }
+        uv_close(reinterpret_cast<uv_handle_t *>(&self->exited_), nullptr);
     }
 
     uv_loop_t *loop_;
-    std::unique_ptr<sluice::proxy::Server> server_;
+    std::string configPath_;
+    sluice::Config config_;
+    std::vector<std::unique_ptr<sluice::daemon::Worker>> workers_;
+    std::vector<std::string> keys_; // the listen sockets open now, by key
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
-    bool signalled_ = false;
+    uv_signal_t hangup_{};
+    uv_signal_t user1_{};
+    uv_async_t exited_{};
+    bool stopping_ = false;
+    bool closing_ = false;
     int exitCode_ = exitOk;
 };
 
@@ -180,55 +417,64 @@ int run(const Options &options) {
         return exitConfig;
     }
     sluice::log::setLevel(config.global.logLevel);
+    const unsigned workers = workerCount(config);
 
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    std::unique_ptr<sluice::proxy::Server> server;
+    std::shared_ptr<const sluice::proxy::Runtime> runtime;
+    std::vector<PlannedSocket> plan;
     try {
-        server = std::make_unique<sluice::proxy::Server>(&loop, config);
+        runtime = sluice::proxy::buildRuntime(config, workers);
+        plan = planSockets(config);
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s: %s\n", options.config.c_str(), e.what());
-        uv_loop_close(&loop);
         return exitConfig;
     }
     if (options.check) {
         std::printf("sluice: %s: configuration ok (%zu listener%s)\n", options.config.c_str(),
                     config.listeners.size(), config.listeners.size() == 1 ? "" : "s");
-        server.reset();
-        uv_loop_close(&loop);
         return exitOk;
     }
 
     raiseDescriptorLimit();
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    std::unique_ptr<Daemon> daemon;
+    std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
     try {
-        server->start();
+        auto sockets = openSockets(plan, workers);
+        Daemon *owner = nullptr;
+        for (unsigned w = 0; w < workers; ++w) {
+            pool.push_back(std::make_unique<sluice::daemon::Worker>(
+                w, runtime, std::move(sockets[w]), [&owner] { owner->workerExited(); }));
+        }
+        // Keys and certificates are loaded and every socket is bound: root is no longer needed.
+        dropPrivileges(config.global.user, config.global.group);
+        std::vector<std::pair<std::string, std::string>> bound = pool.front()->boundAddresses();
+        daemon = std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(plan),
+                                          std::move(pool));
+        owner = daemon.get();
+        if (options.readyFd >= 0) {
+            std::string ready;
+            for (const auto &[name, address] : bound) {
+                ready += "listen " + name + " " + address + "\n";
+            }
+            ready += "ready\n";
+            writeAll(options.readyFd, ready);
+            ::close(options.readyFd);
+        }
+        for (const auto &[name, address] : bound) {
+            sluice::log::info("listening listener=" + name + " address=" + address +
+                              " workers=" + std::to_string(workers));
+        }
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s\n", e.what());
-        // Close what was bound so the loop can be closed cleanly.
-        server->stop(nullptr);
-        uv_run(&loop, UV_RUN_DEFAULT);
-        server.reset();
-        uv_loop_close(&loop);
         return exitConfig;
     }
-    if (options.readyFd >= 0) {
-        std::string ready;
-        for (const auto &[name, address] : server->boundAddresses()) {
-            ready += "listen " + name + " " + address + "\n";
-        }
-        ready += "ready\n";
-        writeAll(options.readyFd, ready);
-        ::close(options.readyFd);
-    }
     sluice::log::info(std::string("ready version=") + SLUICE_VERSION +
-                      " listeners=" + std::to_string(server->boundAddresses().size()));
-
-    int code = exitOk;
-    {
-        Daemon daemon(&loop, std::move(server));
-        uv_run(&loop, UV_RUN_DEFAULT);
-        code = daemon.exitCode();
-    }
+                      " workers=" + std::to_string(workers));
+    daemon->start();
+    uv_run(&loop, UV_RUN_DEFAULT);
+    const int code = daemon->exitCode();
+    daemon.reset();
     if (uv_loop_close(&loop) != 0) {
         sluice::log::error("exit reason=\"handles left open\"");
         return exitForced;

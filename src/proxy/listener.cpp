@@ -1,6 +1,7 @@
 #include "proxy/listener.hpp"
 
 #include <stdexcept>
+#include <unistd.h>
 
 #include "proxy/connection.hpp"
 #include "proxy/server.hpp"
@@ -15,8 +16,10 @@ constexpr std::uint64_t acceptErrorLogIntervalMs = 1000;
 
 } // namespace
 
-Listener::Listener(Server &server, std::shared_ptr<const ListenerSettings> settings)
+Listener::Listener(Server &server, std::string key,
+                   std::shared_ptr<const ListenerSettings> settings)
     : server_(server)
+    , key_(std::move(key))
     , settings_(std::move(settings)) {}
 
 Listener::~Listener() = default;
@@ -25,21 +28,22 @@ const std::string &Listener::name() const {
     return settings_->name;
 }
 
-void Listener::bind(const net::SocketAddress &address, const std::string &text, int backlog) {
-    if (address.kind != Address::Kind::tcp) {
-        throw std::runtime_error("listen " + text + ": only TCP addresses can be listened on");
-    }
+void Listener::setSettings(std::shared_ptr<const ListenerSettings> settings) {
+    settings_ = std::move(settings);
+}
+
+void Listener::adopt(int fd) {
     handle_ = new uv_tcp_t;
     uv_tcp_init(server_.loop(), handle_);
     handle_->data = this;
-    // An IPv6 listener takes only IPv6, so "[::]:443" and "0.0.0.0:443" can both be bound.
-    const unsigned flags = address.storage.ss_family == AF_INET6 ? UV_TCP_IPV6ONLY : 0;
-    int err = uv_tcp_bind(handle_, address.raw(), flags);
-    if (err == 0) {
-        err = uv_listen(reinterpret_cast<uv_stream_t *>(handle_), backlog, onConnection);
+    int err = uv_tcp_open(handle_, fd);
+    if (err != 0) {
+        ::close(fd); // not owned by the handle: nothing else would close it
+    } else {
+        err = uv_listen(reinterpret_cast<uv_stream_t *>(handle_), settings_->backlog, onConnection);
     }
     if (err != 0) {
-        throw std::runtime_error("listen " + text + ": " + uv_strerror(err));
+        throw std::runtime_error("listen " + key_ + ": " + uv_strerror(err));
     }
 }
 
@@ -105,8 +109,8 @@ void Listener::close(std::function<void()> closed) {
     closing_ = true;
     closed_ = std::move(closed);
     if (handle_ == nullptr) {
-        if (closed_) {
-            closed_();
+        if (auto done = std::move(closed_)) {
+            done(); // may delete this listener
         }
         return;
     }
@@ -114,8 +118,9 @@ void Listener::close(std::function<void()> closed) {
         auto *self = static_cast<Listener *>(handle->data);
         delete reinterpret_cast<uv_tcp_t *>(handle);
         self->handle_ = nullptr;
-        if (self->closed_) {
-            self->closed_();
+        // Moved out first: the callback may delete this listener and with it closed_.
+        if (auto done = std::move(self->closed_)) {
+            done();
         }
     });
 }

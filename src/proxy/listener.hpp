@@ -21,13 +21,19 @@ struct ListenerSettings;
  */
 class Listener {
 public:
-    Listener(Server &server, std::shared_ptr<const ListenerSettings> settings);
+    Listener(Server &server, std::string key, std::shared_ptr<const ListenerSettings> settings);
     ~Listener();
     Listener(const Listener &) = delete;
     Listener &operator=(const Listener &) = delete;
 
-    /** Binds and listens; throws std::runtime_error naming the address. */
-    void bind(const net::SocketAddress &address, const std::string &text, int backlog);
+    /** Starts accepting on a bound, listening socket it now owns; throws std::runtime_error. */
+    void adopt(int fd);
+
+    /** New connections from now on use `settings`; live ones keep theirs. */
+    void setSettings(std::shared_ptr<const ListenerSettings> settings);
+
+    /** The listener name and configured address: what identifies this socket across reloads. */
+    const std::string &key() const { return key_; }
 
     /** The bound address with the kernel's port, e.g. "127.0.0.1:40123". */
     std::string boundText() const;
@@ -44,6 +50,7 @@ private:
     void acceptOne();
 
     Server &server_;
+    std::string key_;
     std::shared_ptr<const ListenerSettings> settings_;
     uv_tcp_t *handle_ = nullptr; // freed in the close callback
     bool pending_ = false;       // a connection waits for a free slot

@@ -1,6 +1,8 @@
 #include "proxy/server.hpp"
 
+#include <algorithm>
 #include <stdexcept>
+#include <unistd.h>
 
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
@@ -8,10 +10,24 @@
 
 namespace sluice::proxy {
 
-Server::Server(uv_loop_t *loop, const Config &config)
-    : loop_(loop)
-    , maxConnections_(config.global.maxConnections)
-    , drainTimeout_(config.global.drainTimeout) {
+std::shared_ptr<const ListenerSettings> Runtime::find(const std::string &name) const {
+    for (const auto &settings : listeners) {
+        if (settings->name == name) {
+            return settings;
+        }
+    }
+    return nullptr;
+}
+
+std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers) {
+    workers = std::max(1U, workers);
+    auto runtime = std::make_shared<Runtime>();
+    // Each worker admits its share of the limits; rounding up never admits fewer in total.
+    auto share = [workers](std::uint64_t limit) -> std::uint64_t {
+        return limit == 0 ? 0 : (limit + workers - 1) / workers;
+    };
+    runtime->maxConnections = share(config.global.maxConnections);
+    runtime->drainTimeout = config.global.drainTimeout;
     for (const auto &listener : config.listeners) {
         auto settings = std::make_shared<ListenerSettings>();
         settings->name = listener.name;
@@ -24,30 +40,59 @@ Server::Server(uv_loop_t *loop, const Config &config)
         settings->backendText = listener.backend.text();
         settings->timeouts = listener.timeouts;
         settings->buffers = config.global.buffers;
-        settings->maxConnections = listener.maxConnections;
+        settings->maxConnections = share(listener.maxConnections);
         settings->backlog = listener.backlog;
-        for (const auto &address : listener.listen) {
-            try {
-                binds_.push_back({settings, net::resolve(address), address.text()});
-            } catch (const std::exception &e) {
-                throw std::runtime_error("listener " + listener.name + ": listen " + e.what());
-            }
-        }
-        settings_.push_back(std::move(settings));
+        runtime->listeners.push_back(std::move(settings));
     }
+    return runtime;
 }
+
+Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
+    : loop_(loop)
+    , runtime_(std::move(runtime)) {}
 
 Server::~Server() = default;
 
-void Server::start() {
-    for (const auto &bind : binds_) {
-        auto listener = std::make_unique<Listener>(*this, bind.settings);
-        Listener &added = *listener;
-        // Owned before binding, so a failed bind's handle is closed with the others.
-        listeners_.push_back(std::move(listener));
-        added.bind(bind.address, bind.text, bind.settings->backlog);
-        log::info("listening listener=" + added.name() + " address=" + added.boundText() +
-                  " backend=" + bind.settings->backendText);
+void Server::adopt(ListenSocket socket) {
+    auto settings = runtime_->find(socket.name);
+    if (!settings) {
+        ::close(socket.fd);
+        throw std::runtime_error("listen " + socket.key + ": no listener named " + socket.name);
+    }
+    auto listener = std::make_unique<Listener>(*this, socket.key, std::move(settings));
+    Listener &added = *listener;
+    // Owned before adopting, so a failure still closes its handle with the others.
+    listeners_.push_back(std::move(listener));
+    added.adopt(socket.fd);
+}
+
+void Server::listen(std::vector<ListenSocket> sockets) {
+    for (auto &socket : sockets) {
+        adopt(std::move(socket));
+    }
+}
+
+void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSocket> added,
+                    const std::vector<std::string> &removed) {
+    runtime_ = std::move(runtime);
+    for (auto it = listeners_.begin(); it != listeners_.end();) {
+        if (std::find(removed.begin(), removed.end(), (*it)->key()) != removed.end()) {
+            auto listener = std::move(*it);
+            it = listeners_.erase(it);
+            closeListener(std::move(listener));
+            continue;
+        }
+        if (auto settings = runtime_->find((*it)->name())) {
+            (*it)->setSettings(std::move(settings));
+        }
+        ++it;
+    }
+    for (auto &socket : added) {
+        try {
+            adopt(std::move(socket));
+        } catch (const std::exception &e) {
+            log::error(std::string("reload-listen-failed reason=\"") + e.what() + "\"");
+        }
     }
 }
 
@@ -60,26 +105,26 @@ std::vector<std::pair<std::string, std::string>> Server::boundAddresses() const 
 }
 
 bool Server::admits(const ListenerSettings &settings) const {
-    if (draining_ || stats_.active >= maxConnections_) {
+    if (draining_ || stats_.active >= runtime_->maxConnections) {
         return false;
     }
     if (settings.maxConnections == 0) {
         return true;
     }
-    auto found = perListener_.find(&settings);
+    auto found = perListener_.find(settings.name);
     return found == perListener_.end() || found->second < settings.maxConnections;
 }
 
 void Server::connectionOpened(Connection *connection, const ListenerSettings &settings) {
     connections_.insert(connection);
-    perListener_[&settings]++;
+    perListener_[settings.name]++;
     stats_.active++;
 }
 
 void Server::connectionClosed(Connection *connection, const ListenerSettings &settings) {
     connections_.erase(connection);
-    if (--perListener_[&settings] == 0) {
-        perListener_.erase(&settings);
+    if (--perListener_[settings.name] == 0) {
+        perListener_.erase(settings.name);
     }
     stats_.active--;
     if (!draining_) {
@@ -90,14 +135,15 @@ void Server::connectionClosed(Connection *connection, const ListenerSettings &se
     checkDrained();
 }
 
-void Server::closeListeners() {
-    for (auto &listener : listeners_) {
-        ++closingHandles_;
-        listener->close([this] {
-            --closingHandles_;
-            checkDrained();
-        });
-    }
+void Server::closeListener(std::unique_ptr<Listener> listener) {
+    ++closingHandles_;
+    Listener *raw = listener.release();
+    // The listener owns its handle until the close callback; it deletes itself there.
+    raw->close([this, raw] {
+        delete raw;
+        --closingHandles_;
+        checkDrained();
+    });
 }
 
 void Server::drain(std::function<void(bool forced)> done) {
@@ -107,15 +153,19 @@ void Server::drain(std::function<void(bool forced)> done) {
     draining_ = true;
     drained_ = std::move(done);
     log::info("drain-start connections=" + std::to_string(connections_.size()) +
-              " timeout_ms=" + std::to_string(drainTimeout_.count()));
+              " timeout_ms=" + std::to_string(runtime_->drainTimeout.count()));
     drainTimer_ = new uv_timer_t;
     uv_timer_init(loop_, drainTimer_);
     drainTimer_->data = this;
-    if (drainTimeout_.count() > 0) {
-        uv_timer_start(drainTimer_, onDrainTimer, static_cast<std::uint64_t>(drainTimeout_.count()),
-                       0);
+    if (runtime_->drainTimeout.count() > 0) {
+        uv_timer_start(drainTimer_, onDrainTimer,
+                       static_cast<std::uint64_t>(runtime_->drainTimeout.count()), 0);
     }
-    closeListeners();
+    auto listeners = std::move(listeners_);
+    listeners_.clear();
+    for (auto &listener : listeners) {
+        closeListener(std::move(listener));
+    }
     checkDrained();
 }
 

@@ -34,6 +34,29 @@ struct ListenerSettings {
     int backlog = 511;
 };
 
+/** One generation of configuration: what every connection accepted under it shares. */
+struct Runtime {
+    std::vector<std::shared_ptr<const ListenerSettings>> listeners;
+    std::uint64_t maxConnections = 0; ///< this worker's share of global.max_connections
+    Duration drainTimeout{};
+
+    /** The listener named `name`, or null. */
+    std::shared_ptr<const ListenerSettings> find(const std::string &name) const;
+};
+
+/**
+ * Builds every listener's TLS context and resolves every backend (control path: throws with one
+ * message naming the listener and what failed). `workers` divides the connection limits.
+ */
+std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers);
+
+/** A listening socket made for one worker, tagged with the listener it belongs to. */
+struct ListenSocket {
+    std::string key;  ///< listener name and configured address: stable across reloads
+    std::string name; ///< the listener's name
+    int fd = -1;      ///< owned by the Server once passed to it
+};
+
 /** Counters since start. Read on the loop's thread. */
 struct ServerStats {
     std::uint64_t accepted = 0;
@@ -45,21 +68,28 @@ struct ServerStats {
 };
 
 /**
- * Runs the listeners of one Config on a caller's loop. Construction builds every TLS context and
- * resolves every address (throws on any error, binding nothing); start() binds. All other calls
- * happen on the loop's thread. The Server must outlive the loop's run unless stop() completed.
+ * Runs listeners on a caller's loop. All calls happen on the loop's thread. Each connection
+ * keeps the ListenerSettings it was accepted with, so update() never changes a live connection.
  */
 class Server {
 public:
-    Server(uv_loop_t *loop, const Config &config);
+    Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime);
     ~Server();
     Server(const Server &) = delete;
     Server &operator=(const Server &) = delete;
 
-    /** Binds and listens on every address. Throws std::runtime_error naming the address. */
-    void start();
+    /** Starts accepting on `sockets` (their descriptors are owned from here). Throws. */
+    void listen(std::vector<ListenSocket> sockets);
 
-    /** "NAME ADDRESS" of every bound socket, with the port the kernel chose. */
+    /**
+     * Swaps in a new generation: listeners still configured take its settings for new
+     * connections, `added` sockets start accepting, listeners whose key is in `removed` close
+     * (their connections finish). Never throws; a socket that cannot be adopted is logged.
+     */
+    void update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSocket> added,
+                const std::vector<std::string> &removed);
+
+    /** "NAME ADDRESS" of every listening socket, with the port the kernel chose. */
     std::vector<std::pair<std::string, std::string>> boundAddresses() const;
 
     /**
@@ -84,23 +114,16 @@ public:
     ServerStats &counters() { return stats_; }
 
 private:
-    void closeListeners();
+    void adopt(ListenSocket socket);
+    void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
     static void onDrainTimer(uv_timer_t *timer);
 
     uv_loop_t *loop_;
-    std::uint64_t maxConnections_;
-    Duration drainTimeout_;
-    std::vector<std::shared_ptr<const ListenerSettings>> settings_;
-    struct Bind {
-        std::shared_ptr<const ListenerSettings> settings;
-        net::SocketAddress address;
-        std::string text;
-    };
-    std::vector<Bind> binds_;
+    std::shared_ptr<const Runtime> runtime_;
     std::vector<std::unique_ptr<Listener>> listeners_;
     std::unordered_set<Connection *> connections_;
-    std::unordered_map<const ListenerSettings *, std::uint64_t> perListener_;
+    std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
     ServerStats stats_;
     uv_timer_t *drainTimer_ = nullptr;
     std::function<void(bool)> drained_;

@@ -285,6 +285,26 @@ TEST_CASE("syntax errors carry the toml++ position") {
                                      "cannot redefine existing integer 'a' as table");
 }
 
+TEST_CASE("workers, user and group") {
+    const sluice::Config defaults = sluice::parseConfig(std::string(minimal), "/etc/sluice/t.toml");
+    CHECK(defaults.global.workers == 1);
+    CHECK(defaults.global.user.empty());
+    const sluice::Config set = sluice::parseConfig(
+        std::string("[global]\nworkers = 3\nuser = \"sluice\"\ngroup = \"ssl-cert\"\n") +
+            std::string(minimal),
+        "/etc/sluice/t.toml");
+    CHECK(set.global.workers == 3);
+    CHECK(set.global.user == "sluice");
+    CHECK(set.global.group == "ssl-cert");
+    CHECK(sluice::parseConfig(std::string("[global]\nworkers = \"auto\"\n") + std::string(minimal),
+                              "/etc/sluice/t.toml")
+              .global.workers == 0);
+    CHECK(errorOf(std::string("[global]\nworkers = \"many\"\n") + std::string(minimal)) ==
+          "t.toml:2:11: global.workers: expected \"auto\" or an integer from 1 to 256");
+    CHECK(errorOf(std::string("[global]\nworkers = 0\n") + std::string(minimal))
+              .find("global.workers") != std::string::npos);
+}
+
 TEST_CASE("unknown keys are named, with a suggestion when one is close") {
     CHECK(errorOf(std::string(minimal) + "\n[globl]\n") ==
           "t.toml:6:2: globl: unknown key 'globl' (did you mean 'global'?)");
@@ -292,8 +312,8 @@ TEST_CASE("unknown keys are named, with a suggestion when one is close") {
           "t.toml:5:33: listener[0].timeouts.idel: unknown key 'idel' (did you mean 'idle'?)");
     CHECK(errorOf(std::string(minimal) + "routes = [\"h2\"]\n") ==
           "t.toml:5:1: listener[0].routes: unknown key 'routes'");
-    CHECK(errorOf(std::string(minimal) + "[global]\nworkers = 4\n") ==
-          "t.toml:6:1: global.workers: unknown key 'workers'");
+    CHECK(errorOf(std::string(minimal) + "[global]\nthreads = 4\n") ==
+          "t.toml:6:1: global.threads: unknown key 'threads'");
     CHECK(errorOf(std::string(minimal) + "[global]\nbuffers = { tsl = 1024 }\n") ==
           "t.toml:6:13: global.buffers.tsl: unknown key 'tsl' (did you mean 'tls'?)");
     CHECK(errorOf(std::string(minimal) + "[tls]\nmin_versoin = \"1.2\"\n") ==

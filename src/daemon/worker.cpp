@@ -1,0 +1,89 @@
+#include "daemon/worker.hpp"
+
+#include "util/log.hpp"
+
+namespace sluice::daemon {
+
+Worker::Worker(unsigned index, std::shared_ptr<const proxy::Runtime> runtime,
+               std::vector<proxy::ListenSocket> sockets, std::function<void()> exited)
+    : index_(index)
+    , exited_(std::move(exited)) {
+    uv_loop_init(&loop_);
+    uv_async_init(&loop_, &wake_, onWake);
+    wake_.data = this;
+    server_ = std::make_unique<proxy::Server>(&loop_, std::move(runtime));
+    server_->listen(std::move(sockets));
+}
+
+Worker::~Worker() {
+    join();
+    server_.reset();
+    uv_loop_close(&loop_);
+}
+
+std::vector<std::pair<std::string, std::string>> Worker::boundAddresses() const {
+    return server_->boundAddresses();
+}
+
+void Worker::start() {
+    thread_ = std::thread([this] {
+        uv_run(&loop_, UV_RUN_DEFAULT);
+        if (uv_loop_alive(&loop_) != 0) {
+            log::error("worker-exit index=" + std::to_string(index_) +
+                       " reason=\"handles left open\"");
+        }
+        exitedFlag_.store(true);
+        exited_();
+    });
+}
+
+void Worker::post(std::function<void(Worker &)> command) {
+    // The lock also orders uv_async_send before finish() closes the handle.
+    std::lock_guard lock(mutex_);
+    if (closed_) {
+        return; // the worker has drained: nothing is left to command
+    }
+    commands_.push_back(std::move(command));
+    uv_async_send(&wake_);
+}
+
+void Worker::onWake(uv_async_t *handle) {
+    auto *self = static_cast<Worker *>(handle->data);
+    std::deque<std::function<void(Worker &)>> commands;
+    {
+        std::lock_guard lock(self->mutex_);
+        commands.swap(self->commands_);
+    }
+    for (auto &command : commands) {
+        command(*self);
+    }
+}
+
+void Worker::drain() {
+    post([](Worker &self) { self.server_->drain([&self](bool forced) { self.finish(forced); }); });
+}
+
+void Worker::stop() {
+    post([](Worker &self) { self.server_->stop([&self](bool forced) { self.finish(forced); }); });
+}
+
+void Worker::finish(bool forced) {
+    forced_ = forced;
+    {
+        std::lock_guard lock(mutex_);
+        if (closed_) {
+            return;
+        }
+        closed_ = true;
+    }
+    // The last handle: once closed, uv_run returns and the thread reports its exit.
+    uv_close(reinterpret_cast<uv_handle_t *>(&wake_), nullptr);
+}
+
+void Worker::join() {
+    if (thread_.joinable()) {
+        thread_.join();
+    }
+}
+
+} // namespace sluice::daemon
