@@ -347,6 +347,11 @@ private:
             reloadFailed(e.what());
             return;
         }
+        for (const auto &socket : sockets.front()) {
+            sluice::log::info("listening listener=" + socket.name +
+                              " address=" + sluice::net::localText(socket.fd) +
+                              " workers=" + std::to_string(workers));
+        }
         for (unsigned w = 0; w < workers; ++w) {
             workers_[w]->post([runtime, socketsForWorker = std::move(sockets[w]),
                                removed](sluice::daemon::Worker &worker) mutable {
