@@ -139,11 +139,30 @@ struct GlobalConfig {
     std::string group;
 };
 
+/** The [admin] table: the HTTP listener for /metrics, /status and /ready. */
+struct AdminConfig {
+    bool enabled = false; ///< true when `listen` is set; absent means no admin listener
+    Address listen;       ///< a TCP address (loopback is the safe choice)
+};
+
+/** How access-log lines are written. */
+enum class AccessLogFormat { logfmt, json };
+
+/** The [log] table: the per-connection access log. */
+struct LogConfig {
+    /** "stderr", "off", or a file path (absolute after loading), appended to and reopened on
+     * SIGUSR1. */
+    std::string access = "stderr";
+    AccessLogFormat format = AccessLogFormat::logfmt;
+};
+
 /** A whole configuration. */
 struct Config {
     std::string path; ///< the file it came from, empty when built in code
     GlobalConfig global;
     TlsPolicy tls; ///< the [tls] defaults, as written
+    AdminConfig admin;
+    LogConfig log;
     std::vector<ListenerConfig> listeners;
 };
 

@@ -352,10 +352,16 @@ public:
         , base_(std::move(base)) {}
 
     Config load(const toml::table &root) {
-        checkKeys(root, "", {"global", "tls", "listener"});
+        checkKeys(root, "", {"global", "tls", "listener", "admin", "log"});
         Config config;
         if (const toml::node *node = root.get("global")) {
             loadGlobal(asTable(*node, "global"), config.global);
+        }
+        if (const toml::node *node = root.get("admin")) {
+            loadAdmin(asTable(*node, "admin"), config.admin);
+        }
+        if (const toml::node *node = root.get("log")) {
+            loadLog(asTable(*node, "log"), config.log);
         }
         if (const toml::node *node = root.get("tls")) {
             const toml::table &tls = asTable(*node, "tls");
@@ -600,6 +606,36 @@ private:
                  "bad address " + inQuotes(text) + ": a backend needs a port from 1 to 65535");
         }
         return address;
+    }
+
+    void loadAdmin(const toml::table &table, AdminConfig &admin) const {
+        checkKeys(table, "admin", {"listen"});
+        if (const toml::node *node = table.get("listen")) {
+            admin.listen = address(*node, "admin.listen", Role::listener);
+            if (admin.listen.kind != Address::Kind::tcp) {
+                fail(node->source(), "admin.listen", "expected a TCP address (\"host:port\")");
+            }
+            admin.enabled = true;
+        }
+    }
+
+    void loadLog(const toml::table &table, LogConfig &log) const {
+        checkKeys(table, "log", {"access", "format"});
+        if (const toml::node *node = table.get("access")) {
+            const std::string access = string(*node, "log.access");
+            log.access = access == "stderr" || access == "off" ? access : path(*node, "log.access");
+        }
+        if (const toml::node *node = table.get("format")) {
+            const std::string format = string(*node, "log.format");
+            if (format == "logfmt") {
+                log.format = AccessLogFormat::logfmt;
+            } else if (format == "json") {
+                log.format = AccessLogFormat::json;
+            } else {
+                fail(node->source(), "log.format",
+                     "expected \"logfmt\" or \"json\", got " + inQuotes(format));
+            }
+        }
     }
 
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {

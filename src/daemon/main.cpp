@@ -22,7 +22,11 @@
 
 #include "daemon/worker.hpp"
 #include "net/listen_socket.hpp"
+#include "ops/access_log.hpp"
+#include "ops/admin.hpp"
+#include "ops/systemd.hpp"
 #include "proxy/server.hpp"
+#include "proxy/stats.hpp"
 #include "tls/context.hpp"
 #include "util/log.hpp"
 
@@ -242,12 +246,17 @@ void dropPrivileges(const std::string &user, const std::string &group) {
 class Daemon {
 public:
     Daemon(uv_loop_t *loop, std::string configPath, sluice::Config config,
-           std::vector<PlannedSocket> plan,
-           std::vector<std::unique_ptr<sluice::daemon::Worker>> workers)
+           std::vector<PlannedSocket> plan, std::shared_ptr<const sluice::proxy::Runtime> runtime,
+           std::vector<std::unique_ptr<sluice::daemon::Worker>> workers,
+           std::shared_ptr<sluice::ops::AccessLog> accessLog)
         : loop_(loop)
         , configPath_(std::move(configPath))
         , config_(std::move(config))
-        , workers_(std::move(workers)) {
+        , runtime_(std::move(runtime))
+        , workers_(std::move(workers))
+        , accessLog_(std::move(accessLog))
+        , watchdog_(loop) {
+        bound_ = workers_.front()->boundAddresses();
         for (auto &planned : plan) {
             keys_.push_back(planned.key);
         }
@@ -266,10 +275,37 @@ public:
     /** Called from a worker thread when its loop has ended. */
     void workerExited() { uv_async_send(&exited_); }
 
+    /** The bound addresses announced at startup. */
+    const std::vector<std::pair<std::string, std::string>> &bound() const { return bound_; }
+
+    /** Opens the admin listener on the main loop (throws on a bind error). */
+    void startAdmin() {
+        if (!config_.admin.enabled) {
+            return;
+        }
+        sluice::ops::StatusSource source;
+        // Both run on the main loop, where runtime_ and bound_ change (reload): no locking.
+        source.listeners = [this] { return sluice::ops::listenersOf(*runtime_, bound_); };
+        source.certificates = [this] { return sluice::ops::certificatesOf(*runtime_); };
+        admin_ = std::make_unique<sluice::ops::Admin>(loop_, config_.admin, std::move(source));
+        admin_->start();
+    }
+
     void start() {
         for (auto &worker : workers_) {
             worker->start();
         }
+        watchdog_.start();
+        sluice::ops::systemd::notifyReady("serving");
+    }
+
+    /** Closes the main loop's handles after a failed start. */
+    void abandon() {
+        if (admin_) {
+            admin_->close(nullptr);
+        }
+        watchdog_.close();
+        closeSignals();
     }
 
     int exitCode() const { return exitCode_; }
@@ -286,6 +322,10 @@ private:
         }
         self->stopping_ = true;
         sluice::log::info(std::string("drain signal=") + strsignal(signum));
+        sluice::ops::systemd::notifyStopping("draining");
+        if (self->admin_) {
+            self->admin_->setDraining(true); // /ready answers 503 from now on
+        }
         for (auto &worker : self->workers_) {
             worker->drain();
         }
@@ -299,7 +339,14 @@ private:
         self->reload();
     }
 
-    static void onReopen(uv_signal_t *, int) { sluice::log::info("reopen-logs"); }
+    static void onReopen(uv_signal_t *handle, int) {
+        auto *self = static_cast<Daemon *>(handle->data);
+        sluice::log::info("reopen-logs");
+        std::string error;
+        if (self->accessLog_ && !self->accessLog_->reopen(&error)) {
+            sluice::log::error("reopen-failed reason=\"" + error + "\"");
+        }
+    }
 
     /**
      * Builds the whole new configuration first (config, TLS contexts, backends, new sockets);
@@ -308,9 +355,11 @@ private:
      */
     void reload() {
         sluice::log::info("reload-start config=" + configPath_);
+        sluice::ops::systemd::notifyReloading();
         sluice::Config config;
         std::shared_ptr<const sluice::proxy::Runtime> runtime;
         std::vector<PlannedSocket> plan;
+        std::shared_ptr<sluice::ops::AccessLog> accessLog;
         const unsigned workers = static_cast<unsigned>(workers_.size());
         try {
             config = sluice::loadConfig(configPath_);
@@ -322,6 +371,7 @@ private:
             }
             runtime = sluice::proxy::buildRuntime(config, workers);
             plan = planSockets(config);
+            accessLog = sluice::ops::AccessLog::open(config.log);
         } catch (const std::exception &e) {
             reloadFailed(e.what());
             return;
@@ -347,7 +397,17 @@ private:
             reloadFailed(e.what());
             return;
         }
+        // Addresses the admin reports: the unchanged ones, then the added ones.
+        std::vector<std::pair<std::string, std::string>> bound;
+        for (const auto &[name, address] : bound_) {
+            if (std::find(removed.begin(), removed.end(), name + " " + address) == removed.end() &&
+                std::any_of(plan.begin(), plan.end(),
+                            [&name](const PlannedSocket &p) { return p.name == name; })) {
+                bound.emplace_back(name, address);
+            }
+        }
         for (const auto &socket : sockets.front()) {
+            bound.emplace_back(socket.name, sluice::net::localText(socket.fd));
             sluice::log::info("listening listener=" + socket.name +
                               " address=" + sluice::net::localText(socket.fd) +
                               " workers=" + std::to_string(workers));
@@ -359,14 +419,25 @@ private:
             });
         }
         keys_ = std::move(keys);
+        const sluice::AdminConfig admin = config_.admin;
         config_ = std::move(config);
+        config_.admin = admin; // the admin listener keeps its socket until a restart
+        runtime_ = std::move(runtime);
+        bound_ = std::move(bound);
+        accessLog_ = std::move(accessLog);
+        sluice::ops::AccessLog::install(accessLog_);
         sluice::log::setLevel(config_.global.logLevel);
+        sluice::proxy::stats().recordReload(true, "listeners=" +
+                                                      std::to_string(config_.listeners.size()));
+        sluice::ops::systemd::notifyReady("serving");
         sluice::log::info("reload-done listeners=" + std::to_string(config_.listeners.size()) +
                           " sockets_added=" + std::to_string(added.size()) +
                           " sockets_removed=" + std::to_string(removed.size()));
     }
 
     void reloadFailed(const std::string &reason) {
+        sluice::proxy::stats().recordReload(false, reason);
+        sluice::ops::systemd::notifyReady("reload failed; serving the previous configuration");
         std::string quoted;
         for (char c : reason) {
             quoted += c == '"' ? '\'' : c;
@@ -392,16 +463,29 @@ private:
                 self->exitCode_ = exitForced;
             }
         }
-        for (auto *signal : {&self->term_, &self->interrupt_, &self->hangup_, &self->user1_}) {
+        if (self->admin_) {
+            self->admin_->close(nullptr);
+        }
+        self->watchdog_.close();
+        self->closeSignals();
+    }
+
+    void closeSignals() {
+        for (auto *signal : {&term_, &interrupt_, &hangup_, &user1_}) {
             uv_close(reinterpret_cast<uv_handle_t *>(signal), nullptr);
         }
-        uv_close(reinterpret_cast<uv_handle_t *>(&self->exited_), nullptr);
+        uv_close(reinterpret_cast<uv_handle_t *>(&exited_), nullptr);
     }
 
     uv_loop_t *loop_;
     std::string configPath_;
     sluice::Config config_;
+    std::shared_ptr<const sluice::proxy::Runtime> runtime_;
+    std::vector<std::pair<std::string, std::string>> bound_; // what the admin reports
     std::vector<std::unique_ptr<sluice::daemon::Worker>> workers_;
+    std::shared_ptr<sluice::ops::AccessLog> accessLog_;
+    std::unique_ptr<sluice::ops::Admin> admin_;
+    sluice::ops::systemd::Watchdog watchdog_;
     std::vector<std::string> keys_; // the listen sockets open now, by key
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
@@ -439,44 +523,60 @@ int run(const Options &options) {
         return exitOk;
     }
 
+    std::shared_ptr<sluice::ops::AccessLog> accessLog;
+    try {
+        accessLog = sluice::ops::AccessLog::open(config.log);
+    } catch (const std::exception &e) {
+        std::fprintf(stderr, "sluice: %s: %s\n", options.config.c_str(), e.what());
+        return exitConfig;
+    }
+    sluice::ops::AccessLog::install(accessLog);
+
     raiseDescriptorLimit();
     uv_loop_t loop;
     uv_loop_init(&loop);
     std::unique_ptr<Daemon> daemon;
-    std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
+    // Workers report their exit from their own threads through this pointer; it outlives them
+    // (the daemon joins every worker before run() returns).
+    Daemon *owner = nullptr;
     try {
         auto sockets = openSockets(plan, workers);
-        Daemon *owner = nullptr;
+        std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
         for (unsigned w = 0; w < workers; ++w) {
             pool.push_back(std::make_unique<sluice::daemon::Worker>(
                 w, runtime, std::move(sockets[w]), [&owner] { owner->workerExited(); }));
         }
         // Keys and certificates are loaded and every socket is bound: root is no longer needed.
         dropPrivileges(config.global.user, config.global.group);
-        std::vector<std::pair<std::string, std::string>> bound = pool.front()->boundAddresses();
         daemon = std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(plan),
-                                          std::move(pool));
+                                          runtime, std::move(pool), accessLog);
         owner = daemon.get();
-        if (options.readyFd >= 0) {
-            std::string ready;
-            for (const auto &[name, address] : bound) {
-                ready += "listen " + name + " " + address + "\n";
-            }
-            ready += "ready\n";
-            writeAll(options.readyFd, ready);
-            ::close(options.readyFd);
-        }
-        for (const auto &[name, address] : bound) {
-            sluice::log::info("listening listener=" + name + " address=" + address +
-                              " workers=" + std::to_string(workers));
-        }
+        daemon->startAdmin();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s\n", e.what());
+        if (daemon) {
+            daemon->abandon();
+            uv_run(&loop, UV_RUN_DEFAULT);
+        }
         return exitConfig;
+    }
+    // Workers run before anyone is told the daemon is ready.
+    daemon->start();
+    if (options.readyFd >= 0) {
+        std::string ready;
+        for (const auto &[name, address] : daemon->bound()) {
+            ready += "listen " + name + " " + address + "\n";
+        }
+        ready += "ready\n";
+        writeAll(options.readyFd, ready);
+        ::close(options.readyFd);
+    }
+    for (const auto &[name, address] : daemon->bound()) {
+        sluice::log::info("listening listener=" + name + " address=" + address +
+                          " workers=" + std::to_string(workers));
     }
     sluice::log::info(std::string("ready version=") + SLUICE_VERSION +
                       " workers=" + std::to_string(workers));
-    daemon->start();
     uv_run(&loop, UV_RUN_DEFAULT);
     const int code = daemon->exitCode();
     daemon.reset();

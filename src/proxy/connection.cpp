@@ -1,10 +1,12 @@
 #include "proxy/connection.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "net/address.hpp"
 #include "proxy/server.hpp"
+#include "proxy/stats.hpp"
 #include "util/log.hpp"
 
 namespace sluice::proxy {
@@ -54,6 +56,11 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     uv_tcp_nodelay(client_, 1);
     uv_tcp_keepalive(client_, 1, keepAliveDelaySeconds);
     acceptedAt_ = lastActivity_ = uv_now(loop);
+    acceptedHr_ = uv_hrtime();
+    startUnixMicros_ = std::chrono::duration_cast<std::chrono::microseconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count();
+    stats().connectionAccepted();
 
     EngineOptions options;
     options.pairSize = settings_->buffers.tls;
@@ -63,6 +70,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     if (!engine_) {
         log::error("engine-failed listener=" + settings_->name + " peer=" + peer_ +
                    " reason=" + quoted(error));
+        noteClose(CloseReason::internal, error);
         closeAll();
         return;
     }
@@ -96,9 +104,19 @@ void Connection::pump() {
             if (status.failed && !flushing_) {
                 if (!status.handshakeDone) {
                     server_.counters().handshakeFailures++;
-                    log::warn("handshake-failed listener=" + settings_->name + " peer=" + peer_ +
-                              " reason=" + quoted(engine_->errorReason()));
+                    noteClose(CloseReason::handshakeFailed, engine_->errorReason());
+                    // A flood of bad handshakes must not become a flood of log lines.
+                    std::uint64_t suppressed = 0;
+                    if (handshakeLogLimit().admit(uv_hrtime() / 1000000, suppressed)) {
+                        if (suppressed > 0) {
+                            log::warn("handshake-failed-suppressed count=" +
+                                      std::to_string(suppressed));
+                        }
+                        log::warn("handshake-failed listener=" + settings_->name +
+                                  " peer=" + peer_ + " reason=" + quoted(engine_->errorReason()));
+                    }
                 } else {
+                    noteClose(CloseReason::tlsError, engine_->errorReason());
                     log::warn("tls-error listener=" + settings_->name + " peer=" + peer_ +
                               " reason=" + quoted(engine_->errorReason()));
                 }
@@ -108,6 +126,12 @@ void Connection::pump() {
                 progress = true;
             }
             if (status.handshakeDone && !backendStarted_ && !status.failed) {
+                if (handshakeNanos_ < 0) {
+                    const auto &info = engine_->handshake();
+                    handshakeNanos_ = static_cast<std::int64_t>(uv_hrtime() - acceptedHr_);
+                    stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
+                                          static_cast<std::uint64_t>(handshakeNanos_));
+                }
                 if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
                     const auto &info = engine_->handshake();
                     log::debug(
@@ -160,6 +184,7 @@ bool Connection::feedEngine() {
         }
         replyHead_ += taken;
         bytesDown_ += taken;
+        stats().bytesBackendToClient(taken);
         progress = true;
     }
     if (replyHead_ == replyTail_) {
@@ -224,6 +249,7 @@ bool Connection::flushBackend() {
         if (sent > 0) {
             engine_->consumePlainOut(static_cast<std::size_t>(sent));
             bytesUp_ += static_cast<std::uint64_t>(sent);
+            stats().bytesClientToBackend(static_cast<std::uint64_t>(sent));
             touch();
             progress = true;
             continue;
@@ -376,6 +402,7 @@ void Connection::startBackend() {
     backendStarted_ = true;
     uv_loop_t *loop = server_.loop();
     phaseStart_ = uv_now(loop);
+    connectStartHr_ = uv_hrtime();
     const auto &target = settings_->backend;
     if (target.kind == Address::Kind::unix) {
         uv_pipe_init(loop, &backend_.pipe, 0);
@@ -403,6 +430,11 @@ void Connection::backendFailed(const char *what, int status) {
         return;
     }
     server_.counters().backendFailures++;
+    noteClose(backendConnected_ ? CloseReason::backendReset : CloseReason::backendFailed,
+              std::string(what) + ": " + uv_err_name(status));
+    if (!backendConnected_) {
+        stats().backendConnectFailed();
+    }
     log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peer_ +
               " backend=" + settings_->backendText + " during=" + what +
               " error=" + uv_err_name(status));
@@ -478,6 +510,11 @@ void Connection::onTimer(uv_timer_t *timer) {
                             ? "half-close"
                             : "idle";
     self->server_.counters().timeouts++;
+    self->noteClose(std::strcmp(phase, "flush") == 0       ? CloseReason::timeoutFlush
+                    : std::strcmp(phase, "handshake") == 0 ? CloseReason::timeoutHandshake
+                    : std::strcmp(phase, "connect") == 0   ? CloseReason::timeoutConnect
+                    : std::strcmp(phase, "idle") == 0      ? CloseReason::timeoutIdle
+                                                           : CloseReason::timeoutHalfClose);
     log::info(std::string("timeout listener=") + self->settings_->name + " peer=" + self->peer_ +
               " phase=" + phase);
     if (std::strcmp(phase, "connect") == 0) {
@@ -497,7 +534,63 @@ void Connection::abort(const char *reason) {
         log::debug(std::string("connection-aborted listener=") + settings_->name +
                    " peer=" + peer_ + " reason=" + reason);
     }
+    // Timeouts and backend failures noted their own reason before getting here.
+    if (std::strcmp(reason, "client reset") == 0 ||
+        std::strcmp(reason, "client write failed") == 0) {
+        noteClose(CloseReason::clientReset, reason);
+    } else if (std::strcmp(reason, "drain deadline") == 0) {
+        noteClose(CloseReason::drain);
+    } else if (std::strcmp(reason, "backend reset") == 0) {
+        noteClose(CloseReason::backendReset);
+    }
     closeAll();
+}
+
+void Connection::noteClose(CloseReason reason, std::string_view error) {
+    if (closeReasonSet_) {
+        return;
+    }
+    closeReasonSet_ = true;
+    closeReason_ = reason;
+    closeError_ = error;
+}
+
+void Connection::recordClose() {
+    const CloseReason reason = closeReason_;
+    if (handshakeNanos_ < 0) {
+        stats().handshakeNotDone(
+            reason == CloseReason::handshakeFailed || reason == CloseReason::tlsError
+                ? HandshakeResult::failed
+            : reason == CloseReason::timeoutHandshake ? HandshakeResult::timeout
+                                                      : HandshakeResult::aborted);
+    }
+    stats().connectionClosed(reason);
+    if (!accessLogEnabled()) {
+        return;
+    }
+    ConnectionRecord record;
+    record.startUnixMicros = startUnixMicros_;
+    record.durationNanos = uv_hrtime() - acceptedHr_;
+    record.listener = settings_->name;
+    record.client = peer_;
+    record.backend = settings_->backendText;
+    if (engine_ && handshakeNanos_ >= 0) {
+        const auto &info = engine_->handshake();
+        record.handshakeDone = true;
+        record.protocol = info.protocol;
+        record.cipher = info.cipher;
+        record.sni = info.serverName;
+        record.alpn = info.alpn;
+        record.resumed = info.resumed;
+        record.clientIdentity = info.clientIdentity;
+    }
+    record.handshakeNanos = handshakeNanos_;
+    record.connectNanos = connectNanos_;
+    record.bytesClientToBackend = bytesUp_;
+    record.bytesBackendToClient = bytesDown_;
+    record.reason = reason;
+    record.error = closeError_;
+    emitConnectionRecord(record);
 }
 
 void Connection::closeAll() {
@@ -505,6 +598,7 @@ void Connection::closeAll() {
         return;
     }
     closing_ = true;
+    recordClose();
     if (log::enabled(LogLevel::debug)) {
         log::debug("connection-closed listener=" + settings_->name + " peer=" + peer_ +
                    " up=" + std::to_string(bytesUp_) + " down=" + std::to_string(bytesDown_));
@@ -605,6 +699,8 @@ void Connection::onBackendConnect(uv_connect_t *req, int status) {
         return;
     }
     self->backendConnected_ = true;
+    self->connectNanos_ = static_cast<std::int64_t>(uv_hrtime() - self->connectStartHr_);
+    stats().backendConnected(static_cast<std::uint64_t>(self->connectNanos_));
     if (self->settings_->backend.kind == Address::Kind::tcp) {
         uv_tcp_nodelay(&self->backend_.tcp, 1);
         uv_tcp_keepalive(&self->backend_.tcp, 1, keepAliveDelaySeconds);
@@ -677,6 +773,7 @@ void Connection::onBackendWrite(uv_write_t *req, int status) {
     }
     self->engine_->consumePlainOut(written);
     self->bytesUp_ += written;
+    stats().bytesClientToBackend(written);
     self->touch();
     self->pump();
 }

@@ -11,6 +11,8 @@
 
 #include <sluice/engine.hpp>
 
+#include "proxy/stats.hpp"
+
 namespace sluice::proxy {
 
 class Server;
@@ -65,6 +67,10 @@ private:
     void touch();
     void closeAll();
     void handleClosed();
+    /** Records why the connection ends; the first cause noted wins. */
+    void noteClose(CloseReason reason, std::string_view error = {});
+    /** Counts the close and hands the connection's record to the access log. */
+    void recordClose();
 
     static void onClientAlloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
     static void onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
@@ -113,6 +119,16 @@ private:
     std::uint64_t bytesUp_ = 0;
     std::uint64_t bytesDown_ = 0;
     int openHandles_ = 0;
+
+    // For metrics and the access log (uv_hrtime() nanoseconds; -1: not reached).
+    std::int64_t startUnixMicros_ = 0;
+    std::uint64_t acceptedHr_ = 0;
+    std::uint64_t connectStartHr_ = 0;
+    std::int64_t handshakeNanos_ = -1;
+    std::int64_t connectNanos_ = -1;
+    CloseReason closeReason_ = CloseReason::done;
+    bool closeReasonSet_ = false;
+    std::string closeError_;
 
     bool clientReading_ = false;
     bool clientEof_ = false;      // the client's FIN (or a read error) arrived

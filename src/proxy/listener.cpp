@@ -5,6 +5,7 @@
 
 #include "proxy/connection.hpp"
 #include "proxy/server.hpp"
+#include "proxy/stats.hpp"
 #include "util/log.hpp"
 
 namespace sluice::proxy {
@@ -66,6 +67,7 @@ void Listener::onConnection(uv_stream_t *stream, int status) {
         // libuv has already accepted and closed what it could (its reserve-descriptor trick for
         // EMFILE), so the listener neither spins nor dies; it accepts again on the next event.
         self->server_.counters().acceptErrors++;
+        stats().acceptError();
         const std::uint64_t now = uv_now(self->server_.loop());
         if (now - self->lastAcceptErrorLog_ >= acceptErrorLogIntervalMs ||
             self->lastAcceptErrorLog_ == 0) {

@@ -325,6 +325,39 @@ ContextPtr makeClientContext(const ClientContextOptions &options) {
     return ctx;
 }
 
+namespace {
+
+std::int64_t unixSeconds(const ASN1_TIME *time) {
+    std::tm tm{};
+    if (time == nullptr || ASN1_TIME_to_tm(time, &tm) != 1) {
+        return 0;
+    }
+    return static_cast<std::int64_t>(timegm(&tm));
+}
+
+} // namespace
+
+std::vector<CertificateSummary> certificateSummaries(const ssl_ctx_st *ctx) {
+    std::vector<CertificateSummary> out;
+    const auto *state =
+        ctx == nullptr
+            ? nullptr
+            : static_cast<const ServerState *>(SSL_CTX_get_ex_data(ctx, serverStateIndex()));
+    if (state == nullptr) {
+        return out;
+    }
+    for (const auto &c : state->certificates.certificates()) {
+        CertificateSummary summary;
+        summary.listener = state->listener;
+        summary.name = c.names.empty() ? std::string() : c.names.front();
+        summary.file = c.certFile;
+        summary.notBefore = unixSeconds(X509_get0_notBefore(c.leaf));
+        summary.notAfter = unixSeconds(X509_get0_notAfter(c.leaf));
+        out.push_back(std::move(summary));
+    }
+    return out;
+}
+
 std::string openSslVersion() {
     return OpenSSL_version(OPENSSL_VERSION);
 }

@@ -3,9 +3,11 @@
 // message naming the file or setting at fault.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include <sluice/config.hpp>
 
@@ -38,6 +40,18 @@ struct ClientContextOptions {
 
 /** Builds a client context (outbound TLS). Throws TlsError. */
 ContextPtr makeClientContext(const ClientContextOptions &options);
+
+/** One certificate of a server context, for the status page and the expiry metrics. */
+struct CertificateSummary {
+    std::string listener;
+    std::string name;           ///< its first DNS name (or subject CN); empty if it has none
+    std::string file;           ///< the certificate file it was loaded from
+    std::int64_t notBefore = 0; ///< Unix seconds
+    std::int64_t notAfter = 0;  ///< Unix seconds
+};
+
+/** The certificates of a context made by makeServerContext, in load order; empty otherwise. */
+std::vector<CertificateSummary> certificateSummaries(const ssl_ctx_st *ctx);
 
 /** OpenSSL's version string, for --version. */
 std::string openSslVersion();

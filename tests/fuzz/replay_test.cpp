@@ -35,3 +35,7 @@ TEST_CASE("the engine corpus replays cleanly") {
 TEST_CASE("the config corpus replays cleanly") {
     CHECK(replay("config", sluice::fuzz::configLoader) >= 4);
 }
+
+TEST_CASE("the admin request corpus replays cleanly") {
+    CHECK(replay("admin", sluice::fuzz::adminRequest) >= 4);
+}

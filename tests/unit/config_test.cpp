@@ -326,6 +326,50 @@ TEST_CASE("unknown keys are named, with a suggestion when one is close") {
         "t.toml:3:29: listener[0].certificate.kye: unknown key 'kye' (did you mean 'key'?)");
 }
 
+TEST_CASE("[admin] and [log]: defaults, every key, and their errors") {
+    const Config defaults = parseConfig(minimal, "/etc/sluice/t.toml");
+    CHECK_FALSE(defaults.admin.enabled);
+    CHECK(defaults.log.access == "stderr");
+    CHECK(defaults.log.format == sluice::AccessLogFormat::logfmt);
+
+    const Config set = parseConfig(std::string(minimal) + R"(
+[admin]
+listen = "127.0.0.1:9901"
+
+[log]
+access = "logs/access.log"
+format = "json"
+)",
+                                   "/etc/sluice/t.toml");
+    CHECK(set.admin.enabled);
+    CHECK(set.admin.listen.text() == "127.0.0.1:9901");
+    CHECK(set.log.access == "/etc/sluice/logs/access.log");
+    CHECK(set.log.format == sluice::AccessLogFormat::json);
+    CHECK(parseConfig(std::string(minimal) + "[log]\naccess = \"off\"\n", "/x/t.toml").log.access ==
+          "off");
+    CHECK(parseConfig(std::string(minimal) + "[admin]\nlisten = \"[::1]:0\"\n", "/x/t.toml")
+              .admin.listen.port == 0);
+
+    CHECK(errorOf(std::string(minimal) + "[admin]\nlisten = \"unix:/run/a.sock\"\n") ==
+          "t.toml:6:10: admin.listen: expected a TCP address (\"host:port\")");
+    CHECK(errorOf(std::string(minimal) + "[admin]\nlisten = 9901\n") ==
+          "t.toml:6:10: admin.listen: expected a string, got an integer");
+    CHECK(errorOf(std::string(minimal) + "[admin]\nlisten = \"127.0.0.1\"\n")
+              .starts_with("t.toml:6:10: admin.listen: bad address"));
+    CHECK(errorOf(std::string(minimal) + "[admin]\nlisen = \"127.0.0.1:1\"\n") ==
+          "t.toml:6:1: admin.lisen: unknown key 'lisen' (did you mean 'listen'?)");
+    CHECK(errorOf(std::string(minimal) + "[log]\nformat = \"xml\"\n") ==
+          "t.toml:6:10: log.format: expected \"logfmt\" or \"json\", got \"xml\"");
+    CHECK(errorOf(std::string(minimal) + "[log]\naccess = \"\"\n") ==
+          "t.toml:6:10: log.access: must not be empty");
+    CHECK(errorOf(std::string(minimal) + "[log]\nacess = \"off\"\n") ==
+          "t.toml:6:1: log.acess: unknown key 'acess' (did you mean 'access'?)");
+    CHECK(errorOf(std::string(minimal) + "admin = \"127.0.0.1:1\"\n") ==
+          "t.toml:5:1: listener[0].admin: unknown key 'admin'");
+    CHECK(errorOf("admin = 1\n" + std::string(minimal)) ==
+          "t.toml:1:9: admin: expected a table, got an integer");
+}
+
 TEST_CASE("the first unknown key in file order is reported, not the first alphabetically") {
     CHECK(errorOf("[[listener]]\nzzz = 1\naaa = 2\n") ==
           "t.toml:2:1: listener[0].zzz: unknown key 'zzz'");

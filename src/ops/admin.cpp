@@ -1,0 +1,275 @@
+#include "ops/admin.hpp"
+
+#include <chrono>
+#include <stdexcept>
+
+#include "net/address.hpp"
+#include "tls/context.hpp"
+#include "util/log.hpp"
+
+#ifndef SLUICE_VERSION
+#define SLUICE_VERSION "unknown"
+#endif
+
+namespace sluice::ops {
+
+std::vector<tls::CertificateSummary> certificatesOf(const proxy::Runtime &runtime) {
+    std::vector<tls::CertificateSummary> out;
+    for (const auto &listener : runtime.listeners) {
+        auto summaries = tls::certificateSummaries(listener->context.get());
+        out.insert(out.end(), summaries.begin(), summaries.end());
+    }
+    return out;
+}
+
+std::vector<ListenerStatus>
+listenersOf(const proxy::Runtime &runtime,
+            const std::vector<std::pair<std::string, std::string>> &bound) {
+    std::vector<ListenerStatus> out;
+    for (const auto &listener : runtime.listeners) {
+        ListenerStatus status;
+        status.name = listener->name;
+        status.backend = listener->backendText;
+        for (const auto &[name, address] : bound) {
+            if (name == listener->name) {
+                status.addresses.push_back(address);
+            }
+        }
+        out.push_back(std::move(status));
+    }
+    return out;
+}
+
+/** One admin connection: its socket, its timer, and the bytes of its request. */
+struct Admin::Client {
+    Admin *admin = nullptr;
+    uv_tcp_t tcp{};
+    uv_timer_t timer{};
+    uv_write_t writeReq{};
+    uv_shutdown_t shutdownReq{};
+    char buffer[maxRequestBytes];
+    std::size_t used = 0;
+    std::string response; // pinned until the write callback
+    int openHandles = 0;
+    bool responded = false;
+    bool closing = false;
+};
+
+Admin::Admin(uv_loop_t *loop, const AdminConfig &config, StatusSource source)
+    : loop_(loop)
+    , address_(config.listen)
+    , source_(std::move(source)) {}
+
+Admin::~Admin() = default;
+
+void Admin::start() {
+    const net::SocketAddress address = net::resolve(address_);
+    listener_ = new uv_tcp_t;
+    uv_tcp_init(loop_, listener_);
+    listener_->data = this;
+    int err = uv_tcp_bind(listener_, address.raw(), 0);
+    if (err == 0) {
+        err = uv_listen(reinterpret_cast<uv_stream_t *>(listener_), 64, onConnection);
+    }
+    if (err != 0) {
+        throw std::runtime_error("admin listen " + address_.text() + ": " + uv_strerror(err));
+    }
+    sockaddr_storage storage{};
+    int length = sizeof storage;
+    if (uv_tcp_getsockname(listener_, reinterpret_cast<sockaddr *>(&storage), &length) == 0) {
+        bound_ = net::format(reinterpret_cast<const sockaddr *>(&storage));
+    }
+    log::info("admin-listening address=" + bound_);
+}
+
+void Admin::onConnection(uv_stream_t *server, int status) {
+    auto *self = static_cast<Admin *>(server->data);
+    if (status < 0 || self->closing_) {
+        return;
+    }
+    auto *client = new Client;
+    client->admin = self;
+    uv_tcp_init(self->loop_, &client->tcp);
+    uv_timer_init(self->loop_, &client->timer);
+    client->tcp.data = client;
+    client->timer.data = client;
+    client->writeReq.data = client;
+    client->shutdownReq.data = client;
+    client->openHandles = 2;
+    self->clients_.insert(client);
+    if (uv_accept(server, reinterpret_cast<uv_stream_t *>(&client->tcp)) != 0 ||
+        self->clients_.size() > maxClients) {
+        self->closeClient(client);
+        return;
+    }
+    uv_timer_start(
+        &client->timer,
+        [](uv_timer_t *timer) {
+            auto *c = static_cast<Client *>(timer->data);
+            c->admin->closeClient(c);
+        },
+        requestTimeoutMs, 0);
+    const auto alloc = [](uv_handle_t *handle, size_t, uv_buf_t *buf) {
+        auto *c = static_cast<Client *>(handle->data);
+        if (c->responded) {
+            // Lingering after the response: read and discard until the client closes.
+            *buf = uv_buf_init(c->buffer, sizeof c->buffer);
+            return;
+        }
+        *buf = uv_buf_init(c->buffer + c->used, static_cast<unsigned>(sizeof c->buffer - c->used));
+    };
+    const auto read = [](uv_stream_t *stream, ssize_t nread, const uv_buf_t *) {
+        auto *c = static_cast<Client *>(stream->data);
+        if (c->closing) {
+            return;
+        }
+        if (nread < 0) {
+            c->admin->closeClient(c);
+            return;
+        }
+        if (c->responded || nread == 0) {
+            return;
+        }
+        c->used += static_cast<std::size_t>(nread);
+        const HttpRequest request = parseRequest({c->buffer, c->used});
+        if (request.state == HttpRequest::State::incomplete) {
+            return;
+        }
+        c->responded = true;
+        c->response = c->admin->respond(request);
+        uv_buf_t out = uv_buf_init(c->response.data(), static_cast<unsigned>(c->response.size()));
+        const auto written = [](uv_write_t *req, int writeStatus) {
+            auto *w = static_cast<Client *>(req->data);
+            if (w->closing) {
+                return;
+            }
+            if (writeStatus < 0 ||
+                uv_shutdown(&w->shutdownReq, reinterpret_cast<uv_stream_t *>(&w->tcp),
+                            [](uv_shutdown_t *, int) {}) != 0) {
+                w->admin->closeClient(w);
+                return;
+            }
+            // The FIN is on its way; wait (briefly) for the client's, so that unread request
+            // bytes do not turn our close into a reset that could destroy the response.
+            uv_timer_start(
+                &w->timer,
+                [](uv_timer_t *timer) {
+                    auto *t = static_cast<Client *>(timer->data);
+                    t->admin->closeClient(t);
+                },
+                lingerMs, 0);
+        };
+        if (uv_write(&c->writeReq, stream, &out, 1, written) != 0) {
+            c->admin->closeClient(c);
+        }
+    };
+    if (uv_read_start(reinterpret_cast<uv_stream_t *>(&client->tcp), alloc, read) != 0) {
+        self->closeClient(client);
+    }
+}
+
+void Admin::closeClient(Client *client) {
+    if (client->closing) {
+        return;
+    }
+    client->closing = true;
+    const auto closed = [](uv_handle_t *handle) {
+        auto *c = static_cast<Client *>(handle->data);
+        if (--c->openHandles == 0) {
+            c->admin->clientClosed(c);
+        }
+    };
+    uv_close(reinterpret_cast<uv_handle_t *>(&client->tcp), closed);
+    uv_close(reinterpret_cast<uv_handle_t *>(&client->timer), closed);
+}
+
+void Admin::clientClosed(Client *client) {
+    clients_.erase(client);
+    delete client;
+    maybeDone();
+}
+
+std::string Admin::respond(const HttpRequest &request) const {
+    if (request.state != HttpRequest::State::complete) {
+        const int status = request.status != 0 ? request.status : 400;
+        return httpResponse(status, "text/plain; charset=utf-8",
+                            std::string(reasonPhrase(status)) + "\n");
+    }
+    const bool head = request.method == "HEAD";
+    if (request.path == "/ready") {
+        return draining_ ? httpResponse(503, "text/plain; charset=utf-8", "draining\n", head)
+                         : httpResponse(200, "text/plain; charset=utf-8", "ready\n", head);
+    }
+    if (request.path != "/metrics" && request.path != "/status") {
+        return httpResponse(404, "text/plain; charset=utf-8",
+                            "not found; try /metrics, /status or /ready\n", head);
+    }
+    StatusView view;
+    view.version = SLUICE_VERSION;
+    view.openssl = tls::openSslVersion();
+    view.draining = draining_;
+    view.nowUnixSeconds = std::chrono::duration_cast<std::chrono::seconds>(
+                              std::chrono::system_clock::now().time_since_epoch())
+                              .count();
+    if (source_.certificates) {
+        view.certificates = source_.certificates();
+    }
+    const proxy::StatsSnapshot stats = proxy::stats().snapshot();
+    if (request.path == "/metrics") {
+        return httpResponse(200, "text/plain; version=0.0.4; charset=utf-8",
+                            renderMetrics(stats, view), head);
+    }
+    if (source_.listeners) {
+        view.listeners = source_.listeners();
+    }
+    return httpResponse(200, "application/json", renderStatus(stats, view) + "\n", head);
+}
+
+void Admin::close(std::function<void()> done) {
+    if (closing_) {
+        if (done) {
+            done_ = std::move(done);
+        }
+        return;
+    }
+    closing_ = true;
+    done_ = std::move(done);
+    for (Client *client : std::vector<Client *>(clients_.begin(), clients_.end())) {
+        closeClient(client);
+    }
+    if (listener_ == nullptr) {
+        // Never started: report completion from the loop all the same, never from this call.
+        auto *idle = new uv_idle_t;
+        uv_idle_init(loop_, idle);
+        idle->data = this;
+        uv_idle_start(idle, [](uv_idle_t *handle) {
+            uv_idle_stop(handle);
+            uv_close(reinterpret_cast<uv_handle_t *>(handle), [](uv_handle_t *h) {
+                auto *self = static_cast<Admin *>(h->data);
+                delete reinterpret_cast<uv_idle_t *>(h);
+                self->listenerClosed_ = true;
+                self->maybeDone();
+            });
+        });
+        return;
+    }
+    uv_close(reinterpret_cast<uv_handle_t *>(listener_), [](uv_handle_t *handle) {
+        auto *self = static_cast<Admin *>(handle->data);
+        delete reinterpret_cast<uv_tcp_t *>(handle);
+        self->listener_ = nullptr;
+        self->listenerClosed_ = true;
+        self->maybeDone();
+    });
+}
+
+void Admin::maybeDone() {
+    if (!closing_ || !listenerClosed_ || !clients_.empty() || doneScheduled_) {
+        return;
+    }
+    doneScheduled_ = true;
+    if (auto done = std::move(done_)) {
+        done();
+    }
+}
+
+} // namespace sluice::ops
