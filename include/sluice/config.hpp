@@ -102,7 +102,8 @@ struct Timeouts {
 
 /** Per-connection buffer sizes: the memory bound of one connection, per direction. */
 struct Buffers {
-    std::size_t tls = std::size_t{16} * 1024;       ///< each half of the TLS engine's BIO pair
+    std::size_t tls =
+        std::size_t{32} * 1024; ///< each half of the TLS engine's BIO pair: two full records
     std::size_t plaintext = std::size_t{64} * 1024; ///< decrypted bytes waiting for the backend
     std::size_t backend = std::size_t{64} * 1024;   ///< backend bytes waiting for encryption
 };

@@ -118,7 +118,10 @@ void TicketKeyRing::rotateIfDue(Clock::time_point now) {
         return;
     }
     try {
-        keys_.insert(keys_.begin(), randomKey());
+        // push_back + rotate rather than insert at the front: GCC 12 at -O3 reports a false
+        // -Wnull-dereference inside vector::insert.
+        keys_.push_back(randomKey());
+        std::rotate(keys_.begin(), keys_.end() - 1, keys_.end());
     } catch (const TlsError &) {
         return; // keep the old key rather than fail a handshake; retried next time
     }

@@ -85,7 +85,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.maxConnections == 100000);
     CHECK(config.global.drainTimeout == 30s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
-    CHECK(config.global.buffers.tls == 16 * 1024);
+    CHECK(config.global.buffers.tls == 32 * 1024);
     CHECK(config.global.buffers.plaintext == 64 * 1024);
     CHECK(config.global.buffers.backend == 64 * 1024);
 
