@@ -558,6 +558,8 @@ int run(const Options &options) {
             daemon->abandon();
             uv_run(&loop, UV_RUN_DEFAULT);
         }
+        daemon.reset(); // workers that never ran close their own loops
+        uv_loop_close(&loop);
         return exitConfig;
     }
     // Workers run before anyone is told the daemon is ready.

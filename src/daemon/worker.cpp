@@ -16,6 +16,12 @@ Worker::Worker(unsigned index, std::shared_ptr<const proxy::Runtime> runtime,
 }
 
 Worker::~Worker() {
+    if (!thread_.joinable() && !started_) {
+        // Never started (startup failed after it was built): close its sockets and handles on
+        // this thread so the loop can be closed without leaking.
+        server_->stop([this](bool forced) { finish(forced); });
+        uv_run(&loop_, UV_RUN_DEFAULT);
+    }
     join();
     server_.reset();
     uv_loop_close(&loop_);
@@ -26,6 +32,7 @@ std::vector<std::pair<std::string, std::string>> Worker::boundAddresses() const 
 }
 
 void Worker::start() {
+    started_ = true;
     thread_ = std::thread([this] {
         uv_run(&loop_, UV_RUN_DEFAULT);
         if (uv_loop_alive(&loop_) != 0) {

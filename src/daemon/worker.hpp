@@ -66,6 +66,7 @@ private:
     std::thread thread_;
     bool forced_ = false;
     bool closed_ = false; // guarded by mutex_
+    bool started_ = false;
     std::atomic<bool> exitedFlag_{false};
 };
 

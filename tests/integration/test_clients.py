@@ -1,0 +1,119 @@
+"""Other TLS stacks as clients: openssl s_client, gnutls-cli (GnuTLS) and curl."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+
+from backends import HttpBackend, ReplyBackend
+from harness import MiB, Skip, check, pattern_bytes, pattern_sha256
+
+
+def need(tool):
+    path = shutil.which(tool)
+    if not path:
+        raise Skip(f"{tool} is not installed (scripts/test installs it)")
+    return path
+
+
+def run_tool(argv, payload=b"", timeout=30):
+    p = subprocess.run(argv, input=payload, capture_output=True, timeout=timeout)
+    return p
+
+
+def s_client(t, version_flag):
+    need("openssl")
+    payload = os.urandom(200_000)
+    backend = t.backend(ReplyBackend(len(payload)))
+    d = t.sluice(t.listener(backend))
+    host, port = d.addr()
+    p = run_tool(
+        [
+            "openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "localhost",
+            "-CAfile", str(t.certs / "ca.crt"), "-verify_return_error", "-verify_hostname",
+            "localhost", "-quiet", "-nocommands", version_flag,
+        ],
+        payload,
+    )
+    check(p.returncode == 0, f"s_client {version_flag} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
+    check(p.stdout == payload, f"s_client {version_flag}: got {len(p.stdout)} bytes back, sent {len(payload)}")
+    check(backend.wait_done().received == len(payload), "the backend did not get every byte")
+
+
+def test_openssl_s_client_tls13(t):
+    s_client(t, "-tls1_3")
+
+
+def test_openssl_s_client_tls12(t):
+    s_client(t, "-tls1_2")
+
+
+def gnutls(t, priority):
+    need("gnutls-cli")
+    payload = os.urandom(200_000)
+    backend = t.backend(ReplyBackend(len(payload)))
+    d = t.sluice(t.listener(backend))
+    host, port = d.addr()
+    p = run_tool(
+        [
+            "gnutls-cli", "--x509cafile", str(t.certs / "ca.crt"), "--port", str(port),
+            "--priority", priority, "--logfile", str(t.tmp / "gnutls.log"), "localhost",
+        ],
+        payload,
+    )
+    log = (t.tmp / "gnutls.log").read_text(errors="replace") if (t.tmp / "gnutls.log").exists() else ""
+    check(p.returncode == 0, f"gnutls-cli exited {p.returncode}:\n{p.stderr.decode(errors='replace')}\n{log}")
+    check(p.stdout == payload, f"gnutls-cli: got {len(p.stdout)} bytes back, sent {len(payload)}")
+    check(backend.wait_done().received == len(payload), "the backend did not get every byte")
+
+
+def test_gnutls_cli_tls13(t):
+    gnutls(t, "NORMAL:-VERS-ALL:+VERS-TLS1.3")
+
+
+def test_gnutls_cli_tls12(t):
+    gnutls(t, "NORMAL:-VERS-ALL:+VERS-TLS1.2")
+
+
+def curl(t, d, *args, timeout=60):
+    need("curl")
+    host, port = d.addr()
+    p = run_tool(
+        ["curl", "--silent", "--show-error", "--fail", "--cacert", str(t.certs / "ca.crt"),
+         "--resolve", f"localhost:{port}:{host}", "--max-time", str(timeout - 5), *args],
+        timeout=timeout,
+    )
+    check(p.returncode == 0, f"curl {' '.join(args)} exited {p.returncode}: {p.stderr.decode(errors='replace')}")
+    return p.stdout, port
+
+
+def test_curl_get(t):
+    http = t.backend(HttpBackend())
+    d = t.sluice(t.listener(http))
+    out, port = curl(t, d, f"https://localhost:{d.addr()[1]}/")
+    check(out == HttpBackend.GREETING, f"curl got {out!r}")
+    n = 8 * MiB + 3
+    out, _ = curl(t, d, f"https://localhost:{port}/blob/{n}")
+    check(len(out) == n and hashlib.sha256(out).hexdigest() == pattern_sha256(n), f"blob of {len(out)} bytes differs")
+
+
+def test_curl_post_and_keepalive(t):
+    http = t.backend(HttpBackend())
+    d = t.sluice(t.listener(http))
+    body = t.tmp / "body"
+    n = 4 * MiB + 1
+    body.write_bytes(pattern_bytes(n))
+    port = d.addr()[1]
+    # Two requests on one connection (keep-alive), the second one a POST.
+    out, _ = curl(t, d, f"https://localhost:{port}/", "--next", "--cacert", str(t.certs / "ca.crt"),
+                  "--resolve", f"localhost:{port}:127.0.0.1", "--data-binary", f"@{body}",
+                  f"https://localhost:{port}/sha256")
+    expect = HttpBackend.GREETING + f"{n} {pattern_sha256(n)}\n".encode()
+    check(out == expect, f"curl got {out[:200]!r}")
+
+
+def test_curl_tls12(t):
+    http = t.backend(HttpBackend())
+    d = t.sluice(t.listener(http, cert="server-rsa"))
+    out, _ = curl(t, d, "--tlsv1.2", "--tls-max", "1.2", f"https://localhost:{d.addr()[1]}/")
+    check(out == HttpBackend.GREETING, f"curl got {out!r}")

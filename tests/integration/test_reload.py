@@ -1,0 +1,196 @@
+"""Workers, reload (SIGHUP), privilege drop and the descriptor limit, against the real daemon."""
+
+import os
+import signal
+import ssl
+import time
+
+from backends import EchoBackend
+from harness import (
+    Skip,
+    TlsClient,
+    check,
+    pattern_bytes,
+    pattern_sha256,
+    raw_connect,
+    run_sluice,
+    tls_roundtrip,
+    wait_until,
+)
+
+
+def leaf_der(path):
+    """The DER of the first certificate in a PEM file."""
+    text = open(path).read()
+    end = text.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----")
+    return ssl.PEM_cert_to_DER_cert(text[text.index("-----BEGIN CERTIFICATE-----"):end])
+
+
+def served_cert(addr):
+    """The certificate a fresh connection to `addr` is served (after a completed handshake)."""
+    c = TlsClient(addr).handshake()
+    try:
+        return c.obj.getpeercert(binary_form=True)
+    finally:
+        c.close()
+
+
+def rewrite_config(d, old, new):
+    text = d.config_path.read_text()
+    check(old in text, f"{old!r} is not in the config")
+    d.config_path.write_text(text.replace(old, new))
+
+
+def thread_cpu_ticks(pid):
+    """utime+stime of each thread of `pid`, by thread id."""
+    ticks = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            fields = open(f"/proc/{pid}/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        ticks[tid] = int(fields[11]) + int(fields[12])
+    return ticks
+
+
+def test_two_workers_share_one_port_and_both_serve(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"workers": 2})
+    # The main thread plus two workers (OpenSSL and libuv add no threads of their own here).
+    threads = len(os.listdir(f"/proc/{d.pid}/task"))
+    check(threads >= 3, f"workers = 2 runs {threads} threads")
+    before = thread_cpu_ticks(d.pid)
+    clients = []
+    for i in range(64):
+        c = t.client(d.addr(), keep=False).handshake()
+        clients.append(c)
+    payload = pattern_bytes(256 * 1024)
+    for c in clients:
+        c.send(payload)
+    for c in clients:
+        c.flush(30)
+    for c in clients:
+        c.run_until(lambda c=c: c.nrecv >= len(payload), 30, "the echo")
+        check(c.nrecv == len(payload), f"echo lost bytes: {c.ending()}")
+    after = thread_cpu_ticks(d.pid)
+    busy = [tid for tid in after if after[tid] - before.get(tid, 0) >= 1]
+    check(len(busy) >= 2, f"only {len(busy)} thread(s) did the work of 64 connections: {after}")
+
+
+def test_reload_under_load_loses_no_byte_and_serves_the_new_certificate(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"workers": 2})
+    ecdsa, rsa = leaf_der(t.certs / "server-ecdsa.crt"), leaf_der(t.certs / "server-rsa.crt")
+    check(served_cert(d.addr()) == ecdsa, "the configured ECDSA certificate is not served")
+    clients = [t.client(d.addr(), keep=False).handshake() for _ in range(8)]
+    total = 2 * 1024 * 1024
+    chunk = 64 * 1024
+    sent = 0
+    for reload in range(5):
+        # Data is in flight in both directions while the signal arrives.
+        for c in clients:
+            c.send(pattern_bytes(chunk, offset=sent))
+        if reload == 2:
+            rewrite_config(d, "server-ecdsa", "server-rsa")
+        d.signal(signal.SIGHUP)
+        for c in clients:
+            c.flush(30)
+        sent += chunk
+        wait_until(lambda: d.log().count("reload-done") >= reload + 1, 10, f"reload {reload + 1}")
+    while sent < total:
+        for c in clients:
+            c.send(pattern_bytes(chunk, offset=sent))
+        sent += chunk
+    for c in clients:
+        c.flush(30)
+        c.run_until(lambda c=c: c.nrecv >= sent, 30, "every echoed byte")
+        check(c.nrecv == sent and c.hash.hexdigest() == pattern_sha256(sent),
+              f"bytes lost or changed: {c.ending()}")
+    check(d.log().count("reload-done") == 5, "five reloads were not all applied")
+    check(served_cert(d.addr()) == rsa, "after the reload the new (RSA) certificate is not served")
+    d.assert_alive()
+
+
+def test_broken_certificate_on_reload_keeps_the_old_configuration(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo))
+    ecdsa = leaf_der(t.certs / "server-ecdsa.crt")
+    live = t.client(d.addr()).handshake()
+    rewrite_config(d, "server-ecdsa.crt", "does-not-exist.crt")
+    d.signal(signal.SIGHUP)
+    m = d.wait_log(r"reload-failed reason=\"([^\"]*)\"", 10)
+    check("does-not-exist.crt" in m.group(1), f"the failure does not name the file: {m.group(0)}")
+    # Still serving, with the old certificate, to new and live connections alike.
+    check(served_cert(d.addr()) == ecdsa, "the old certificate is no longer served")
+    live.sendall(b"still here")
+    check(live.recv_exact(10) == b"still here", "a live connection broke on a failed reload")
+    # A key that does not match its certificate is refused the same way.
+    rewrite_config(d, "does-not-exist.crt", "server-ecdsa.crt")
+    rewrite_config(d, "server-ecdsa.key", "server-rsa.key")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.log().count("reload-failed") == 2, 10, "the second reload to fail")
+    check("does not match" in d.log(), "a mismatched key was not reported")
+    tls_roundtrip(d.addr(), b"after two failed reloads")
+
+
+def test_reload_adds_and_removes_listeners(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, name="first"), global_={"workers": 2})
+    first = d.addr("first")
+    text = d.config_path.read_text()
+    second = text.replace('name = "first"', 'name = "second"')
+    d.config_path.write_text(text + "\n" + second[second.index("[[listener]]"):])
+    d.signal(signal.SIGHUP)
+    m = d.wait_log(r"listening listener=second address=127\.0\.0\.1:(\d+)", 10)
+    port = int(m.group(1))
+    tls_roundtrip(("127.0.0.1", port), b"to the new listener")
+    tls_roundtrip(first, b"the unchanged listener kept its socket")
+    # Remove the first listener: its socket closes, the second keeps serving, and a connection
+    # that was live on the first finishes normally.
+    live = t.client(first).handshake()
+    d.config_path.write_text(text.replace('name = "first"', 'name = "second"'))
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.log().count("reload-done") == 2, 10, "the second reload")
+
+    def refused():
+        try:
+            raw_connect(first, timeout=2).close()
+        except (ConnectionRefusedError, ConnectionResetError):
+            return True
+        return False
+
+    wait_until(refused, 5, "the removed listener's socket to close")
+    tls_roundtrip(("127.0.0.1", port), b"the second listener still serves")
+    live.sendall(b"live on a removed listener")
+    check(live.recv_exact(26) == b"live on a removed listener", "a live connection was dropped")
+
+
+def test_privileges_dropped_after_binding(t):
+    if os.geteuid() != 0:
+        raise Skip("needs root to drop privileges")
+    echo = t.backend(EchoBackend())
+    os.chmod(t.tmp, 0o755)
+    d = t.sluice(t.listener(echo, listen="127.0.0.1:0"), global_={"user": "nobody"})
+    uids = next(line for line in open(f"/proc/{d.pid}/status") if line.startswith("Uid:")).split()[1:]
+    check(set(uids) == {str(65534)}, f"sluice still runs with uids {uids}")
+    tls_roundtrip(d.addr(), b"served after dropping root")
+    d.wait_log(r"privileges-dropped user=nobody", 5)
+
+
+def test_unknown_user_is_a_startup_error(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"user": "no-such-user-here"}, start=False)
+    r = run_sluice(["--config", str(d.config_path)], timeout=20)
+    check(r.returncode == 2, f"exit {r.returncode} for an unknown user")
+    check("no-such-user-here" in r.stderr, f"the error does not name the user: {r.stderr!r}")
+
+
+def test_descriptor_limit_raised_to_the_hard_limit(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo))
+    for line in open(f"/proc/{d.pid}/limits"):
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            check(soft == hard, f"soft limit {soft} was not raised to the hard limit {hard}")
+            return
+    raise AssertionError("no 'Max open files' line in /proc/PID/limits")
