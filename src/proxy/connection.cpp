@@ -194,40 +194,50 @@ bool Connection::feedEngine() {
     return progress;
 }
 
+namespace {
+
+/**
+ * Sends `bytes` on `stream`: returns how many the socket took at once; when it took none
+ * because it is full, starts one uv_write of all of them (their memory stays pinned until
+ * `done` runs), records the count in `inFlight` and returns 0; returns a libuv error otherwise.
+ */
+int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, uv_write_t *req,
+              uv_write_cb done, std::size_t &inFlight) {
+    uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(bytes.data())),
+                               static_cast<unsigned>(bytes.size()));
+    const int sent = uv_try_write(stream, &buf, 1);
+    if (sent != UV_EAGAIN && sent != 0) {
+        return sent;
+    }
+    const int err = uv_write(req, stream, &buf, 1, done);
+    if (err != 0) {
+        return err;
+    }
+    inFlight = bytes.size();
+    return 0;
+}
+
+} // namespace
+
 bool Connection::flushClient() {
     if (clientGone_ || clientWriteInFlight_ > 0 || closing_) {
         return false;
     }
     bool progress = false;
-    for (;;) {
-        auto out = engine_->cipherOut();
-        if (out.empty()) {
+    // Straight from the pair: what the socket does not take now leaves in one pinned write.
+    for (auto out = engine_->cipherOut(); !out.empty(); out = engine_->cipherOut()) {
+        const int sent =
+            writeSome(clientStream(), out, &clientWriteReq_, onClientWrite, clientWriteInFlight_);
+        if (sent < 0) {
+            clientGone_ = true;
+            abort("client write failed");
+        }
+        if (sent <= 0) {
             break;
         }
-        uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(out.data())),
-                                   static_cast<unsigned>(out.size()));
-        const int sent = uv_try_write(clientStream(), &buf, 1);
-        if (sent > 0) {
-            engine_->consumeCipherOut(static_cast<std::size_t>(sent));
-            touch();
-            progress = true;
-            continue;
-        }
-        if (sent == UV_EAGAIN || sent == 0) {
-            // The socket is full: the rest leaves in one write whose bytes stay pinned in the
-            // pair until onClientWrite consumes them.
-            const int err = uv_write(&clientWriteReq_, clientStream(), &buf, 1, onClientWrite);
-            if (err == 0) {
-                clientWriteInFlight_ = out.size();
-            } else {
-                clientGone_ = true;
-                abort("client write failed");
-            }
-            break;
-        }
-        clientGone_ = true;
-        abort("client write failed");
-        break;
+        engine_->consumeCipherOut(static_cast<std::size_t>(sent));
+        touch();
+        progress = true;
     }
     return progress;
 }
@@ -238,33 +248,21 @@ bool Connection::flushBackend() {
         return false;
     }
     bool progress = false;
-    for (;;) {
-        auto plain = engine_->plainOut();
-        if (plain.empty()) {
+    // Straight from the engine's plaintext buffer, the same way.
+    for (auto plain = engine_->plainOut(); !plain.empty(); plain = engine_->plainOut()) {
+        const int sent = writeSome(backendStream(), plain, &backendWriteReq_, onBackendWrite,
+                                   backendWriteInFlight_);
+        if (sent < 0) {
+            backendFailed("write", sent);
+        }
+        if (sent <= 0) {
             break;
         }
-        uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(plain.data())),
-                                   static_cast<unsigned>(plain.size()));
-        const int sent = uv_try_write(backendStream(), &buf, 1);
-        if (sent > 0) {
-            engine_->consumePlainOut(static_cast<std::size_t>(sent));
-            bytesUp_ += static_cast<std::uint64_t>(sent);
-            stats().bytesClientToBackend(static_cast<std::uint64_t>(sent));
-            touch();
-            progress = true;
-            continue;
-        }
-        if (sent == UV_EAGAIN || sent == 0) {
-            const int err = uv_write(&backendWriteReq_, backendStream(), &buf, 1, onBackendWrite);
-            if (err == 0) {
-                backendWriteInFlight_ = plain.size();
-            } else {
-                backendFailed("write", err);
-            }
-            break;
-        }
-        backendFailed("write", sent);
-        break;
+        engine_->consumePlainOut(static_cast<std::size_t>(sent));
+        bytesUp_ += static_cast<std::uint64_t>(sent);
+        stats().bytesClientToBackend(static_cast<std::uint64_t>(sent));
+        touch();
+        progress = true;
     }
     return progress;
 }
