@@ -58,6 +58,14 @@ struct EngineOptions {
     std::size_t plaintextBudget = 64 * 1024;
     /** Client role: the SNI name to send and verify against; empty sends none. */
     std::string serverName;
+    /**
+     * The first this many plaintext bytes written go out in small records (smallRecordSize),
+     * each fitting one TCP segment, so the peer can decrypt the start of a response without
+     * waiting for a 16 KiB record; later bytes use full records. 0 disables.
+     */
+    std::size_t smallRecordBytes = 64 * 1024;
+    /** Plaintext bytes per small record. */
+    std::size_t smallRecordSize = 1400;
 };
 
 /** Facts about a completed handshake. */
@@ -226,6 +234,9 @@ private:
     std::size_t plaintextBudget_ = 0;
     std::size_t pairSize_ = 0;
     std::size_t refusedLength_ = 0; // length of the last offer write() refused
+    std::size_t plainWritten_ = 0;  // plaintext bytes encrypted so far
+    std::size_t smallRecordBytes_ = 0;
+    std::size_t smallRecordSize_ = 0;
 
     // Decrypted bytes: [plainHead_, plainTail_) of plain_. The buffer is allocated while bytes
     // are waiting and released when it empties, so an idle connection holds none.

@@ -49,6 +49,9 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     std::unique_ptr<Engine> engine(new Engine());
     engine->role_ = role;
     engine->plaintextBudget_ = std::max<std::size_t>(1, std::min(options.plaintextBudget, maxCall));
+    engine->smallRecordBytes_ = options.smallRecordBytes;
+    engine->smallRecordSize_ =
+        std::clamp<std::size_t>(options.smallRecordSize, 1, maxRecordPlaintext);
     engine->ssl_ = SSL_new(ctx);
     if (engine->ssl_ == nullptr) {
         return report("SSL_new: " + tls::drainErrors().reason);
@@ -246,16 +249,22 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
         return 0;
     }
     // One record per call: partial-write mode returns after a record anyway, and the cap keeps
-    // the bytes a caller must re-offer after a refusal small.
-    const std::size_t offer = std::min(data.size(), maxRecordPlaintext);
+    // the bytes a caller must re-offer after a refusal small. The cap only grows (small records
+    // first, LESSONS #19), so a retry can always offer at least the refused length.
+    const std::size_t cap =
+        plainWritten_ < smallRecordBytes_ ? smallRecordSize_ : maxRecordPlaintext;
+    const std::size_t offer = std::min(data.size(), cap);
     ERR_clear_error();
     std::size_t written = 0;
     const int ret = SSL_write_ex(ssl_, data.data(), offer, &written);
     if (ret == 1) {
         refusedLength_ = 0;
+        plainWritten_ += written;
         return written;
     }
-    refusedLength_ = offer;
+    // The rule is stated on what the caller offered (up to one full record), not on the part
+    // the engine tried, so a caller can follow it without knowing the record size in use.
+    refusedLength_ = std::min(data.size(), maxRecordPlaintext);
     // WANT_WRITE: the pair is full and OpenSSL may hold part of a record; the caller drains and
     // offers the same bytes again, which completes it. WANT_READ: a post-handshake exchange
     // must finish first. Anything else is fatal.

@@ -932,6 +932,68 @@ TEST_CASE("idle engines release their pair and re-create it on the next byte") {
     }
 }
 
+TEST_CASE("the first 64 KiB leave in small records, the rest in full ones") {
+    // LESSONS #19: small records while the connection starts, full records for throughput.
+    const std::uint32_t seed = testSeed();
+    INFO("seed " << seed);
+    std::mt19937 rng(seed);
+    for (const auto version : {TlsVersion::tls12, TlsVersion::tls13}) {
+        ContextOptions only;
+        only.version = version;
+        auto c = connect(only, only, serverOptions(256 * KiB), clientOptions(256 * KiB));
+        Pump pump(c->client, c->server, PumpOptions{}, seed);
+        handshake(*c, pump);
+        moveAll(c->client, c->server, pump);
+        moveAll(c->server, c->client, pump);
+        REQUIRE(c->server.engine->cipherOutPending() == 0);
+        const Bytes data = randomBytes(192 * KiB, rng);
+        std::size_t taken = 0;
+        for (int round = 0; round < 10000 && taken < data.size(); ++round) {
+            const std::size_t n = c->server.engine->write(std::span(data).subspan(taken));
+            REQUIRE(n > 0);
+            taken += n;
+        }
+        // Read the record lengths back from the ciphertext (5-byte headers).
+        Bytes wire;
+        while (!c->server.engine->cipherOut().empty()) {
+            auto out = c->server.engine->cipherOut();
+            wire.insert(wire.end(), out.begin(), out.end());
+            c->server.engine->consumeCipherOut(out.size());
+        }
+        std::vector<std::size_t> lengths;
+        for (std::size_t at = 0; at + 5 <= wire.size();) {
+            const std::size_t length = (std::size_t{wire[at + 3]} << 8) | wire[at + 4];
+            lengths.push_back(length);
+            at += 5 + length;
+        }
+        REQUIRE(lengths.size() > 47);
+        // 64 KiB in records of at most 1,400 bytes plus the cipher's overhead: 47 of them.
+        for (std::size_t i = 0; i < 47; ++i) {
+            CHECK(lengths[i] <= 1400 + 64);
+        }
+        CHECK(*std::max_element(lengths.begin(), lengths.end()) >= 16384);
+        CHECK(lengths.size() < 47 + 16); // the remaining 128 KiB in full records
+        // And the bytes still arrive intact.
+        Bytes delivered;
+        for (std::size_t at = 0; at < wire.size();) {
+            auto space = c->client.engine->cipherInSpace();
+            const std::size_t n = std::min(space.size(), wire.size() - at);
+            std::copy_n(wire.begin() + static_cast<std::ptrdiff_t>(at), n, space.begin());
+            c->client.engine->commitCipherIn(n);
+            at += n;
+            auto plain = c->client.engine->plainOut();
+            delivered.insert(delivered.end(), plain.begin(), plain.end());
+            c->client.engine->consumePlainOut(plain.size());
+        }
+        for (auto plain = c->client.engine->plainOut(); !plain.empty();
+             plain = c->client.engine->plainOut()) {
+            delivered.insert(delivered.end(), plain.begin(), plain.end());
+            c->client.engine->consumePlainOut(plain.size());
+        }
+        CHECK(delivered == data);
+    }
+}
+
 TEST_CASE("many records in one feed are all delivered without further input") {
     // LESSONS #1: one SSL_read per feed would leave all but the first record stuck.
     for (const TlsVersion v : {TlsVersion::tls13, TlsVersion::tls12}) {
