@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -30,11 +31,17 @@ struct Address {
     std::string text() const;
 };
 
+struct ClientAuth;
+
 /** A certificate chain and its private key (PEM files). */
 struct CertificateFiles {
     std::string cert; ///< leaf first, then intermediates; absolute after loading
     std::string key;  ///< absolute after loading
     std::string ocsp; ///< a DER OCSP response to staple, re-read when it changes; empty: none
+    /** ocsp = "auto": fetch the response from the certificate's OCSP responder (AIA URL). */
+    bool ocspFetch = false;
+    /** This certificate's own client_auth, replacing the listener's when its name is chosen. */
+    std::shared_ptr<const ClientAuth> clientAuth;
 };
 
 /** Protocol policy; a listener inherits [tls] and overrides what it names. */
@@ -63,6 +70,9 @@ struct TlsPolicy {
     std::uint64_t sessionCache = 20000;
     /** How long a session (cached or in a ticket) may be resumed. */
     Duration sessionLifetime = std::chrono::hours(1);
+    /** With ocsp = "auto": the longest time between two fetches of a certificate's response (it
+     * is also refreshed at half of the current response's remaining validity, if sooner). */
+    Duration ocspRefresh = std::chrono::hours(1);
 };
 
 /** What a listener does when the client offers ALPN protocols and none is configured. */
@@ -125,11 +135,24 @@ struct ListenerConfig {
     Timeouts timeouts;
     std::uint64_t maxConnections = 0; ///< 0: only the global limit applies
     int backlog = 511;
+    /**
+     * What identifies this listener's TLS context across reloads: its TOML table without the keys
+     * that do not affect TLS (listen, backend, timeouts, max_connections, backlog) and the [tls]
+     * table, as text. Set by loadConfig(); empty (never reused) when built in code.
+     */
+    std::string tlsIdentity;
+    /** Every string value of those tables taken as a path (absolute): the files whose changes
+     * make a reload rebuild the context. Strings that are not paths name no file and are harmless.
+     */
+    std::vector<std::string> tlsFiles;
 };
 
 /** The [global] table. */
 struct GlobalConfig {
     std::uint64_t maxConnections = 100000;
+    /** TLS handshakes one client IP address may have in progress at once, per worker; a
+     * connection beyond it is closed at accept. 0: no limit. */
+    std::uint64_t maxHandshakesPerIp = 64;
     Duration drainTimeout = std::chrono::seconds(30);
     LogLevel logLevel = LogLevel::info;
     Buffers buffers;

@@ -4,7 +4,7 @@
 # The Debian packages a developer machine or CI needs to build, test and demo sluice.
 SLUICE_PACKAGES=(
     meson ninja-build g++ pkg-config
-    libuv1-dev libssl-dev doctest-dev libtomlplusplus-dev
+    libuv1-dev libssl-dev doctest-dev libtomlplusplus-dev libcurl4-openssl-dev
     openssl curl gnutls-bin python3 clang-format cmake
 )
 

@@ -21,6 +21,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <sstream>
 #include <string_view>
 #include <vector>
 
@@ -368,7 +369,7 @@ public:
             checkKeys(tls, "tls",
                       {"min_version", "max_version", "ciphers", "ciphersuites", "groups",
                        "signature_algorithms", "session_tickets", "ticket_keys",
-                       "ticket_key_rotation", "session_cache", "session_lifetime"});
+                       "ticket_key_rotation", "session_cache", "session_lifetime", "ocsp_refresh"});
             loadTls(tls, "tls", config.tls);
         }
         const toml::node *node = root.get("listener");
@@ -387,6 +388,7 @@ public:
             const std::string key = element("listener", i);
             const toml::table &table = asTable((*listeners)[i], key);
             ListenerConfig listener = loadListener(table, key, config.tls);
+            identifyTls(table, root.get("tls"), listener);
             auto [previous, added] = names.emplace(listener.name, i);
             if (!added) {
                 const toml::node *where = table.get("name");
@@ -641,7 +643,7 @@ private:
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {
         checkKeys(table, "global",
                   {"max_connections", "drain_timeout", "log_level", "buffers", "workers", "user",
-                   "group"});
+                   "group", "max_handshakes_per_ip"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -662,6 +664,10 @@ private:
         if (const toml::node *node = table.get("max_connections")) {
             global.maxConnections =
                 static_cast<std::uint64_t>(integer(*node, "global.max_connections", 1, maxInt));
+        }
+        if (const toml::node *node = table.get("max_handshakes_per_ip")) {
+            global.maxHandshakesPerIp = static_cast<std::uint64_t>(
+                integer(*node, "global.max_handshakes_per_ip", 0, maxInt));
         }
         if (const toml::node *node = table.get("drain_timeout")) {
             global.drainTimeout = duration(*node, "global.drain_timeout");
@@ -737,6 +743,13 @@ private:
             policy.sessionCache = static_cast<std::uint64_t>(
                 integer(*node, child(path, "session_cache"), 0, 10'000'000));
         }
+        if (const toml::node *node = table.get("ocsp_refresh")) {
+            const std::string key = child(path, "ocsp_refresh");
+            policy.ocspRefresh = duration(*node, key);
+            if (policy.ocspRefresh < std::chrono::seconds(1)) {
+                fail(node->source(), key, "must be at least 1s");
+            }
+        }
         if (const toml::node *node = table.get("session_lifetime")) {
             const std::string key = child(path, "session_lifetime");
             policy.sessionLifetime = duration(*node, key);
@@ -759,7 +772,7 @@ private:
 
     CertificateFiles loadCertificate(const toml::node &node, const std::string &key) const {
         const toml::table &table = asTable(node, key);
-        checkKeys(table, key, {"cert", "key", "ocsp"});
+        checkKeys(table, key, {"cert", "key", "ocsp", "client_auth"});
         CertificateFiles files;
         files.cert = path(required(table, key, "cert"), child(key, "cert"));
         if (const toml::node *keyNode = table.get("key")) {
@@ -769,15 +782,29 @@ private:
         }
         if (const toml::node *ocsp = table.get("ocsp")) {
             if (ocsp->value_or(std::string_view()) == "auto") {
+#if SLUICE_HAVE_LIBCURL
+                files.ocspFetch = true;
+#else
                 fail(ocsp->source(), child(key, "ocsp"),
-                     "fetching OCSP responses (\"auto\") is not supported yet; name a DER file");
+                     "\"auto\" needs sluice built with libcurl (libcurl4-openssl-dev), which "
+                     "this build is not; name a DER file instead");
+#endif
+            } else {
+                files.ocsp = path(*ocsp, child(key, "ocsp"));
             }
-            files.ocsp = path(*ocsp, child(key, "ocsp"));
+        }
+        if (const toml::node *authNode = table.get("client_auth")) {
+            const std::string authKey = child(key, "client_auth");
+            auto auth = std::make_shared<ClientAuth>();
+            loadClientAuth(asTable(*authNode, authKey), authKey, *auth);
+            files.clientAuth = std::move(auth);
         }
         return files;
     }
 
-    static bool isHex(char c) { return isDigit(c) || (c >= 'a' && c <= 'f'); }
+    static bool isHex(char c) {
+        return isDigit(c) || (c >= 'a' && c <= 'f');
+    }
 
     /** 64 hex digits, optionally separated by ':', to lowercase hex. */
     std::string spkiPin(const toml::node &node, const std::string &key) const {
@@ -869,6 +896,40 @@ private:
         }
     }
 
+    /** Sets listener.tlsIdentity and listener.tlsFiles (see config.hpp). */
+    void identifyTls(const toml::table &table, const toml::node *tls,
+                     ListenerConfig &listener) const {
+        toml::table relevant = table;
+        for (const char *key : {"listen", "backend", "timeouts", "max_connections", "backlog"}) {
+            relevant.erase(key);
+        }
+        std::ostringstream text;
+        text << "base " << base_.string() << "\n" << relevant << "\n[tls]\n";
+        if (tls != nullptr && tls->is_table()) {
+            text << *tls->as_table();
+        }
+        listener.tlsIdentity = text.str();
+        auto collect = [&](auto &self, const toml::node &node) -> void {
+            if (const auto *value = node.as_string()) {
+                if (!value->get().empty()) {
+                    listener.tlsFiles.push_back(resolve(base_, value->get()));
+                }
+            } else if (const auto *inner = node.as_table()) {
+                for (auto &&[key, child] : *inner) {
+                    self(self, child);
+                }
+            } else if (const auto *array = node.as_array()) {
+                for (const auto &child : *array) {
+                    self(self, child);
+                }
+            }
+        };
+        collect(collect, relevant);
+        if (tls != nullptr) {
+            collect(collect, *tls);
+        }
+    }
+
     ListenerConfig loadListener(const toml::table &table, const std::string &path,
                                 const TlsPolicy &defaults) const {
         checkKeys(table, path,
@@ -892,6 +953,7 @@ private:
                    "ticket_key_rotation",
                    "session_cache",
                    "session_lifetime",
+                   "ocsp_refresh",
                    "timeouts",
                    "max_connections",
                    "backlog"});

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <fcntl.h>
 #include <grp.h>
 #include <memory>
 #include <optional>
@@ -20,6 +21,7 @@
 
 #include <sluice/config.hpp>
 
+#include "daemon/activation.hpp"
 #include "daemon/worker.hpp"
 #include "net/listen_socket.hpp"
 #include "ops/access_log.hpp"
@@ -161,11 +163,37 @@ struct PlannedSocket {
     std::string text;
     sluice::net::SocketAddress address;
     int backlog = 511;
+    int activatedFd = -1; ///< a socket systemd passed (owned by the daemon), or -1: bind one
 };
 
-std::vector<PlannedSocket> planSockets(const sluice::Config &config) {
+/**
+ * The sockets the configuration needs. A listener that systemd passed sockets for by name takes
+ * those instead of its configured addresses; a configured address that an unnamed activated
+ * socket is bound to takes that socket. The result depends only on the configuration and the
+ * activated sockets, so the keys of activated sockets stay the same across reloads.
+ */
+std::vector<PlannedSocket>
+planSockets(const sluice::Config &config,
+            const std::vector<sluice::daemon::ActivatedSocket> &activated = {}) {
     std::vector<PlannedSocket> plan;
+    std::vector<std::string> names;
     for (const auto &listener : config.listeners) {
+        names.push_back(listener.name);
+    }
+    for (const auto &listener : config.listeners) {
+        const auto named = sluice::daemon::namedFor(activated, listener.name);
+        for (const auto *socket : named) {
+            PlannedSocket planned;
+            planned.name = listener.name;
+            planned.text = socket->localText;
+            planned.key = listener.name + " systemd:" + socket->localText;
+            planned.backlog = listener.backlog;
+            planned.activatedFd = socket->fd;
+            plan.push_back(std::move(planned));
+        }
+        if (!named.empty()) {
+            continue;
+        }
         for (const auto &address : listener.listen) {
             PlannedSocket socket;
             socket.name = listener.name;
@@ -177,6 +205,10 @@ std::vector<PlannedSocket> planSockets(const sluice::Config &config) {
                 throw std::runtime_error("listener " + listener.name + ": listen " + e.what());
             }
             socket.backlog = listener.backlog;
+            if (const auto *found = sluice::daemon::unnamedAt(activated, names, socket.address)) {
+                socket.key = listener.name + " systemd:" + found->localText;
+                socket.activatedFd = found->fd;
+            }
             plan.push_back(std::move(socket));
         }
     }
@@ -195,6 +227,17 @@ openSockets(const std::vector<PlannedSocket> &plan, unsigned workers) {
         for (const auto &planned : plan) {
             sluice::net::SocketAddress address = planned.address;
             for (unsigned w = 0; w < workers; ++w) {
+                if (planned.activatedFd >= 0) {
+                    // Each worker owns (and one day closes) a dup: the daemon keeps the socket
+                    // systemd passed. The dups share the socket's single accept queue.
+                    const int fd = ::fcntl(planned.activatedFd, F_DUPFD_CLOEXEC, 0);
+                    if (fd < 0) {
+                        throw std::runtime_error("listen " + planned.key +
+                                                 ": dup: " + std::strerror(errno));
+                    }
+                    byWorker[w].push_back({planned.key, planned.name, fd});
+                    continue;
+                }
                 const int fd =
                     sluice::net::openListenSocket(address, planned.text, planned.backlog);
                 byWorker[w].push_back({planned.key, planned.name, fd});
@@ -270,6 +313,11 @@ public:
         uv_signal_start(&user1_, onReopen, SIGUSR1);
         uv_async_init(loop_, &exited_, onWorkerExited);
         exited_.data = this;
+    }
+
+    /** The sockets systemd passed; kept open for the daemon's life and matched on reload. */
+    void keepActivated(std::vector<sluice::daemon::ActivatedSocket> activated) {
+        activated_ = std::move(activated);
     }
 
     /** Called from a worker thread when its loop has ended. */
@@ -370,7 +418,7 @@ private:
                     " reason=\"the worker count changes on restart only\"");
             }
             runtime = sluice::proxy::buildRuntime(config, workers);
-            plan = planSockets(config);
+            plan = planSockets(config, activated_);
             accessLog = sluice::ops::AccessLog::open(config.log);
         } catch (const std::exception &e) {
             reloadFailed(e.what());
@@ -487,6 +535,7 @@ private:
     std::unique_ptr<sluice::ops::Admin> admin_;
     sluice::ops::systemd::Watchdog watchdog_;
     std::vector<std::string> keys_; // the listen sockets open now, by key
+    std::vector<sluice::daemon::ActivatedSocket> activated_;
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
     uv_signal_t hangup_{};
@@ -508,11 +557,24 @@ int run(const Options &options) {
     sluice::log::setLevel(config.global.logLevel);
     const unsigned workers = workerCount(config);
 
+    // Taken before any thread starts (building TLS contexts may start some): taking them unsets
+    // the LISTEN_* variables, and unsetenv() is not thread-safe. --check leaves them alone.
+    std::vector<sluice::daemon::ActivatedSocket> activated;
     std::shared_ptr<const sluice::proxy::Runtime> runtime;
     std::vector<PlannedSocket> plan;
     try {
+        if (!options.check) {
+            activated = sluice::daemon::takeActivatedSockets();
+        }
         runtime = sluice::proxy::buildRuntime(config, workers);
-        plan = planSockets(config);
+        plan = planSockets(config, activated);
+        if (!activated.empty()) {
+            std::vector<int> used;
+            for (const auto &planned : plan) {
+                used.push_back(planned.activatedFd);
+            }
+            sluice::daemon::reportUnused(activated, used);
+        }
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s: %s\n", options.config.c_str(), e.what());
         return exitConfig;
@@ -551,6 +613,7 @@ int run(const Options &options) {
         daemon = std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(plan),
                                           runtime, std::move(pool), accessLog);
         owner = daemon.get();
+        daemon->keepActivated(std::move(activated));
         daemon->startAdmin();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s\n", e.what());

@@ -110,6 +110,10 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
     e.family("sluice_accept_errors_total", "counter",
              "accept() failures (for example, out of file descriptors).");
     e.sample("sluice_accept_errors_total", {}, s.acceptErrors);
+    e.family("sluice_handshake_limited_total", "counter",
+             "Connections closed at accept because their IP address already had "
+             "global.max_handshakes_per_ip handshakes in progress.");
+    e.sample("sluice_handshake_limited_total", {}, s.handshakeLimited);
 
     e.family("sluice_handshakes_total", "counter",
              "TLS handshakes by result: ok, failed (alert), timeout, aborted (peer left).");

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <sys/socket.h>
 
 #include "net/address.hpp"
 #include "proxy/server.hpp"
@@ -27,8 +28,14 @@ std::string quoted(std::string_view text) {
 } // namespace
 
 void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client) {
+                       uv_tcp_t *client, std::string ipKey) {
     auto *connection = new Connection(server, std::move(settings), client);
+    connection->ipKey_ = std::move(ipKey);
+    if (connection->closing_) {
+        server.handshakeEnded(connection->ipKey_); // the constructor failed and closed it
+    } else {
+        connection->handshakeCounted_ = true;
+    }
     server.connectionOpened(connection, *connection->settings_);
     connection->pump();
 }
@@ -127,6 +134,7 @@ void Connection::pump() {
             }
             if (status.handshakeDone && !backendStarted_ && !status.failed) {
                 if (handshakeNanos_ < 0) {
+                    endHandshakeCount();
                     const auto &info = engine_->handshake();
                     handshakeNanos_ = static_cast<std::int64_t>(uv_hrtime() - acceptedHr_);
                     stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
@@ -195,6 +203,20 @@ bool Connection::feedEngine() {
 }
 
 namespace {
+
+/** The socket's pending error as a libuv code (SO_ERROR, cleared by reading it), or 0. */
+int pendingSocketError(uv_stream_t *stream) {
+    uv_os_fd_t fd = -1;
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(stream), &fd) != 0) {
+        return 0;
+    }
+    int error = 0;
+    socklen_t length = sizeof error;
+    if (getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length) != 0) {
+        return 0;
+    }
+    return error == 0 ? 0 : uv_translate_sys_error(error);
+}
 
 /**
  * Sends `bytes` on `stream`: returns how many the socket took at once; when it took none
@@ -591,11 +613,19 @@ void Connection::recordClose() {
     emitConnectionRecord(record);
 }
 
+void Connection::endHandshakeCount() {
+    if (handshakeCounted_) {
+        handshakeCounted_ = false;
+        server_.handshakeEnded(ipKey_);
+    }
+}
+
 void Connection::closeAll() {
     if (closing_) {
         return;
     }
     closing_ = true;
+    endHandshakeCount();
     recordClose();
     if (log::enabled(LogLevel::debug)) {
         log::debug("connection-closed listener=" + settings_->name + " peer=" + peer_ +
@@ -744,6 +774,13 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     } else if (nread == UV_EOF) {
         uv_read_stop(stream);
         self->backendReading_ = false;
+        // Linux reports a reset that arrives behind queued data as a plain EOF (read returns 0
+        // once the socket is done); the pending socket error tells the two apart, and a reset
+        // must not become a clean close_notify (faults.backend_resets_mid_stream_others_...).
+        if (const int reset = pendingSocketError(stream); reset != 0) {
+            self->backendFailed("read", reset);
+            return;
+        }
         self->backendEof_ = true;
         self->touch();
         self->armTimer();

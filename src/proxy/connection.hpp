@@ -35,9 +35,13 @@ struct ListenerSettings;
  */
 class Connection {
 public:
-    /** Takes a freshly initialised, accepted client handle (allocated by the caller). */
+    /**
+     * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
+     * the client address the caller counted with Server::handshakeStarting(); the connection
+     * calls handshakeEnded() once, when its handshake completes or it closes, whichever is first.
+     */
     static void start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                      uv_tcp_t *client);
+                      uv_tcp_t *client, std::string ipKey = {});
 
     Connection(const Connection &) = delete;
     Connection &operator=(const Connection &) = delete;
@@ -91,6 +95,9 @@ private:
     std::shared_ptr<const ListenerSettings> settings_;
     std::unique_ptr<Engine> engine_;
     std::string peer_;
+    std::string ipKey_;             // counted in the server's handshakes-by-IP until ...
+    bool handshakeCounted_ = false; // ... this turns false: handshake done or closing
+    void endHandshakeCount();
 
     uv_tcp_t *client_; // owned; freed after its close callback
     union {

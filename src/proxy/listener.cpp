@@ -97,7 +97,21 @@ void Listener::acceptOne() {
         return;
     }
     server_.counters().accepted++;
-    Connection::start(server_, settings_, client);
+    uv_os_fd_t fd = -1;
+    std::string ipKey;
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) == 0) {
+        ipKey = clientIpKey(fd);
+    }
+    if (!server_.handshakeStarting(ipKey)) {
+        // This address already has its limit of handshakes in progress: close at once, before
+        // any TLS work, so one source cannot hold every slot with silent connections.
+        server_.counters().handshakeLimited++;
+        stats().handshakeLimited();
+        uv_close(reinterpret_cast<uv_handle_t *>(client),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+        return;
+    }
+    Connection::start(server_, settings_, client, std::move(ipKey));
 }
 
 void Listener::retryAccept() {

@@ -1,7 +1,9 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
+#include <netinet/in.h>
 #include <stdexcept>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "proxy/connection.hpp"
@@ -28,10 +30,11 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     };
     runtime->maxConnections = share(config.global.maxConnections);
     runtime->drainTimeout = config.global.drainTimeout;
+    runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
     for (const auto &listener : config.listeners) {
         auto settings = std::make_shared<ListenerSettings>();
         settings->name = listener.name;
-        settings->context = tls::makeServerContext(listener);
+        settings->context = tls::serverContextFor(listener);
         try {
             settings->backend = net::resolve(listener.backend);
         } catch (const std::exception &e) {
@@ -113,6 +116,47 @@ bool Server::admits(const ListenerSettings &settings) const {
     }
     auto found = perListener_.find(settings.name);
     return found == perListener_.end() || found->second < settings.maxConnections;
+}
+
+std::string clientIpKey(int fd) {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (::getpeername(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
+        return {};
+    }
+    if (storage.ss_family == AF_INET) {
+        const auto &in = reinterpret_cast<const sockaddr_in &>(storage);
+        return std::string("4") +
+               std::string(reinterpret_cast<const char *>(&in.sin_addr), sizeof in.sin_addr);
+    }
+    if (storage.ss_family == AF_INET6) {
+        const auto &in6 = reinterpret_cast<const sockaddr_in6 &>(storage);
+        return std::string("6") +
+               std::string(reinterpret_cast<const char *>(&in6.sin6_addr), sizeof in6.sin6_addr);
+    }
+    return {};
+}
+
+bool Server::handshakeStarting(const std::string &ipKey) {
+    if (ipKey.empty()) {
+        return true;
+    }
+    std::uint64_t &count = handshakesByIp_[ipKey];
+    if (runtime_->maxHandshakesPerIp != 0 && count >= runtime_->maxHandshakesPerIp) {
+        if (count == 0) {
+            handshakesByIp_.erase(ipKey);
+        }
+        return false;
+    }
+    ++count;
+    return true;
+}
+
+void Server::handshakeEnded(const std::string &ipKey) {
+    auto found = handshakesByIp_.find(ipKey);
+    if (found != handshakesByIp_.end() && --found->second == 0) {
+        handshakesByIp_.erase(found);
+    }
 }
 
 void Server::connectionOpened(Connection *connection, const ListenerSettings &settings) {

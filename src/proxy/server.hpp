@@ -37,7 +37,8 @@ struct ListenerSettings {
 /** One generation of configuration: what every connection accepted under it shares. */
 struct Runtime {
     std::vector<std::shared_ptr<const ListenerSettings>> listeners;
-    std::uint64_t maxConnections = 0; ///< this worker's share of global.max_connections
+    std::uint64_t maxConnections = 0;     ///< this worker's share of global.max_connections
+    std::uint64_t maxHandshakesPerIp = 0; ///< per worker (not divided); 0: no limit
     Duration drainTimeout{};
 
     /** The listener named `name`, or null. */
@@ -65,7 +66,14 @@ struct ServerStats {
     std::uint64_t backendFailures = 0;
     std::uint64_t timeouts = 0;
     std::uint64_t acceptErrors = 0;
+    std::uint64_t handshakeLimited = 0;
 };
+
+/**
+ * The client IP address of an accepted socket as a map key (family and address bytes, no port);
+ * empty when it has none (a UNIX socket), which no limit applies to.
+ */
+std::string clientIpKey(int fd);
 
 /**
  * Runs listeners on a caller's loop. All calls happen on the loop's thread. Each connection
@@ -111,6 +119,12 @@ public:
     bool admits(const ListenerSettings &settings) const;
     void connectionOpened(Connection *connection, const ListenerSettings &settings);
     void connectionClosed(Connection *connection, const ListenerSettings &settings);
+    /**
+     * Counts a handshake starting from `ipKey`; false (nothing counted) when that address
+     * already has the limit's worth in progress. Every true is matched by one handshakeEnded().
+     */
+    bool handshakeStarting(const std::string &ipKey);
+    void handshakeEnded(const std::string &ipKey);
     ServerStats &counters() { return stats_; }
 
 private:
@@ -124,6 +138,9 @@ private:
     std::vector<std::unique_ptr<Listener>> listeners_;
     std::unordered_set<Connection *> connections_;
     std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
+    // Handshakes in progress by client IP; an entry exists only while its count is above zero,
+    // so the map's size is bounded by the connections open, whatever addresses connect.
+    std::unordered_map<std::string, std::uint64_t> handshakesByIp_;
     ServerStats stats_;
     uv_timer_t *drainTimer_ = nullptr;
     std::function<void(bool)> drained_;

@@ -175,6 +175,7 @@ StatsSnapshot Stats::snapshot() const {
     out.bytesClientToBackend = bytesUp_.load(relaxed);
     out.bytesBackendToClient = bytesDown_.load(relaxed);
     out.acceptErrors = acceptErrors_.load(relaxed);
+    out.handshakeLimited = handshakeLimited_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);
     out.startUnixSeconds = startUnixSeconds_;
@@ -204,6 +205,7 @@ void Stats::resetForTests() {
     bytesUp_ = 0;
     bytesDown_ = 0;
     acceptErrors_ = 0;
+    handshakeLimited_ = 0;
     reloadsOk_ = 0;
     reloadsFailed_ = 0;
     std::lock_guard lock(reloadMutex_);

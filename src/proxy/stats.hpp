@@ -86,6 +86,7 @@ struct StatsSnapshot {
     std::uint64_t bytesClientToBackend = 0;
     std::uint64_t bytesBackendToClient = 0;
     std::uint64_t acceptErrors = 0;
+    std::uint64_t handshakeLimited = 0; ///< closed at accept: their IP had too many handshakes
     std::uint64_t reloadsOk = 0;
     std::uint64_t reloadsFailed = 0;
     std::int64_t lastReloadUnixSeconds = 0; ///< 0: no reload yet
@@ -111,6 +112,8 @@ public:
     void bytesClientToBackend(std::uint64_t n) { bytesUp_.fetch_add(n, relaxed); }
     void bytesBackendToClient(std::uint64_t n) { bytesDown_.fetch_add(n, relaxed); }
     void acceptError() { acceptErrors_.fetch_add(1, relaxed); }
+    /** A connection closed at accept by global.max_handshakes_per_ip. */
+    void handshakeLimited() { handshakeLimited_.fetch_add(1, relaxed); }
     /** Records the outcome of a reload (SIGHUP or API): counted, and shown by /status. */
     void recordReload(bool ok, std::string message);
 
@@ -134,6 +137,7 @@ private:
     std::atomic<std::uint64_t> bytesUp_{0};
     std::atomic<std::uint64_t> bytesDown_{0};
     std::atomic<std::uint64_t> acceptErrors_{0};
+    std::atomic<std::uint64_t> handshakeLimited_{0};
     std::atomic<std::uint64_t> reloadsOk_{0};
     std::atomic<std::uint64_t> reloadsFailed_{0};
     std::int64_t startUnixSeconds_ = 0;

@@ -115,6 +115,8 @@ void CertificateStore::load(const CertificateFiles &files) {
     LoadedCertificate loaded;
     loaded.certFile = files.cert;
     loaded.ocspFile = files.ocsp;
+    loaded.ocspFetch = files.ocspFetch;
+    loaded.clientAuth = files.clientAuth;
     loaded.leaf = PEM_read_bio_X509_AUX(bio.get(), nullptr, nullptr, nullptr);
     if (loaded.leaf == nullptr) {
         raise("certificate " + files.cert + ": cannot load");

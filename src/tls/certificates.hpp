@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstddef>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -31,8 +32,10 @@ struct LoadedCertificate {
     evp_pkey_st *key = nullptr;
     int keyType = 0; ///< EVP_PKEY_get_base_id(key)
     std::string certFile;
-    std::string ocspFile;           ///< empty: no staple
-    std::vector<std::string> names; ///< DNS SANs (or the CN without SANs), as written
+    std::string ocspFile;   ///< empty: no staple
+    bool ocspFetch = false; ///< fetch the staple from the responder (ocsp = "auto")
+    std::shared_ptr<const ClientAuth> clientAuth; ///< overrides the listener's; null: none
+    std::vector<std::string> names;               ///< DNS SANs (or the CN without SANs), as written
 };
 
 /** The certificates of one listener and the name -> set table. */

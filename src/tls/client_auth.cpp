@@ -58,6 +58,12 @@ std::string describe(const PeerNames &names) {
     return out;
 }
 
+/** The SSL ex_data slot holding a connection's per-name `const ClientAuth *`, if any. */
+int connectionAuthIndex() {
+    static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+    return index;
+}
+
 /** The verify callback: says why a chain failed, and applies the allow lists to the leaf. */
 int verifyCallback(int ok, X509_STORE_CTX *store) {
     auto *ssl =
@@ -76,8 +82,12 @@ int verifyCallback(int ok, X509_STORE_CTX *store) {
     if (depth != 0 || ssl == nullptr || cert == nullptr) {
         return 1;
     }
-    const auto *auth = static_cast<const ClientAuth *>(
-        SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), clientAuthIndex()));
+    // A per-name policy on the connection wins over the listener's.
+    const auto *auth = static_cast<const ClientAuth *>(SSL_get_ex_data(ssl, connectionAuthIndex()));
+    if (auth == nullptr) {
+        auth = static_cast<const ClientAuth *>(
+            SSL_CTX_get_ex_data(SSL_get_SSL_CTX(ssl), clientAuthIndex()));
+    }
     if (auth == nullptr || !hasAllowLists(*auth)) {
         return 1;
     }
@@ -201,12 +211,15 @@ bool allowedByLists(const ClientAuth &auth, const PeerNames &names, std::string 
     return false;
 }
 
-void applyClientAuth(SSL_CTX *ctx, const ClientAuth &auth) {
-    if (auth.mode == ClientAuthMode::none) {
-        return;
-    }
+namespace {
+
+/** Adds the CRLs of `auth` to `store` and turns CRL checking on. Throws. */
+void loadCrls(X509_STORE *store, const ClientAuth &auth);
+
+/** Loads the CA bundle and CRLs of `auth` into `store`; returns the CA names. Throws. */
+STACK_OF(X509_NAME) * loadTrust(X509_STORE *store, const ClientAuth &auth) {
     ERR_clear_error();
-    if (SSL_CTX_load_verify_locations(ctx, auth.ca.c_str(), nullptr) != 1) {
+    if (X509_STORE_load_file(store, auth.ca.c_str()) != 1) {
         throw TlsError("client_auth.ca " + auth.ca + ": cannot load: " + drainErrors().reason);
     }
     // The CA names go into the CertificateRequest so clients with several certificates pick the
@@ -216,8 +229,90 @@ void applyClientAuth(SSL_CTX *ctx, const ClientAuth &auth) {
         throw TlsError("client_auth.ca " + auth.ca +
                        ": no CA certificate in it: " + drainErrors().reason);
     }
-    SSL_CTX_set_client_CA_list(ctx, names);
-    X509_STORE *store = SSL_CTX_get_cert_store(ctx);
+    try {
+        loadCrls(store, auth);
+    } catch (...) {
+        sk_X509_NAME_pop_free(names, X509_NAME_free);
+        throw;
+    }
+    return names;
+}
+
+int verifyMode(const ClientAuth &auth) {
+    switch (auth.mode) {
+    case ClientAuthMode::none:
+        return SSL_VERIFY_NONE;
+    case ClientAuthMode::optional:
+        return SSL_VERIFY_PEER;
+    case ClientAuthMode::required:
+        return SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
+    }
+    return SSL_VERIFY_NONE;
+}
+
+} // namespace
+
+void applyClientAuth(SSL_CTX *ctx, const ClientAuth &auth) {
+    if (auth.mode == ClientAuthMode::none) {
+        return;
+    }
+    SSL_CTX_set_client_CA_list(ctx, loadTrust(SSL_CTX_get_cert_store(ctx), auth));
+    SSL_CTX_set_verify_depth(ctx, auth.verifyDepth);
+    SSL_CTX_set_verify(ctx, verifyMode(auth), verifyCallback);
+}
+
+ConnectionClientAuth::ConnectionClientAuth(const ClientAuth &auth,
+                                           const std::string &sessionContext)
+    : auth_(auth) {
+    unsigned int length = 0;
+    EVP_Digest(sessionContext.data(), sessionContext.size(), sessionContext_, &length, EVP_sha256(),
+               nullptr);
+    if (auth_.mode == ClientAuthMode::none) {
+        return;
+    }
+    store_ = X509_STORE_new();
+    if (store_ == nullptr) {
+        throw TlsError("client_auth: cannot create a trust store: " + drainErrors().reason);
+    }
+    try {
+        caNames_ = loadTrust(store_, auth_);
+    } catch (...) {
+        X509_STORE_free(store_);
+        throw;
+    }
+}
+
+ConnectionClientAuth::~ConnectionClientAuth() {
+    X509_STORE_free(store_);
+    sk_X509_NAME_pop_free(caNames_, X509_NAME_free);
+}
+
+bool ConnectionClientAuth::apply(SSL *ssl) const {
+    // Without its own session-ID context, a TLS 1.3 ticket from a name without client
+    // certificates would resume under this policy and skip it (test_client_auth_per_sni_name).
+    if (SSL_set_session_id_context(ssl, sessionContext_, sizeof sessionContext_) != 1 ||
+        SSL_set_ex_data(ssl, connectionAuthIndex(), const_cast<ClientAuth *>(&auth_)) != 1) {
+        return false;
+    }
+    if (auth_.mode == ClientAuthMode::none) {
+        SSL_set_verify(ssl, SSL_VERIFY_NONE, nullptr);
+        SSL_set_client_CA_list(ssl, sk_X509_NAME_new_null());
+        return true;
+    }
+    STACK_OF(X509_NAME) *names = SSL_dup_CA_list(caNames_);
+    if (names == nullptr || SSL_set1_verify_cert_store(ssl, store_) != 1) {
+        sk_X509_NAME_pop_free(names, X509_NAME_free);
+        return false;
+    }
+    SSL_set_client_CA_list(ssl, names); // the connection owns the copy
+    SSL_set_verify_depth(ssl, auth_.verifyDepth);
+    SSL_set_verify(ssl, verifyMode(auth_), verifyCallback);
+    return true;
+}
+
+namespace {
+
+void loadCrls(X509_STORE *store, const ClientAuth &auth) {
     for (const auto &file : auth.crl) {
         std::unique_ptr<BIO, Deleter<BIO, BIO_free_all>> bio(BIO_new_file(file.c_str(), "r"));
         if (!bio) {
@@ -241,12 +336,8 @@ void applyClientAuth(SSL_CTX *ctx, const ClientAuth &auth) {
         // The leaf is checked; intermediates would need a CRL each (X509_V_FLAG_CRL_CHECK_ALL).
         X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK);
     }
-    SSL_CTX_set_verify_depth(ctx, auth.verifyDepth);
-    int mode = SSL_VERIFY_PEER;
-    if (auth.mode == ClientAuthMode::required) {
-        mode |= SSL_VERIFY_FAIL_IF_NO_PEER_CERT;
-    }
-    SSL_CTX_set_verify(ctx, mode, verifyCallback);
 }
+
+} // namespace
 
 } // namespace sluice::tls

@@ -10,7 +10,10 @@
 #include <sluice/config.hpp>
 
 struct ssl_ctx_st;
+struct ssl_st;
 struct x509_st;
+struct x509_store_st;
+struct stack_st_X509_NAME;
 
 namespace sluice::tls {
 
@@ -44,5 +47,30 @@ int clientAuthIndex();
 
 /** Applies `auth` to a server context: store, CRLs, CA names, depth, verify mode. Throws. */
 void applyClientAuth(ssl_ctx_st *ctx, const ClientAuth &auth);
+
+/**
+ * A certificate's own client_auth (per SNI name), loaded once with the context and applied to
+ * each connection that selects that certificate, from the client-hello callback. It replaces
+ * the listener's policy for the connection: verify mode, depth, trust store with its CRLs, the
+ * CA names sent in the CertificateRequest, the allow lists and the session-ID context (so a
+ * session from one policy never resumes under another).
+ */
+class ConnectionClientAuth {
+public:
+    /** Loads the CA bundle and CRLs of `auth`; `sessionContext` tells policies apart. Throws. */
+    ConnectionClientAuth(const ClientAuth &auth, const std::string &sessionContext);
+    ~ConnectionClientAuth();
+    ConnectionClientAuth(const ConnectionClientAuth &) = delete;
+    ConnectionClientAuth &operator=(const ConnectionClientAuth &) = delete;
+
+    /** Puts the policy on `ssl` (before its ClientHello is processed); false on failure. */
+    bool apply(ssl_st *ssl) const;
+
+private:
+    ClientAuth auth_;
+    x509_store_st *store_ = nullptr;        // owned; null for mode none
+    stack_st_X509_NAME *caNames_ = nullptr; // owned; copied onto each connection
+    unsigned char sessionContext_[32] = {}; // SHA-256 of the listener and policy
+};
 
 } // namespace sluice::tls

@@ -5,6 +5,10 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <sys/stat.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -84,6 +88,9 @@ struct ServerState {
     std::vector<std::string> alpn;
     AlpnMismatch alpnMismatch = AlpnMismatch::proceed;
     ClientAuth clientAuth;
+    /** Per-name client_auth policies, and which one (if any) each certificate carries. */
+    std::vector<std::unique_ptr<ConnectionClientAuth>> nameAuth;
+    std::vector<const ConnectionClientAuth *> authByCertificate;
     std::unique_ptr<TicketKeyRing> tickets;
     OcspStapler ocsp; // last: its watcher thread stops first
 };
@@ -129,16 +136,40 @@ std::string_view sniFromExtension(const unsigned char *data, std::size_t length)
     return {};
 }
 
+/** The client_auth of the certificates in `set`, if one of them has its own. */
+const ConnectionClientAuth *nameAuthOf(const ServerState &state,
+                                       const std::vector<std::size_t> &set) {
+    for (const std::size_t index : set) {
+        if (index < state.authByCertificate.size() && state.authByCertificate[index] != nullptr) {
+            return state.authByCertificate[index];
+        }
+    }
+    return nullptr;
+}
+
+/** Puts the chosen certificates' own client_auth (if any) on the connection. */
+int applyNameAuth(SSL *ssl, int *alert, const ServerState &state,
+                  const std::vector<std::size_t> &set) {
+    const ConnectionClientAuth *auth = nameAuthOf(state, set);
+    if (auth != nullptr && !auth->apply(ssl)) {
+        *alert = SSL_AD_INTERNAL_ERROR;
+        return SSL_CLIENT_HELLO_ERROR;
+    }
+    return SSL_CLIENT_HELLO_SUCCESS;
+}
+
 /**
- * Picks the connection's certificates from its SNI: the only decision made here. Unknown names
- * keep the defaults, or fail with unrecognized_name under strict_sni.
+ * Picks the connection's certificates from its SNI, and with them the client_auth policy when
+ * those certificates carry their own. Unknown names keep the defaults, or fail with
+ * unrecognized_name under strict_sni.
  */
 int clientHelloCallback(SSL *ssl, int *alert, void *arg) {
     const auto *state = static_cast<const ServerState *>(arg);
     const unsigned char *data = nullptr;
     std::size_t length = 0;
     if (SSL_client_hello_get0_ext(ssl, TLSEXT_TYPE_server_name, &data, &length) != 1) {
-        return SSL_CLIENT_HELLO_SUCCESS; // no SNI: the context's defaults
+        // No SNI: the context's defaults.
+        return applyNameAuth(ssl, alert, *state, state->certificates.defaultSet());
     }
     const std::string_view name = sniFromExtension(data, length);
     const std::vector<std::size_t> *set = name.empty() ? nullptr : state->certificates.find(name);
@@ -149,16 +180,13 @@ int clientHelloCallback(SSL *ssl, int *alert, void *arg) {
                            static_cast<int>(std::min<std::size_t>(name.size(), 255)), name.data());
             return SSL_CLIENT_HELLO_ERROR;
         }
-        return SSL_CLIENT_HELLO_SUCCESS;
+        return applyNameAuth(ssl, alert, *state, state->certificates.defaultSet());
     }
-    if (set == &state->certificates.defaultSet()) {
-        return SSL_CLIENT_HELLO_SUCCESS;
-    }
-    if (!state->certificates.install(ssl, *set)) {
+    if (set != &state->certificates.defaultSet() && !state->certificates.install(ssl, *set)) {
         *alert = SSL_AD_INTERNAL_ERROR;
         return SSL_CLIENT_HELLO_ERROR;
     }
-    return SSL_CLIENT_HELLO_SUCCESS;
+    return applyNameAuth(ssl, alert, *state, *set);
 }
 
 /** Our first protocol (in our order) that the client also offers. */
@@ -277,6 +305,24 @@ ContextPtr makeServerContext(const ListenerConfig &listener) {
         for (const auto &c : state->certificates.certificates()) {
             if (!c.ocspFile.empty()) {
                 state->ocsp.add(c.leaf, c.chain, c.ocspFile);
+            } else if (c.ocspFetch) {
+                state->ocsp.addFetched(
+                    c.leaf, c.chain, c.certFile,
+                    std::chrono::duration_cast<std::chrono::seconds>(listener.tls.ocspRefresh));
+            }
+        }
+        const auto &loaded = state->certificates.certificates();
+        state->authByCertificate.assign(loaded.size(), nullptr);
+        for (std::size_t i = 0; i < loaded.size(); ++i) {
+            if (loaded[i].clientAuth) {
+                try {
+                    state->nameAuth.push_back(std::make_unique<ConnectionClientAuth>(
+                        *loaded[i].clientAuth,
+                        listener.name + '\0' + std::to_string(state->nameAuth.size())));
+                } catch (const TlsError &e) {
+                    throw TlsError("certificate " + loaded[i].certFile + ": " + e.what());
+                }
+                state->authByCertificate[i] = state->nameAuth.back().get();
             }
         }
         SSL_CTX_set_client_hello_cb(ctx.get(), clientHelloCallback, state);
@@ -303,6 +349,65 @@ ContextPtr makeServerContext(const ListenerConfig &listener) {
         static_cast<unsigned>(std::min<std::size_t>(listener.name.size(), SSL_MAX_SID_CTX_LENGTH)));
     state->ocsp.start();
     return ctx;
+}
+
+namespace {
+
+/** "path dev:ino size mtime ctime" lines for `path` and, for a folder, its entries. */
+void stampFile(const std::string &path, int depth, std::string &out) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+        out += path + " -\n";
+        return;
+    }
+    out += path + " " + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + " " +
+           std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec) + " " + std::to_string(st.st_ctim.tv_sec) + "." +
+           std::to_string(st.st_ctim.tv_nsec) + "\n";
+    if (!S_ISDIR(st.st_mode) || depth >= 2) {
+        return;
+    }
+    std::vector<std::string> entries;
+    std::error_code error;
+    for (const auto &entry : std::filesystem::directory_iterator(path, error)) {
+        entries.push_back(entry.path().string());
+    }
+    std::sort(entries.begin(), entries.end());
+    for (const auto &entry : entries) {
+        stampFile(entry, depth + 1, out);
+    }
+}
+
+} // namespace
+
+ContextPtr serverContextFor(const ListenerConfig &listener) {
+    if (listener.tlsIdentity.empty()) {
+        return makeServerContext(listener);
+    }
+    // The name is part of the context (its certificate summaries say which listener).
+    std::string key = listener.name + '\0' + listener.tlsIdentity + '\0';
+    for (const auto &file : listener.tlsFiles) {
+        stampFile(file, 0, key);
+    }
+    static std::mutex mutex;
+    static std::map<std::string, std::weak_ptr<ssl_ctx_st>> cache;
+    {
+        std::lock_guard lock(mutex);
+        for (auto it = cache.begin(); it != cache.end();) {
+            it = it->second.expired() ? cache.erase(it) : std::next(it);
+        }
+        auto found = cache.find(key);
+        if (found != cache.end()) {
+            if (ContextPtr context = found->second.lock()) {
+                log::info("tls-context-reused listener=" + listener.name);
+                return context;
+            }
+        }
+    }
+    ContextPtr context = makeServerContext(listener);
+    std::lock_guard lock(mutex);
+    cache[key] = context;
+    return context;
 }
 
 ContextPtr makeClientContext(const ClientContextOptions &options) {

@@ -31,6 +31,16 @@ using ContextPtr = std::shared_ptr<ssl_ctx_st>;
  */
 ContextPtr makeServerContext(const ListenerConfig &listener);
 
+/**
+ * makeServerContext(), or the context already built for this listener when it is still in use
+ * (by the running configuration, during a reload) and nothing it was built from changed: the same
+ * `tlsIdentity` and, for each of `tlsFiles`, the same size, modification and change times and
+ * inode (a folder: the same for each entry, two levels deep). So a reload costs what changed, not
+ * a second copy of every certificate. Listeners without a tlsIdentity are always built. The
+ * cache holds weak references only; thread-safe. Throws TlsError.
+ */
+ContextPtr serverContextFor(const ListenerConfig &listener);
+
 /** Client-side options for makeClientContext. */
 struct ClientContextOptions {
     std::string caFile; ///< PEM bundle to verify the server; empty: system default paths

@@ -1,5 +1,6 @@
 #include "tls/ocsp.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -12,6 +13,7 @@
 
 #include "tls/context.hpp"
 #include "tls/errors.hpp"
+#include "tls/ocsp_fetch.hpp"
 #include "util/log.hpp"
 
 namespace sluice::tls {
@@ -21,6 +23,9 @@ namespace {
 constexpr auto pollInterval = std::chrono::seconds(1);
 // Clock skew tolerated between us and the responder for thisUpdate.
 constexpr long skewSeconds = 300;
+// After a failed fetch: the first retry, and the longest wait between retries.
+constexpr std::chrono::seconds firstRetry(1);
+constexpr std::chrono::seconds longestRetry(300);
 
 std::time_t toTime(const ASN1_GENERALIZEDTIME *time) {
     struct tm tm {};
@@ -175,9 +180,16 @@ Staple checkOcspResponse(std::span<const unsigned char> der, X509 *leaf, STACK_O
 struct OcspStapler::Slot {
     X509 *leaf = nullptr;
     STACK_OF(X509) *chain = nullptr;
-    std::string path;
+    std::string path; // the DER file; for a fetched response, the certificate file (for logs)
     struct stat seen {};
     bool seenValid = false;
+    // Fetching (ocsp = "auto"); only the watcher thread touches these after start().
+    bool fetched = false;
+    std::string url;
+    std::vector<unsigned char> request;
+    std::chrono::seconds maxRefresh{0};
+    std::time_t due = 0;
+    std::chrono::seconds backoff{0};
     std::shared_ptr<const Staple> current; // guarded by OcspStapler::mutex_
 
     ~Slot() {
@@ -189,6 +201,7 @@ struct OcspStapler::Slot {
 OcspStapler::OcspStapler() = default;
 
 OcspStapler::~OcspStapler() {
+    cancel_ = true; // ends a fetch in progress early
     {
         std::lock_guard lock(mutex_);
         stop_ = true;
@@ -210,7 +223,78 @@ void OcspStapler::add(X509 *leaf, STACK_OF(X509) * chain, const std::string &pat
     slots_.push_back(std::move(slot));
 }
 
+void OcspStapler::addFetched(X509 *leaf, STACK_OF(X509) * chain, const std::string &label,
+                             std::chrono::seconds maxRefresh) {
+    if (!ocspFetchAvailable()) {
+        throw TlsError("certificate " + label +
+                       ": ocsp = \"auto\" needs sluice built with libcurl");
+    }
+    auto slot = std::make_unique<Slot>();
+    X509_up_ref(leaf);
+    slot->leaf = leaf;
+    slot->chain = chain != nullptr ? X509_chain_up_ref(chain) : nullptr;
+    slot->path = label;
+    slot->fetched = true;
+    slot->maxRefresh = std::max(maxRefresh, std::chrono::seconds(1));
+    try {
+        slot->url = ocspResponderUrl(leaf);
+        slot->request = makeOcspRequest(leaf, slot->chain);
+    } catch (const TlsError &e) {
+        throw TlsError("certificate " + label + ": " + e.what());
+    }
+    byCert_.emplace(leaf, slot.get());
+    slots_.push_back(std::move(slot));
+}
+
+std::chrono::seconds OcspStapler::refreshDelay(std::time_t nextUpdate, std::time_t now,
+                                               std::chrono::seconds maxRefresh) {
+    const std::chrono::seconds half((nextUpdate - now) / 2);
+    return std::clamp(half, std::chrono::seconds(1), std::max(maxRefresh, std::chrono::seconds(1)));
+}
+
+void OcspStapler::fetch(Slot &slot) {
+    const std::time_t started = std::time(nullptr);
+    if (started < slot.due) {
+        return;
+    }
+    std::shared_ptr<const Staple> fresh;
+    try {
+        const std::vector<unsigned char> der = fetchOcspResponse(slot.url, slot.request, cancel_);
+        fresh = std::make_shared<const Staple>(
+            checkOcspResponse(der, slot.leaf, slot.chain, std::time(nullptr)));
+    } catch (const TlsError &e) {
+        if (cancel_) {
+            return;
+        }
+        // Keep the current staple (the status callback drops it once it expires) and retry
+        // sooner than a refresh would, doubling the wait each time.
+        slot.backoff = slot.backoff.count() == 0
+                           ? firstRetry
+                           : std::min({slot.backoff * 2, longestRetry, slot.maxRefresh});
+        slot.due = std::time(nullptr) + slot.backoff.count();
+        log::warn("ocsp-fetch-failed cert=" + slot.path + " url=" + slot.url + " reason=\"" +
+                  e.what() + "\" retry_in=" + std::to_string(slot.backoff.count()) + "s");
+        return;
+    }
+    const std::time_t now = std::time(nullptr);
+    const auto delay = refreshDelay(fresh->nextUpdate, now, slot.maxRefresh);
+    slot.backoff = std::chrono::seconds(0);
+    slot.due = now + delay.count();
+    log::info("ocsp-fetched cert=" + slot.path + " url=" + slot.url +
+              " status=" + (fresh->revoked ? "revoked" : "good") + " next_update=" +
+              timeText(fresh->nextUpdate) + " refresh_in=" + std::to_string(delay.count()) + "s");
+    if (fresh->revoked) {
+        log::warn("ocsp-revoked cert=" + slot.path);
+    }
+    std::lock_guard lock(mutex_);
+    slot.current = std::move(fresh);
+}
+
 void OcspStapler::refresh(Slot &slot, bool startup) {
+    if (slot.fetched) {
+        fetch(slot);
+        return;
+    }
     struct stat now {};
     if (::stat(slot.path.c_str(), &now) != 0) {
         if (startup) {
@@ -260,16 +344,18 @@ void OcspStapler::start() {
 
 void OcspStapler::watch() {
     std::unique_lock lock(mutex_);
+    // The first pass runs at once, so fetched responses are there as soon as the responder
+    // answers; files were read by add() and are only re-read when they change.
     while (!stop_) {
-        wake_.wait_for(lock, pollInterval, [this] { return stop_; });
-        if (stop_) {
-            break;
-        }
         lock.unlock();
         for (auto &slot : slots_) {
+            if (cancel_) {
+                break;
+            }
             refresh(*slot, false);
         }
         lock.lock();
+        wake_.wait_for(lock, pollInterval, [this] { return stop_; });
     }
 }
 

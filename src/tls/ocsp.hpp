@@ -1,10 +1,14 @@
-// tls/ocsp: OCSP stapling from DER files. A response is checked before it is ever stapled: it
-// must be a successful, signed answer (by the issuer or its delegated responder) about this very
-// certificate, and inside its thisUpdate..nextUpdate window. A watcher thread re-reads files that
-// change; the status callback only copies the current response, and staples nothing once it has
-// expired.
+// tls/ocsp: OCSP stapling from DER files or fetched from the certificate's responder. A response
+// is checked before it is ever stapled: it must be a successful, signed answer (by the issuer or
+// its delegated responder) about this very certificate, and inside its thisUpdate..nextUpdate
+// window. One watcher thread re-reads files that change and fetches responses when they are due
+// (at half the remaining validity, at most `ocsp_refresh` apart, sooner with backoff after a
+// failure); the status callback only copies the current response, and staples nothing once it
+// has expired.
 #pragma once
 
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <ctime>
 #include <memory>
@@ -50,6 +54,19 @@ public:
      */
     void add(x509_st *leaf, stack_st_X509 *chain, const std::string &path);
 
+    /**
+     * Registers `leaf` for fetching from its OCSP responder; `label` names it in logs (its
+     * certificate file). Throws TlsError when it names no http:// responder or its issuer is not
+     * in `chain`. Nothing is fetched before start(); until the first good answer, nothing is
+     * stapled.
+     */
+    void addFetched(x509_st *leaf, stack_st_X509 *chain, const std::string &label,
+                    std::chrono::seconds maxRefresh);
+
+    /** When a fetched response is next due: at half its remaining validity, within maxRefresh. */
+    static std::chrono::seconds refreshDelay(std::time_t nextUpdate, std::time_t now,
+                                             std::chrono::seconds maxRefresh);
+
     /** Starts the watcher (once every file is added); does nothing without files. */
     void start();
 
@@ -62,12 +79,14 @@ private:
     struct Slot;
     void watch();
     void refresh(Slot &slot, bool startup);
+    void fetch(Slot &slot);
 
     std::vector<std::unique_ptr<Slot>> slots_;
     std::unordered_map<const x509_st *, Slot *> byCert_;
     mutable std::mutex mutex_; // guards every Slot::current and stop_
     std::condition_variable wake_;
     bool stop_ = false;
+    std::atomic<bool> cancel_{false}; // stop_, readable by a fetch in progress without the mutex
     std::thread thread_;
 };
 

@@ -2,8 +2,9 @@
 wildcard, case, default, strict), RSA and ECDSA for one name, ALPN and its no-overlap policy,
 session resumption (TLS 1.3 and 1.2 tickets, the TLS 1.2 session-ID cache, ticket keys shared by
 two processes through a key file, random keys that rotate), the number of TLS 1.3 tickets, OCSP
-stapling from a file (and its refresh), and client certificates (required, optional, CRL, allow
-lists, SPKI pins).
+stapling from a file (and its refresh) and fetched from a local `openssl ocsp` responder (and
+refreshed to a revocation), and client certificates (required, optional, CRL, allow lists, SPKI
+pins, per SNI name).
 
 Certificates come from tests/certs/make-feature-certs, made once per run next to the harness's
 certificates."""
@@ -527,6 +528,109 @@ def test_ocsp_for_another_certificate_is_refused(t):
     check(p.returncode == 2 and "another certificate" in p.stderr, f"{p.returncode} {p.stderr}")
 
 
+def make_aia_leaf(t, name, cn, ocsp_url):
+    """A leaf signed by the feature intermediate whose authorityInfoAccess names `ocsp_url`.
+    Returns (chain file, key file, its responder index line)."""
+    certs = feature_certs()
+    key, csr, ext, leaf, chain = (t.tmp / f"{name}.{x}" for x in ("key", "csr", "ext", "leaf", "crt"))
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-new", "-key", str(key), "-out", str(csr), "-subj", f"/CN={cn}"],
+                   check=True, capture_output=True)
+    ext.write_text(
+        "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+        f"extendedKeyUsage=serverAuth\nsubjectAltName=DNS:{cn}\n"
+        f"authorityInfoAccess=OCSP;URI:{ocsp_url}\n"
+    )
+    subprocess.run(["openssl", "x509", "-req", "-in", str(csr), "-CA", str(certs / "inter.crt"),
+                    "-CAkey", str(certs / "inter.key"), "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+                    "-out", str(leaf), "-days", "30", "-sha256", "-extfile", str(ext)],
+                   check=True, capture_output=True)
+    chain.write_text(leaf.read_text() + (certs / "inter.crt").read_text())
+    serial = subprocess.run(["openssl", "x509", "-in", str(leaf), "-noout", "-serial"], check=True,
+                            capture_output=True, text=True).stdout.strip().split("=")[1]
+    end = subprocess.run(["openssl", "x509", "-in", str(leaf), "-noout", "-enddate"], check=True,
+                         capture_output=True, text=True).stdout.strip().split("=")[1]
+    expiry = time.strftime("%y%m%d%H%M%SZ", time.strptime(end, "%b %d %H:%M:%S %Y GMT"))
+    return chain, key, (expiry, serial, cn)
+
+
+def write_index(path, entries):
+    """An `openssl ocsp -index` database; entries are (expiry, serial, cn, revoked_at or None).
+    Replaced with a new inode, which is what makes the responder reload it."""
+    lines = []
+    for expiry, serial, cn, revoked_at in entries:
+        status = "R" if revoked_at else "V"
+        lines.append(f"{status}\t{expiry}\t{revoked_at or ''}\t{serial}\tunknown\t/CN={cn}\n")
+    Path(str(path) + ".attr").write_text("unique_subject = no\n")
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text("".join(lines))
+    os.replace(tmp, path)
+
+
+def start_ocsp_responder(t, index, port):
+    """`openssl ocsp` answering for the feature intermediate on 127.0.0.1:port (it re-reads the
+    index when the file changes). Stopped when the test ends."""
+    certs = feature_certs()
+    log = open(t.tmp / "ocsp-responder.log", "wb")
+    proc = subprocess.Popen(
+        ["openssl", "ocsp", "-index", str(index), "-port", str(port), "-CA", str(certs / "inter.crt"),
+         "-rsigner", str(certs / "inter.crt"), "-rkey", str(certs / "inter.key"), "-ndays", "1",
+         "-ignore_err"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+    )
+
+    def stop():
+        proc.kill()
+        proc.wait()
+        log.close()
+
+    t.defer(stop)
+    return proc
+
+
+def test_ocsp_auto_fetches_from_the_responder_and_refreshes(t):
+    from harness import free_loopback_port
+
+    port = free_loopback_port()
+    chain, key, (expiry, serial, cn) = make_aia_leaf(t, "fetched", "fetched.example",
+                                                     f"http://127.0.0.1:{port}/")
+    index = t.tmp / "responder-index.txt"
+    write_index(index, [(expiry, serial, cn, None)])
+    responder = start_ocsp_responder(t, index, port)
+    d = start(t, certs=["default", {"cert": str(chain), "key": str(key), "ocsp": "auto"}],
+              tls={"ocsp_refresh": "1s"})
+    d.wait_log(r"ocsp-fetched cert=.*fetched\.crt .*status=good", timeout=20)
+    out = ocsp_status(d.addr(), "fetched.example")
+    check("OCSP Response Status: successful" in out and "Cert Status: good" in out, out[-3000:])
+    check(next_update(out), "no Next Update in the fetched staple")
+    # The default certificate has no staple.
+    out = ocsp_status(d.addr(), "default.example")
+    check("OCSP response: no response sent" in out, f"default.example:\n{out[-2000:]}")
+    # The responder now says revoked; the next refresh (ocsp_refresh = 1s) staples that.
+    write_index(index, [(expiry, serial, cn, time.strftime("%y%m%d%H%M%SZ", time.gmtime()))])
+    wait_until(
+        lambda: "Cert Status: revoked" in ocsp_status(d.addr(), "fetched.example"),
+        20,
+        "the revoked status from the responder",
+        interval=0.5,
+    )
+    d.wait_log(r"ocsp-revoked cert=.*fetched\.crt")
+    # The responder goes away: fetches fail and are retried with backoff; the last good
+    # response stays stapled while it is valid.
+    responder.kill()
+    responder.wait()
+    d.wait_log(r"ocsp-fetch-failed cert=.*fetched\.crt .*retry_in=\d+s", timeout=20)
+    check("Cert Status: revoked" in ocsp_status(d.addr(), "fetched.example"), "the staple was dropped")
+
+
+def test_ocsp_auto_needs_a_responder_url(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(listener(t, echo, certs=[cert("alpha", ocsp="auto")]), start=False)
+    p = run_sluice(["--config", str(d.config_path), "--check"])
+    check(p.returncode == 2 and "no OCSP responder" in p.stderr, f"{p.returncode} {p.stderr}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Client certificates.
 
@@ -584,6 +688,44 @@ def test_client_auth_allow_lists(t):
         d.wait_log(r"handshake-failed .*client certificate not in the allow lists: subject")
         d.stop()
     # A session resumed from an allowed client keeps its identity; nothing else is needed.
+
+
+def test_client_auth_per_sni_name(t):
+    # One listener, no client_auth of its own; alpha.example requires a client certificate
+    # (with an allow list), default.example does not.
+    d = start(t, certs=["default", cert("alpha", client_auth=auth(allow_cn=["good-*"])), "wild"],
+              global_={"log_level": "debug"})
+    for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+        plain = client_ctx_with_cert(None, version, version)
+        check(connect(d.addr(), plain, "default.example")["cn"] == "default.example", "default")
+        check(connect(d.addr(), plain, "x.wild.example")["cn"] == "*.wild.example", "wildcard")
+        expect_handshake_failure(d.addr(), plain, "alpha.example",
+                                 "certificate.required|handshake.failure")
+        good = client_ctx_with_cert("client-good", version, version)
+        check(connect(d.addr(), good, "alpha.example")["cn"] == "alpha.example", "alpha with a cert")
+        expect_handshake_failure(d.addr(), client_ctx_with_cert("client-wrongca", version, version),
+                                 "alpha.example", "unknown.ca")
+        expect_handshake_failure(d.addr(), client_ctx_with_cert("client-revoked", version, version),
+                                 "alpha.example", "certificate.revoked")
+        expect_handshake_failure(d.addr(), client_ctx_with_cert("client-other", version, version),
+                                 "alpha.example", "bad.certificate")
+        # A session from the name without client_auth must not let a client into the other one.
+        first = connect(d.addr(), plain, "default.example")
+        check(first["session"] is not None, "no session to resume")
+        try:
+            resumed = connect(d.addr(), plain, "alpha.example", session=first["session"])
+        except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+            resumed = None
+        check(resumed is None, f"{version.name}: a default.example session got into alpha.example")
+    d.wait_log(r'handshake listener=web .*client="spiffe://sluice\.test/ns/web" .*client_verified=yes')
+    d.wait_log(r"handshake-failed .*client certificate not in the allow lists: subject")
+
+    # The other way round: the listener requires a certificate, one name turns it off.
+    d2 = start(t, certs=["default", cert("alpha", client_auth={"mode": "none"})], client_auth=auth())
+    plain = client_ctx_with_cert(None)
+    check(connect(d2.addr(), plain, "alpha.example")["cn"] == "alpha.example", "alpha without a cert")
+    expect_handshake_failure(d2.addr(), plain, "default.example", "certificate.required|handshake.failure")
+    connect(d2.addr(), client_ctx_with_cert("client-good"), "default.example")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,6 +83,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.path == "/etc/sluice/sluice.toml");
 
     CHECK(config.global.maxConnections == 100000);
+    CHECK(config.global.maxHandshakesPerIp == 64);
     CHECK(config.global.drainTimeout == 30s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.buffers.tls == 32 * 1024);
@@ -123,6 +124,7 @@ TEST_CASE("every key round-trips") {
     Config config = parseConfig(R"(
 [global]
 max_connections = 12345
+max_handshakes_per_ip = 7
 drain_timeout = "1500ms"
 log_level = "debug"
 buffers = { tls = "4KiB", plaintext = 1000, backend = "2MB" }
@@ -156,6 +158,7 @@ backlog = 64
 )",
                                 "/srv/conf/s.toml");
     CHECK(config.global.maxConnections == 12345);
+    CHECK(config.global.maxHandshakesPerIp == 7);
     CHECK(config.global.drainTimeout == 1500ms);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK(config.global.buffers.tls == 4096);
@@ -410,6 +413,10 @@ TEST_CASE("bad values are rejected at their position") {
           "t.toml:6:17: global.drain_timeout: must not be negative, got -5");
     CHECK(errorOf(global + "max_connections = 0\n") ==
           "t.toml:6:19: global.max_connections: must be at least 1, got 0");
+    CHECK(errorOf(global + "max_handshakes_per_ip = -1\n") ==
+          "t.toml:6:25: global.max_handshakes_per_ip: must be at least 0, got -1");
+    CHECK(parseConfig(global + "max_handshakes_per_ip = 0\n", "t.toml").global.maxHandshakesPerIp ==
+          0);
     CHECK(errorOf(global + "log_level = \"verbose\"\n") ==
           "t.toml:6:13: global.log_level: expected \"error\", \"warn\", \"info\" or \"debug\", got "
           "\"verbose\"");
@@ -675,6 +682,7 @@ ticket_keys = "keys/tickets.keys"
 ticket_key_rotation = "30m"
 session_cache = 500
 session_lifetime = "2h"
+ocsp_refresh = "10m"
 
 [[listener]]
 listen = "127.0.0.1:0"
@@ -688,6 +696,9 @@ client_auth = { mode = "required", ca = "ca.pem", crl = ["a.crl", "/b.crl"], ver
   [[listener.certificate]]
   cert = "a.crt"
   ocsp = "a.ocsp"
+  [[listener.certificate]]
+  cert = "b.crt"
+  client_auth = { mode = "optional", ca = "b-clients.pem", allow_uri = ["spiffe://b/*"] }
 )",
                                 "/srv/s.toml");
     CHECK(config.tls.signatureAlgorithms == "ECDSA+SHA256");
@@ -704,6 +715,14 @@ client_auth = { mode = "required", ca = "ca.pem", crl = ["a.crl", "/b.crl"], ver
     CHECK(l.alpn == std::vector<std::string>{"h2", "http/1.1"});
     CHECK(l.alpnMismatch == sluice::AlpnMismatch::fail);
     CHECK(l.certificates.at(0).ocsp == "/srv/a.ocsp");
+    CHECK_FALSE(l.certificates.at(0).ocspFetch);
+    CHECK(config.tls.ocspRefresh == 10min);
+    CHECK(l.tls.ocspRefresh == 10min); // inherited
+    CHECK(l.certificates.at(0).clientAuth == nullptr);
+    REQUIRE(l.certificates.at(1).clientAuth != nullptr);
+    CHECK(l.certificates.at(1).clientAuth->mode == sluice::ClientAuthMode::optional);
+    CHECK(l.certificates.at(1).clientAuth->ca == "/srv/b-clients.pem");
+    CHECK(l.certificates.at(1).clientAuth->allowUri == std::vector<std::string>{"spiffe://b/*"});
     CHECK(l.clientAuth.mode == sluice::ClientAuthMode::required);
     CHECK(l.clientAuth.ca == "/srv/ca.pem");
     CHECK(l.clientAuth.crl == std::vector<std::string>{"/srv/a.crl", "/b.crl"});
@@ -721,6 +740,7 @@ client_auth = { mode = "required", ca = "ca.pem", crl = ["a.crl", "/b.crl"], ver
     CHECK(dirOnly.listeners.at(0).clientAuth.mode == sluice::ClientAuthMode::none);
     CHECK(dirOnly.tls.sessionTickets == 2);
     CHECK(dirOnly.tls.sessionCache == 20000);
+    CHECK(dirOnly.tls.ocspRefresh == 1h);
 }
 
 TEST_CASE("TLS feature keys: bad values are named") {
@@ -751,8 +771,21 @@ TEST_CASE("TLS feature keys: bad values are named") {
           "t.toml:2:20: tls.session_lifetime: must be between 1s and 7 days (\"168h\")");
     CHECK(errorOf("[tls]\nticket_key_rotation = \"0s\"\n" + head) ==
           "t.toml:2:23: tls.ticket_key_rotation: must be at least 1s");
+    const std::string autoOcsp = "[[listener]]\nlisten = \"a:1\"\nbackend = \"b:2\"\n"
+                                 "certificate = { cert = \"c\", ocsp = \"auto\" }\n";
+#if SLUICE_HAVE_LIBCURL
+    const Config fetched = parseConfig(autoOcsp, "/srv/t.toml");
+    CHECK(fetched.listeners.at(0).certificates.at(0).ocspFetch);
+    CHECK(fetched.listeners.at(0).certificates.at(0).ocsp.empty());
+#else
+    CHECK(errorOf(autoOcsp) ==
+          "t.toml:4:36: listener[0].certificate.ocsp: \"auto\" needs sluice built with libcurl "
+          "(libcurl4-openssl-dev), which this build is not; name a DER file instead");
+#endif
+    CHECK(errorOf("[tls]\nocsp_refresh = \"0s\"\n" + head) ==
+          "t.toml:2:16: tls.ocsp_refresh: must be at least 1s");
     CHECK(errorOf("[[listener]]\nlisten = \"a:1\"\nbackend = \"b:2\"\n"
-                  "certificate = { cert = \"c\", ocsp = \"auto\" }\n") ==
-          "t.toml:4:36: listener[0].certificate.ocsp: fetching OCSP responses (\"auto\") is not "
-          "supported yet; name a DER file");
+                  "certificate = { cert = \"c\", client_auth = { mode = \"required\" } }\n") ==
+          "t.toml:4:43: listener[0].certificate.client_auth.ca: required key is missing (mode is "
+          "not \"none\")");
 }

@@ -1,17 +1,25 @@
 // Unit tests for tls/: the SNI name table (exact, wildcard, case, trailing dot), the allow-list
 // patterns and policy, the ticket-key file parser and the rotating key ring.
 #include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
 #include <string>
+#include <unistd.h>
+#include <vector>
 
 #include <doctest/doctest.h>
 #include <openssl/evp.h>
+#include <openssl/ocsp.h>
 
 #include <sluice/config.hpp>
 
 #include "tls/client_auth.hpp"
 #include "tls/context.hpp"
 #include "tls/names.hpp"
+#include "tls/ocsp.hpp"
 #include "tls/ticket_keys.hpp"
+#include "tls_fixture.hpp"
 
 using sluice::tls::matchDnsName;
 using sluice::tls::matchGlob;
@@ -198,4 +206,161 @@ TEST_CASE("random ticket keys rotate, and two predecessors still decrypt") {
     CHECK(ring.size() == 3);
     CHECK(ring.decryptionKey(k0.name.data(), found, start + 3400ms) == 0); // retired
     CHECK(ring.decryptionKey(k1.name.data(), found, start + 3400ms) == 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCSP: what may be stapled.
+
+namespace {
+
+using sluice::test::pki;
+
+struct ChainFree {
+    void operator()(STACK_OF(X509) * chain) const { sk_X509_pop_free(chain, X509_free); }
+};
+using ChainPtr = std::unique_ptr<STACK_OF(X509), ChainFree>;
+
+/** The issuer chain of the fixture's leaf: its CA. */
+ChainPtr issuerChain() {
+    ChainPtr chain(sk_X509_new_null());
+    X509_up_ref(pki().caCert.get());
+    sk_X509_push(chain.get(), pki().caCert.get());
+    return chain;
+}
+
+/**
+ * A DER OCSP response saying `status` about `subject` (issued by the fixture CA), signed by
+ * `signer`, with thisUpdate and nextUpdate at these offsets from now (seconds).
+ */
+std::vector<unsigned char> ocspResponse(X509 *subject, X509 *signer, EVP_PKEY *signerKey,
+                                        long thisOffset, long nextOffset,
+                                        int status = V_OCSP_CERTSTATUS_GOOD) {
+    OCSP_CERTID *id = OCSP_cert_to_id(EVP_sha1(), subject, pki().caCert.get());
+    OCSP_BASICRESP *basic = OCSP_BASICRESP_new();
+    ASN1_TIME *thisUpdate = X509_gmtime_adj(nullptr, thisOffset);
+    ASN1_TIME *nextUpdate = X509_gmtime_adj(nullptr, nextOffset);
+    ASN1_TIME *revokedAt = X509_gmtime_adj(nullptr, thisOffset);
+    REQUIRE(id != nullptr);
+    REQUIRE(basic != nullptr);
+    REQUIRE(OCSP_basic_add1_status(basic, id, status, OCSP_REVOKED_STATUS_KEYCOMPROMISE,
+                                   status == V_OCSP_CERTSTATUS_REVOKED ? revokedAt : nullptr,
+                                   thisUpdate, nextUpdate) != nullptr);
+    REQUIRE(OCSP_basic_sign(basic, signer, signerKey, EVP_sha256(), nullptr, 0) == 1);
+    OCSP_RESPONSE *response = OCSP_response_create(OCSP_RESPONSE_STATUS_SUCCESSFUL, basic);
+    REQUIRE(response != nullptr);
+    unsigned char *der = nullptr;
+    const int length = i2d_OCSP_RESPONSE(response, &der);
+    REQUIRE(length > 0);
+    std::vector<unsigned char> out(der, der + length);
+    OPENSSL_free(der);
+    OCSP_RESPONSE_free(response);
+    OCSP_BASICRESP_free(basic);
+    OCSP_CERTID_free(id);
+    ASN1_TIME_free(thisUpdate);
+    ASN1_TIME_free(nextUpdate);
+    ASN1_TIME_free(revokedAt);
+    return out;
+}
+
+std::vector<unsigned char> caSigned(long thisOffset, long nextOffset,
+                                    int status = V_OCSP_CERTSTATUS_GOOD) {
+    return ocspResponse(pki().leafCert.get(), pki().caCert.get(), pki().caKey.get(), thisOffset,
+                        nextOffset, status);
+}
+
+std::string checkError(const std::vector<unsigned char> &der, std::time_t now) {
+    ChainPtr chain = issuerChain();
+    try {
+        (void)sluice::tls::checkOcspResponse(der, pki().leafCert.get(), chain.get(), now);
+    } catch (const sluice::tls::TlsError &e) {
+        return e.what();
+    }
+    return "accepted";
+}
+
+/** A file holding `bytes`, removed with the object. */
+struct TempFile {
+    std::filesystem::path path;
+    explicit TempFile(const std::vector<unsigned char> &bytes) {
+        path = std::filesystem::temp_directory_path() /
+               ("sluice-ocsp-" + std::to_string(::getpid()) + "-" +
+                std::to_string(reinterpret_cast<std::uintptr_t>(this)) + ".der");
+        std::FILE *file = std::fopen(path.c_str(), "wb");
+        REQUIRE(file != nullptr);
+        REQUIRE(std::fwrite(bytes.data(), 1, bytes.size(), file) == bytes.size());
+        std::fclose(file);
+    }
+    ~TempFile() { std::filesystem::remove(path); }
+};
+
+} // namespace
+
+TEST_CASE("ocsp: a current response about the certificate, signed by its issuer, is accepted") {
+    const std::time_t now = std::time(nullptr);
+    ChainPtr chain = issuerChain();
+    const auto staple = sluice::tls::checkOcspResponse(caSigned(-3600, 3600), pki().leafCert.get(),
+                                                       chain.get(), now);
+    CHECK_FALSE(staple.revoked);
+    CHECK(staple.nextUpdate > now + 3500);
+    CHECK(staple.nextUpdate <= now + 3600);
+    const auto revoked = sluice::tls::checkOcspResponse(
+        caSigned(-3600, 3600, V_OCSP_CERTSTATUS_REVOKED), pki().leafCert.get(), chain.get(), now);
+    CHECK(revoked.revoked);
+}
+
+TEST_CASE("ocsp: an expired response is refused, and is never stapled") {
+    const std::time_t now = std::time(nullptr);
+    // nextUpdate an hour ago: well signed, about the right certificate, but stale.
+    const std::vector<unsigned char> expired = caSigned(-7200, -3600);
+    CHECK(checkError(expired, now).find("expired") != std::string::npos);
+    // Through the stapler, as the status callback sees it: an expired file is logged at startup
+    // (not fatal: a cron job may replace it) and nothing is stapled.
+    TempFile file(expired);
+    ChainPtr chain = issuerChain();
+    {
+        sluice::tls::OcspStapler stapler;
+        stapler.add(pki().leafCert.get(), chain.get(), file.path.string());
+        std::vector<unsigned char> out;
+        CHECK_FALSE(stapler.staple(pki().leafCert.get(), out, now));
+        CHECK(out.empty());
+    }
+    // A response that was good when loaded is no longer stapled once its nextUpdate passes,
+    // even if no fresher one came.
+    TempFile fresh(caSigned(-60, 600));
+    sluice::tls::OcspStapler stapler;
+    stapler.add(pki().leafCert.get(), chain.get(), fresh.path.string());
+    std::vector<unsigned char> out;
+    CHECK(stapler.staple(pki().leafCert.get(), out, now));
+    CHECK_FALSE(out.empty());
+    out.clear();
+    CHECK_FALSE(stapler.staple(pki().leafCert.get(), out, now + 601));
+    CHECK(out.empty());
+}
+
+TEST_CASE("ocsp: mismatched, badly signed and undated responses are refused") {
+    const std::time_t now = std::time(nullptr);
+    // Signed by an unrelated CA (and not delegated by the issuer).
+    CHECK(checkError(ocspResponse(pki().leafCert.get(), pki().otherCaCert.get(),
+                                  pki().otherCaKey.get(), -60, 600),
+                     now)
+              .find("does not verify") != std::string::npos);
+    // About another certificate (the CA itself, "issued" by the CA).
+    CHECK(
+        checkError(
+            ocspResponse(pki().caCert.get(), pki().caCert.get(), pki().caKey.get(), -60, 600), now)
+            .find("another certificate") != std::string::npos);
+    // Not valid yet (beyond the tolerated clock skew).
+    CHECK(checkError(caSigned(3600, 7200), now).find("not valid yet") != std::string::npos);
+    // Not an OCSP response at all.
+    CHECK(checkError({1, 2, 3}, now).find("not a DER OCSP response") != std::string::npos);
+}
+
+TEST_CASE("ocsp: fetched responses are refreshed at half their remaining validity, capped") {
+    using sluice::tls::OcspStapler;
+    using std::chrono::seconds;
+    const std::time_t now = 1'000'000;
+    CHECK(OcspStapler::refreshDelay(now + 7200, now, seconds(86400)) == seconds(3600));
+    CHECK(OcspStapler::refreshDelay(now + 7200, now, seconds(60)) == seconds(60));
+    // Already expired or about to: retry soon, never in the past.
+    CHECK(OcspStapler::refreshDelay(now - 10, now, seconds(3600)) == seconds(1));
 }

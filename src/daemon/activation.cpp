@@ -1,0 +1,166 @@
+#include "daemon/activation.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <stdexcept>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "util/log.hpp"
+
+namespace sluice::daemon {
+namespace {
+
+constexpr int firstListenFd = 3; // SD_LISTEN_FDS_START
+
+long parseNumber(const char *text, const char *what) {
+    char *end = nullptr;
+    errno = 0;
+    const long value = std::strtol(text, &end, 10);
+    if (*text == '\0' || *end != '\0' || errno != 0 || value < 0) {
+        throw std::runtime_error(std::string("socket activation: ") + what + "=\"" + text +
+                                 "\" is not a number");
+    }
+    return value;
+}
+
+std::vector<std::string> splitNames(const char *text) {
+    std::vector<std::string> names;
+    if (text == nullptr) {
+        return names;
+    }
+    std::string current;
+    for (const char *p = text;; ++p) {
+        if (*p == ':' || *p == '\0') {
+            names.push_back(current);
+            current.clear();
+            if (*p == '\0') {
+                break;
+            }
+        } else {
+            current += *p;
+        }
+    }
+    return names;
+}
+
+bool isListeningTcp(int fd) {
+    int type = 0;
+    int listening = 0;
+    socklen_t length = sizeof type;
+    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) != 0 || type != SOCK_STREAM) {
+        return false;
+    }
+    length = sizeof listening;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || !listening) {
+        return false;
+    }
+    sockaddr_storage storage{};
+    length = sizeof storage;
+    if (::getsockname(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
+        return false;
+    }
+    return storage.ss_family == AF_INET || storage.ss_family == AF_INET6;
+}
+
+bool sameAddress(int fd, const net::SocketAddress &address) {
+    sockaddr_storage storage{};
+    socklen_t length = sizeof storage;
+    if (address.kind != Address::Kind::tcp ||
+        ::getsockname(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0 ||
+        storage.ss_family != address.storage.ss_family) {
+        return false;
+    }
+    if (storage.ss_family == AF_INET) {
+        const auto &a = reinterpret_cast<const sockaddr_in &>(storage);
+        const auto &b = reinterpret_cast<const sockaddr_in &>(address.storage);
+        return a.sin_port == b.sin_port && a.sin_addr.s_addr == b.sin_addr.s_addr;
+    }
+    const auto &a = reinterpret_cast<const sockaddr_in6 &>(storage);
+    const auto &b = reinterpret_cast<const sockaddr_in6 &>(address.storage);
+    return a.sin6_port == b.sin6_port &&
+           std::memcmp(&a.sin6_addr, &b.sin6_addr, sizeof a.sin6_addr) == 0;
+}
+
+} // namespace
+
+std::vector<ActivatedSocket> takeActivatedSockets() {
+    const char *pidText = std::getenv("LISTEN_PID");
+    const char *countText = std::getenv("LISTEN_FDS");
+    const std::string pid = pidText != nullptr ? pidText : "";
+    const std::string count = countText != nullptr ? countText : "";
+    const std::vector<std::string> names = splitNames(std::getenv("LISTEN_FDNAMES"));
+    // Unset first, so that nothing this process starts later inherits them by mistake.
+    ::unsetenv("LISTEN_PID");
+    ::unsetenv("LISTEN_FDS");
+    ::unsetenv("LISTEN_FDNAMES");
+    std::vector<ActivatedSocket> out;
+    if (count.empty()) {
+        return out;
+    }
+    if (pid.empty() || parseNumber(pid.c_str(), "LISTEN_PID") != static_cast<long>(::getpid())) {
+        log::info("socket-activation-ignored reason=\"LISTEN_PID is not this process\"");
+        return out;
+    }
+    const long n = parseNumber(count.c_str(), "LISTEN_FDS");
+    if (n > 65536) {
+        throw std::runtime_error("socket activation: LISTEN_FDS=" + count + " is too large");
+    }
+    for (long i = 0; i < n; ++i) {
+        ActivatedSocket socket;
+        socket.fd = firstListenFd + static_cast<int>(i);
+        if (::fcntl(socket.fd, F_SETFD, FD_CLOEXEC) != 0) {
+            throw std::runtime_error("socket activation: descriptor " + std::to_string(socket.fd) +
+                                     ": " + std::strerror(errno));
+        }
+        if (static_cast<std::size_t>(i) < names.size()) {
+            socket.name = names[static_cast<std::size_t>(i)];
+        }
+        socket.usable = isListeningTcp(socket.fd);
+        socket.localText = net::localText(socket.fd);
+        log::info("socket-activated fd=" + std::to_string(socket.fd) + " name=\"" + socket.name +
+                  "\" address=" + socket.localText + (socket.usable ? "" : " usable=no"));
+        out.push_back(std::move(socket));
+    }
+    return out;
+}
+
+std::vector<const ActivatedSocket *> namedFor(const std::vector<ActivatedSocket> &activated,
+                                              const std::string &listener) {
+    std::vector<const ActivatedSocket *> out;
+    for (const auto &socket : activated) {
+        if (socket.usable && !socket.name.empty() && socket.name == listener) {
+            out.push_back(&socket);
+        }
+    }
+    return out;
+}
+
+const ActivatedSocket *unnamedAt(const std::vector<ActivatedSocket> &activated,
+                                 const std::vector<std::string> &listenerNames,
+                                 const net::SocketAddress &address) {
+    for (const auto &socket : activated) {
+        const bool named = std::find(listenerNames.begin(), listenerNames.end(), socket.name) !=
+                           listenerNames.end();
+        if (socket.usable && !named && sameAddress(socket.fd, address)) {
+            return &socket;
+        }
+    }
+    return nullptr;
+}
+
+void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used) {
+    for (const auto &socket : activated) {
+        if (std::find(used.begin(), used.end(), socket.fd) == used.end()) {
+            log::warn("socket-activated-unused fd=" + std::to_string(socket.fd) + " name=\"" +
+                      socket.name + "\" address=" + socket.localText +
+                      " reason=\"no listener has this name or address; it stays open, unused\"");
+        }
+    }
+}
+
+} // namespace sluice::daemon

@@ -1,0 +1,56 @@
+// daemon/activation: listening sockets handed over by systemd socket activation ($LISTEN_FDS,
+// $LISTEN_PID, $LISTEN_FDNAMES), and how they are matched to the configured listeners.
+//
+// Ownership: the daemon keeps every activated descriptor open for its whole life (systemd keeps
+// its own copy too) and gives each worker a dup() of it. The dups share one socket and so one
+// accept queue: with several workers the kernel wakes whichever worker is waiting, and there is
+// no SO_REUSEPORT spreading for activated sockets. Nothing here ever unlinks a path or closes a
+// socket that systemd passed, so a reload that removes a listener and a later one that adds it
+// back find the same socket.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "net/address.hpp"
+
+namespace sluice::daemon {
+
+/** One descriptor passed by systemd. */
+struct ActivatedSocket {
+    int fd = -1;
+    std::string name;      ///< its $LISTEN_FDNAMES entry; empty when systemd gave none
+    std::string localText; ///< getsockname(), e.g. "127.0.0.1:443"; "?" if it has none
+    bool usable = false;   ///< a listening TCP (IPv4 or IPv6) socket
+};
+
+/**
+ * Takes the sockets systemd passed to this process: when $LISTEN_PID is this process and
+ * $LISTEN_FDS is N > 0, descriptors 3 .. 3+N-1, marked close-on-exec. Unsets LISTEN_PID,
+ * LISTEN_FDS and LISTEN_FDNAMES either way (call before any thread starts: unsetenv is not
+ * thread-safe). Returns nothing when the variables are absent or are not for this process.
+ * Throws std::runtime_error when they are malformed.
+ */
+std::vector<ActivatedSocket> takeActivatedSockets();
+
+/**
+ * The usable activated sockets named `listener` in $LISTEN_FDNAMES (several may share a name), in
+ * descriptor order. A listener that has any takes all of them and binds none of its configured
+ * addresses: the socket unit decides where it listens.
+ */
+std::vector<const ActivatedSocket *> namedFor(const std::vector<ActivatedSocket> &activated,
+                                              const std::string &listener);
+
+/**
+ * The usable activated socket bound to exactly `address` whose name is not one of
+ * `listenerNames` (unnamed, or named after no listener), or null: how a configured listen address
+ * finds its socket when the socket unit does not name it.
+ */
+const ActivatedSocket *unnamedAt(const std::vector<ActivatedSocket> &activated,
+                                 const std::vector<std::string> &listenerNames,
+                                 const net::SocketAddress &address);
+
+/** Logs the activated sockets that no listener takes (they stay open, unused). */
+void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used);
+
+} // namespace sluice::daemon

@@ -1,0 +1,86 @@
+"""Per-source-IP handshake limit (global.max_handshakes_per_ip): silent connections from one
+address hold at most N handshake slots; the rest are closed at accept and counted, while other
+addresses are served, and the slots free up when the silent connections leave."""
+
+import socket
+
+from backends import EchoBackend
+from harness import check, client_context, raw_connect, wait_until
+from test_ops import metrics, start_ops
+
+
+def roundtrip_from(source, addr, payload=b"hello"):
+    """One TLS echo from a client socket bound to `source`; raises if it fails."""
+    raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw.settimeout(10)
+    raw.bind((source, 0))
+    raw.connect(addr)
+    with client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            data = tls.recv(len(payload) - len(got))
+            check(data, "the connection closed before the echo")
+            got += data
+        check(got == payload, "echo mismatch")
+
+
+def closed_soon(sock, seconds):
+    """True if the peer closed `sock` (EOF or reset) within `seconds`; False if it stayed open."""
+    sock.settimeout(seconds)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_handshakes_per_ip_are_limited_and_other_addresses_are_not(t):
+    limit = 4
+    echo = t.backend(EchoBackend())
+    d, admin = start_ops(t, t.listener(echo, timeouts={"handshake": "30s"}),
+                         global_={"max_handshakes_per_ip": limit, "workers": 1})
+    silent = [raw_connect(d.addr()) for _ in range(limit + 5)]
+    for s in silent:
+        t.defer(s.close)
+    # The first `limit` are held in their handshake; the 5 after them are closed at accept.
+    closed = [closed_soon(s, 3.0 if i >= limit else 0.5) for i, s in enumerate(silent)]
+    check(closed == [False] * limit + [True] * 5,
+          f"which silent connections were closed: {closed} (expected the last 5)")
+    # A real client from the same address is refused as well while the slots are held ...
+    refused = False
+    try:
+        roundtrip_from("127.0.0.1", d.addr())
+    except (OSError, AssertionError):
+        refused = True
+    check(refused, "a 5th handshake from 127.0.0.1 was served while 4 were in progress")
+    # ... but another address is not affected.
+    roundtrip_from("127.0.0.2", d.addr())
+    m = metrics(admin)
+    check(m.get("sluice_handshake_limited_total") == 6,
+          f"sluice_handshake_limited_total = {m.get('sluice_handshake_limited_total')}, expected 6")
+    # When the silent ones leave, their slots are free again.
+    for s in silent[:limit]:
+        s.close()
+
+    def served():
+        try:
+            roundtrip_from("127.0.0.1", d.addr())
+            return True
+        except (OSError, AssertionError):
+            return False
+
+    wait_until(served, 10, "a handshake from 127.0.0.1 once the silent connections left")
+
+
+def test_zero_turns_the_handshake_limit_off(t):
+    echo = t.backend(EchoBackend())
+    d, admin = start_ops(t, t.listener(echo, timeouts={"handshake": "30s"}),
+                         global_={"max_handshakes_per_ip": 0})
+    silent = [raw_connect(d.addr()) for _ in range(80)]  # more than the default of 64
+    for s in silent:
+        t.defer(s.close)
+    roundtrip_from("127.0.0.1", d.addr())
+    check(not any(closed_soon(s, 0.01) for s in silent), "a silent connection was closed")
+    check(metrics(admin).get("sluice_handshake_limited_total") == 0, "connections were limited")
