@@ -1,6 +1,7 @@
-"""Per-source-IP handshake limit (global.max_handshakes_per_ip): silent connections from one
-address hold at most N handshake slots; the rest are closed at accept and counted, while other
-addresses are served, and the slots free up when the silent connections leave."""
+"""Connection limits. Per-source-IP handshake limit (global.max_handshakes_per_ip): silent
+connections from one address hold at most N handshake slots; the rest are closed at accept and
+counted, while other addresses are served, and the slots free up when the silent connections
+leave. max_connections: new connections wait in the backlog until a slot frees up."""
 
 import socket
 
@@ -84,3 +85,25 @@ def test_zero_turns_the_handshake_limit_off(t):
     roundtrip_from("127.0.0.1", d.addr())
     check(not any(closed_soon(s, 0.01) for s in silent), "a silent connection was closed")
     check(metrics(admin).get("sluice_handshake_limited_total") == 0, "connections were limited")
+
+
+def test_connection_limit_holds_new_connections_in_the_backlog(t):
+    # At max_connections sluice stops accepting: a new client waits in the kernel's backlog
+    # (its TCP connect succeeds, its handshake does not) and is served once a slot frees up.
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, max_connections=3))
+    held = [t.client(d.addr()).handshake() for _ in range(3)]
+    waiting = t.client(d.addr(), timeout=10)
+    served_early = True
+    try:
+        waiting.handshake(timeout=1.5)
+    except AssertionError:
+        served_early = False
+    check(not served_early, "a fourth connection was served past max_connections = 3")
+    held[0].close()
+    waiting.handshake(timeout=10)
+    waiting.sendall(b"served after a slot freed")
+    check(waiting.recv_exact(25) == b"served after a slot freed", "the waiting client got no echo")
+    for c in held[1:]:
+        c.sendall(b"still fine")
+        check(c.recv_exact(10) == b"still fine", "a held connection broke")
