@@ -409,6 +409,7 @@ class Sluice:
 def client_context(ca="ca.crt", min_version=None, max_version=None, ciphers=None, verify=True):
     """A Python ssl client context that trusts the test CA (`ca` is a file in the certs dir)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)  # see TlsClient.__init__
     if verify:
         ctx.load_verify_locations(cafile=str(certs_dir() / ca))
     else:
@@ -458,7 +459,12 @@ class TlsClient:
         self.timeout = timeout
         self.inc = ssl.MemoryBIO()
         self.out = ssl.MemoryBIO()
-        self.obj = (ctx or client_context()).wrap_bio(
+        ctx = ctx or client_context()
+        # Some CPython 3.11 releases (Debian 12's 3.11.2 among them) set OP_IGNORE_UNEXPECTED_EOF
+        # by default, which makes a bare TCP EOF read like close_notify; the tests must tell the
+        # two apart, so the option is always cleared.
+        ctx.options &= ~getattr(ssl, "OP_IGNORE_UNEXPECTED_EOF", 0)
+        self.obj = ctx.wrap_bio(
             self.inc, self.out, server_side=False, server_hostname=server_hostname
         )
         self.pending = bytearray()  # ciphertext not yet accepted by the socket
