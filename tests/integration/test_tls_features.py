@@ -592,12 +592,27 @@ def start_ocsp_responder(t, index, port):
 def test_ocsp_auto_fetches_from_the_responder_and_refreshes(t):
     from harness import free_loopback_port
 
-    port = free_loopback_port()
-    chain, key, (expiry, serial, cn) = make_aia_leaf(t, "fetched", "fetched.example",
-                                                     f"http://127.0.0.1:{port}/")
     index = t.tmp / "responder-index.txt"
-    write_index(index, [(expiry, serial, cn, None)])
-    responder = start_ocsp_responder(t, index, port)
+    # The responder's port is written into the certificate before the responder binds it, so
+    # another process can take it in between: try again with a new port and certificate.
+    for attempt in range(5):
+        port = free_loopback_port()
+        chain, key, (expiry, serial, cn) = make_aia_leaf(t, "fetched", "fetched.example",
+                                                         f"http://127.0.0.1:{port}/")
+        write_index(index, [(expiry, serial, cn, None)])
+        responder = start_ocsp_responder(t, index, port)
+
+        def listening():
+            # Read its log rather than probing the port: `openssl ocsp` serves one connection
+            # at a time and a probe could hold it up.
+            if b"waiting for OCSP client connections" in (t.tmp / "ocsp-responder.log").read_bytes():
+                return "up"
+            return "exited" if responder.poll() is not None else None
+
+        if wait_until(listening, 10, "the OCSP responder to listen") == "up":
+            break
+    else:
+        raise AssertionError("the OCSP responder could not bind a port in 5 attempts")
     d = start(t, certs=["default", {"cert": str(chain), "key": str(key), "ocsp": "auto"}],
               tls={"ocsp_refresh": "1s"})
     d.wait_log(r"ocsp-fetched cert=.*fetched\.crt .*status=good", timeout=20)
