@@ -45,6 +45,32 @@ std::size_t utf8Length(std::string_view text) {
     return length;
 }
 
+/**
+ * Appends the backslash escape JSON and logfmt share for `c` (quote, backslash, newline,
+ * carriage return, tab); returns false when `c` has none.
+ */
+bool appendShortEscape(std::string &out, unsigned char c) {
+    switch (c) {
+    case '"':
+        out += "\\\"";
+        return true;
+    case '\\':
+        out += "\\\\";
+        return true;
+    case '\n':
+        out += "\\n";
+        return true;
+    case '\r':
+        out += "\\r";
+        return true;
+    case '\t':
+        out += "\\t";
+        return true;
+    default:
+        return false;
+    }
+}
+
 } // namespace
 
 void appendJsonString(std::string &out, std::string_view text) {
@@ -62,23 +88,7 @@ void appendJsonString(std::string &out, std::string_view text) {
             }
             continue;
         }
-        switch (c) {
-        case '"':
-            out += "\\\"";
-            break;
-        case '\\':
-            out += "\\\\";
-            break;
-        case '\n':
-            out += "\\n";
-            break;
-        case '\r':
-            out += "\\r";
-            break;
-        case '\t':
-            out += "\\t";
-            break;
-        default:
+        if (!appendShortEscape(out, c)) {
             if (c < 0x20 || c == 0x7f) {
                 out += "\\u00";
                 out += hexDigits[c >> 4];
@@ -108,23 +118,7 @@ void appendLogfmtValue(std::string &out, std::string_view text) {
     out += '"';
     for (char ch : text) {
         const auto c = static_cast<unsigned char>(ch);
-        switch (c) {
-        case '"':
-            out += "\\\"";
-            break;
-        case '\\':
-            out += "\\\\";
-            break;
-        case '\n':
-            out += "\\n";
-            break;
-        case '\r':
-            out += "\\r";
-            break;
-        case '\t':
-            out += "\\t";
-            break;
-        default:
+        if (!appendShortEscape(out, c)) {
             if (c < 0x20 || c >= 0x7f) {
                 out += "\\x";
                 out += hexDigits[c >> 4];
