@@ -406,6 +406,23 @@ class Sluice:
 # TLS clients.
 
 
+def settle_fds(d):
+    """The daemon's open-fd count once it has not changed for ten polls in a row (connections
+    that were closing have finished)."""
+    last = [None, 0]
+
+    def stable():
+        n = d.fd_count()
+        if n == last[0]:
+            last[1] += 1
+        else:
+            last[0], last[1] = n, 0
+        return last[1] >= 10
+
+    wait_until(stable, 15, "the fd count to settle", interval=0.05)
+    return last[0]
+
+
 def client_context(ca="ca.crt", min_version=None, max_version=None, ciphers=None, verify=True):
     """A Python ssl client context that trusts the test CA (`ca` is a file in the certs dir)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

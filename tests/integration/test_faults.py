@@ -17,6 +17,7 @@ import time
 
 from backends import EchoBackend, ResetBackend, SinkBackend, SourceBackend
 from harness import (
+    settle_fds,
     LIGHT,
     TIMING_MARGIN,
     MiB,
@@ -41,20 +42,6 @@ from harness import (
 # Helpers.
 
 
-def settle_fds(d):
-    """The daemon's open-fd count once it has not changed for ten polls in a row."""
-    last = [None, 0]
-
-    def stable():
-        n = d.fd_count()
-        if n == last[0]:
-            last[1] += 1
-        else:
-            last[0], last[1] = n, 0
-        return last[1] >= 10
-
-    wait_until(stable, 15, "the fd count to settle", interval=0.05)
-    return last[0]
 
 
 def wait_fds(d, baseline, when, timeout=15):

@@ -10,6 +10,7 @@ import time
 
 from backends import EchoBackend, SourceBackend, refused_address
 from harness import (
+    settle_fds,
     TIMING_MARGIN,
     MiB,
     TlsClient,
@@ -159,20 +160,6 @@ def test_silent_clients_reaped(t):
     wait_fds(d, baseline, "after the silent clients were reaped")
 
 
-def settle_fds(d):
-    """The daemon's open-fd count once it stops changing (connections finish closing)."""
-    last = [None, 0]
-
-    def stable():
-        n = d.fd_count()
-        if n == last[0]:
-            last[1] += 1
-        else:
-            last[0], last[1] = n, 0
-        return last[1] >= 10
-
-    wait_until(stable, 10, "the fd count to settle", interval=0.05)
-    return last[0]
 
 
 def wait_fds(d, baseline, when):

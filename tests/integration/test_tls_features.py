@@ -23,7 +23,18 @@ import time
 from pathlib import Path
 
 from backends import EchoBackend
-from harness import LIGHT, REPO, Skip, certs_dir, check, run_sluice, scaled, timeout, wait_until
+from harness import (
+    LIGHT,
+    REPO,
+    Skip,
+    certs_dir,
+    check,
+    client_context,
+    run_sluice,
+    scaled,
+    timeout,
+    wait_until,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Helpers local to these tests.
@@ -75,19 +86,8 @@ def start(t, certs=ALL_SERVER_CERTS, tls=None, global_=None, **extra):
 
 
 def server_context(verify=True, min_version=None, max_version=None, ciphers=None):
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    if verify:
-        ctx.load_verify_locations(cafile=fc("root.crt"))
-    else:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    if min_version:
-        ctx.minimum_version = min_version
-    if max_version:
-        ctx.maximum_version = max_version
-    if ciphers:
-        ctx.set_ciphers(ciphers)
-    return ctx
+    """A client context that trusts the feature PKI's root."""
+    return client_context(fc("root.crt"), min_version, max_version, ciphers, verify)
 
 
 def subject_cn(peercert):
