@@ -118,6 +118,67 @@ struct Buffers {
     std::size_t backend = std::size_t{64} * 1024;   ///< backend bytes waiting for encryption
 };
 
+/** Socket options applied to accepted client sockets (listener) or backend sockets (backend). */
+struct SocketOptions {
+    bool noDelay = true;                           ///< TCP_NODELAY
+    Duration keepAlive = std::chrono::seconds(60); ///< TCP keepalive idle time; 0: off
+    std::size_t sendBuffer = 0;                    ///< SO_SNDBUF; 0: the kernel's default
+    std::size_t receiveBuffer = 0;                 ///< SO_RCVBUF; 0: the kernel's default
+};
+
+/** How a backend pool picks a server for a new connection. */
+enum class Balance {
+    roundRobin,       ///< each healthy server in turn
+    leastConnections, ///< the healthy server with the fewest open connections (ties: in turn)
+    first             ///< the first healthy server in configuration order
+};
+
+/** The PROXY protocol header sent to a backend before any other byte. */
+enum class ProxyProtocol { off, v1, v2 };
+
+/** TLS from a backend pool to its servers (re-encryption, or client mode). */
+struct BackendTls {
+    bool enabled = false;
+    std::string ca;         ///< PEM bundle to verify servers with; empty: the system's store
+    bool verify = true;     ///< verify the chain and the name; false only for testing
+    std::string serverName; ///< SNI sent and name verified; empty: the server's host if a name
+    std::vector<std::string> alpn; ///< protocols offered, in order; empty: no ALPN
+    std::string cert;              ///< client certificate chain presented (PEM); empty: none
+    std::string key;               ///< its private key
+    std::string minVersion = "1.2";
+    std::string maxVersion = "1.3";
+};
+
+/** One [backend.NAME] table: a pool of servers that connections are forwarded to. */
+struct BackendConfig {
+    std::string name;
+    std::vector<Address> servers; ///< at least one: TCP host:port, [v6]:port or unix:/path
+    Balance balance = Balance::roundRobin;
+    /** Connect timeout per attempt; 0: the listener's timeouts.connect. */
+    Duration connectTimeout{0};
+    /** Servers tried for one connection before giving up; 0: every server once. */
+    unsigned attempts = 0;
+    /** Consecutive failures that mark a server down (passive health); 0: never marked down. */
+    unsigned maxFails = 3;
+    /** How long a server marked down is skipped before it is tried again. */
+    Duration failTimeout = std::chrono::seconds(10);
+    /** How often host names are resolved again; 0: at start and reload only. */
+    Duration resolveInterval{0};
+    ProxyProtocol proxyProtocol = ProxyProtocol::off;
+    /** v2: also send the client certificate (DER) in a TLV (type 0xE0), up to this many bytes;
+     * 0: never. A larger certificate is left out (its flags and CN are still sent). */
+    std::size_t proxyClientCertMax = 0;
+    BackendTls tls;
+    SocketOptions socket;
+};
+
+/** A [[listener.route]]: connections whose SNI and ALPN match go to `backend`. */
+struct Route {
+    std::string sni;     ///< exact name or "*.example.com"; empty: any
+    std::string alpn;    ///< negotiated ALPN protocol; empty: any
+    std::string backend; ///< a BackendConfig name
+};
+
 /** One [[listener]] table. */
 struct ListenerConfig {
     std::string name;                           ///< defaults to the first listen address
@@ -130,15 +191,26 @@ struct ListenerConfig {
     std::vector<std::string> alpn; ///< protocols in our order of preference; empty: no ALPN
     AlpnMismatch alpnMismatch = AlpnMismatch::proceed;
     ClientAuth clientAuth;
-    Address backend;
+    /** The default route: a BackendConfig name (an address written here becomes a backend of
+     * its own, named by the address). */
+    std::string backend;
+    /** Checked in order before the default; the first match wins. */
+    std::vector<Route> routes;
+    /** Sources that must send a PROXY v1/v2 header before TLS (CIDR or address); a connection
+     * from any other source is closed. Empty: no PROXY header expected. */
+    std::vector<std::string> acceptProxyFrom;
+    /** No TLS from clients: plaintext in, for a backend that speaks TLS (client mode). */
+    bool plaintext = false;
+    SocketOptions socket;
     TlsPolicy tls;
     Timeouts timeouts;
     std::uint64_t maxConnections = 0; ///< 0: only the global limit applies
     int backlog = 511;
     /**
      * What identifies this listener's TLS context across reloads: its TOML table without the keys
-     * that do not affect TLS (listen, backend, timeouts, max_connections, backlog) and the [tls]
-     * table, as text. Set by loadConfig(); empty (never reused) when built in code.
+     * that do not affect TLS (listen, backend, route, accept_proxy_from, socket, timeouts,
+     * max_connections, backlog) and the [tls] table, as text. Set by loadConfig(); empty (never
+     * reused) when built in code.
      */
     std::string tlsIdentity;
     /** Every string value of those tables taken as a path (absolute): the files whose changes
@@ -188,6 +260,12 @@ struct Config {
     AdminConfig admin;
     LogConfig log;
     std::vector<ListenerConfig> listeners;
+    /** Every [backend.NAME] table in file order, used or not, then one backend per address
+     * written as a listener's or route's `backend`, in the order they first appear. */
+    std::vector<BackendConfig> backends;
+
+    /** The backend named `name`, or null. */
+    const BackendConfig *findBackend(std::string_view name) const;
 };
 
 /** A configuration error: what() is "FILE:LINE:COLUMN: KEY: what was expected". */
@@ -204,6 +282,17 @@ Config parseConfig(std::string_view text, const std::string &path);
 
 /** Parses "host:port", "[v6]:port" or "unix:/path"; throws std::invalid_argument. */
 Address parseAddress(std::string_view text);
+
+/** An IP network: an address and a prefix length ("10.0.0.0/8", "::1/128", "192.0.2.7"). */
+struct Network {
+    int family = 0;              ///< AF_INET or AF_INET6
+    std::uint8_t bytes[16] = {}; ///< the address, network byte order (4 used for AF_INET)
+    unsigned prefix = 0;         ///< leading bits that must match
+};
+
+/** Parses "ADDRESS/PREFIX" or a bare address (a full-length prefix); host bits must be zero.
+ * Throws std::invalid_argument. */
+Network parseNetwork(std::string_view text);
 
 /** Parses "250ms", "10s", "5m", "1h" (or a bare integer of seconds); throws invalid_argument. */
 Duration parseDuration(std::string_view text);

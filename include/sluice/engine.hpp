@@ -82,6 +82,16 @@ struct HandshakeInfo {
     bool clientVerified = false;  ///< it verified: CA, CRLs, depth and allow lists
 };
 
+/** Facts about a completed handshake that are computed only when asked for (PROXY protocol). */
+struct ConnectionFacts {
+    bool peerCertificate = false;   ///< the peer's certificate is known (this handshake or session)
+    long verifyResult = 0;          ///< OpenSSL's verify result for it; 0 (X509_V_OK) verified
+    std::string peerCommonName;     ///< its subject CN, empty if none
+    std::string peerCertificateDer; ///< DER, only when asked for and at most the size asked
+    std::string signatureAlgorithm; ///< our certificate's signature algorithm ("ecdsa-with-SHA256")
+    std::string keyAlgorithm;       ///< our certificate's key ("EC256", "RSA2048")
+};
+
 /** Who caused a fatal error: the peer's bytes, or the local side (config, misuse, resources). */
 enum class ErrorSource { none, peer, local };
 
@@ -190,6 +200,12 @@ public:
 
     /** The handshake's facts; empty fields until status().handshakeDone. */
     const HandshakeInfo &handshake() const { return info_; }
+
+    /**
+     * The facts above; empty before the handshake. `maxDer` > 0 also fills peerCertificateDer
+     * when the DER fits in that many bytes.
+     */
+    ConnectionFacts facts(std::size_t maxDer = 0) const;
 
     /** Who caused the fatal error, or ErrorSource::none. */
     ErrorSource errorSource() const { return errorSource_; }

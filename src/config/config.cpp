@@ -186,6 +186,48 @@ Address parseAddress(std::string_view text) {
     return address;
 }
 
+Network parseNetwork(std::string_view text) {
+    std::size_t slash = text.find('/');
+    std::string_view host = text.substr(0, slash);
+    if (host.empty()) {
+        throw badValue("network", text, "expected an IP address or ADDRESS/PREFIX");
+    }
+    Network network;
+    network.family = host.find(':') != std::string_view::npos ? AF_INET6 : AF_INET;
+    const bool v4 = network.family == AF_INET;
+    const unsigned bits = v4 ? 32 : 128;
+    if (inet_pton(network.family, std::string(host).c_str(), network.bytes) != 1) {
+        throw badValue("network", text,
+                       inQuotes(host) + " is not an " + (v4 ? "IPv4" : "IPv6") + " address");
+    }
+    network.prefix = bits;
+    if (slash != std::string_view::npos) {
+        std::string_view digits = text.substr(slash + 1);
+        std::uint64_t prefix = 0;
+        std::string_view rest;
+        // One canonical spelling: no sign, no leading zero, no suffix.
+        bool ok = digits.size() <= 3 && (digits.size() == 1 || digits.front() != '0') &&
+                  leadingNumber(digits, prefix, rest) && rest.empty() && prefix <= bits;
+        if (!ok) {
+            throw badValue("network", text,
+                           "the prefix must be a number from 0 to " + std::to_string(bits));
+        }
+        network.prefix = static_cast<unsigned>(prefix);
+    }
+    Network masked = network;
+    for (unsigned bit = network.prefix; bit < bits; ++bit) {
+        masked.bytes[bit / 8] &= static_cast<std::uint8_t>(~(0x80U >> (bit % 8)));
+    }
+    if (!std::equal(std::begin(masked.bytes), std::end(masked.bytes), std::begin(network.bytes))) {
+        char shown[INET6_ADDRSTRLEN] = {};
+        inet_ntop(network.family, masked.bytes, shown, sizeof shown);
+        throw badValue("network", text,
+                       "host bits set beyond the prefix (the network is " + std::string(shown) +
+                           "/" + std::to_string(network.prefix) + ")");
+    }
+    return network;
+}
+
 Duration parseDuration(std::string_view text) {
     constexpr std::string_view expected = "expected a number followed by ms, s, m or h";
     std::uint64_t value = 0;
@@ -353,7 +395,7 @@ public:
         , base_(std::move(base)) {}
 
     Config load(const toml::table &root) {
-        checkKeys(root, "", {"global", "tls", "listener", "admin", "log"});
+        checkKeys(root, "", {"global", "tls", "listener", "backend", "admin", "log"});
         Config config;
         if (const toml::node *node = root.get("global")) {
             loadGlobal(asTable(*node, "global"), config.global);
@@ -372,6 +414,10 @@ public:
                        "ticket_key_rotation", "session_cache", "session_lifetime", "ocsp_refresh"});
             loadTls(tls, "tls", config.tls);
         }
+        // Backends first, so that listeners and routes can name them whatever the file order.
+        if (const toml::node *node = root.get("backend")) {
+            loadBackends(asTable(*node, "backend"), config.backends);
+        }
         const toml::node *node = root.get("listener");
         if (node == nullptr) {
             fail(root.source(), "listener", "at least one [[listener]] table is required");
@@ -387,7 +433,7 @@ public:
         for (std::size_t i = 0; i < listeners->size(); ++i) {
             const std::string key = element("listener", i);
             const toml::table &table = asTable((*listeners)[i], key);
-            ListenerConfig listener = loadListener(table, key, config.tls);
+            ListenerConfig listener = loadListener(table, key, config.tls, config.backends);
             identifyTls(table, root.get("tls"), listener);
             auto [previous, added] = names.emplace(listener.name, i);
             if (!added) {
@@ -542,6 +588,14 @@ private:
         wrongType(node, key, "a duration such as \"10s\" or an integer of seconds");
     }
 
+    /** How a size was written, for "got ..." in errors: 100, or "1KiB" (1024 bytes). */
+    static std::string sizeAsWritten(const toml::node &node, std::uint64_t bytes) {
+        if (const toml::value<std::string> *text = node.as_string()) {
+            return inQuotes(text->get()) + " (" + std::to_string(bytes) + " bytes)";
+        }
+        return std::to_string(bytes);
+    }
+
     std::size_t size(const toml::node &node, const std::string &key, std::int64_t min,
                      std::int64_t max) const {
         std::uint64_t bytes = 0;
@@ -560,8 +614,7 @@ private:
             if (bytes < static_cast<std::uint64_t>(min) ||
                 bytes > static_cast<std::uint64_t>(max)) {
                 fail(node.source(), key,
-                     range(min, max, "bytes") + ", got " + inQuotes(text->get()) + " (" +
-                         std::to_string(bytes) + " bytes)");
+                     range(min, max, "bytes") + ", got " + sizeAsWritten(node, bytes));
             }
         } else {
             wrongType(node, key, "a size such as \"64KiB\" or an integer of bytes");
@@ -583,6 +636,30 @@ private:
             fail(node.source(), key, "a path must not contain a NUL byte");
         }
         return resolve(base_, text);
+    }
+
+    /** One ALPN protocol name: 1 to 255 bytes on the wire (RFC 7301). */
+    std::string alpnName(const toml::node &node, const std::string &key) const {
+        std::string name = string(node, key);
+        if (name.size() > 255) {
+            fail(node.source(), key, "an ALPN protocol name is at most 255 bytes");
+        }
+        return name;
+    }
+
+    /** An ALPN protocol name or an array of them (an empty array is allowed). */
+    std::vector<std::string> alpnNames(const toml::node &node, const std::string &key) const {
+        std::vector<std::string> names;
+        if (node.is_string()) {
+            names.push_back(alpnName(node, key));
+        } else if (const toml::array *array = node.as_array()) {
+            for (std::size_t i = 0; i < array->size(); ++i) {
+                names.push_back(alpnName((*array)[i], element(key, i)));
+            }
+        } else {
+            wrongType(node, key, "a string or an array of strings");
+        }
+        return names;
     }
 
     enum class Role { listener, backend };
@@ -896,11 +973,352 @@ private:
         }
     }
 
+    /** A socket buffer size: 0 (the kernel's default) or 4 KiB to 64 MiB. */
+    std::size_t socketBuffer(const toml::node &node, const std::string &key) const {
+        constexpr std::size_t minSocketBuffer = 4096;
+        std::size_t bytes = size(node, key, 0, maxInt);
+        if (bytes != 0 &&
+            (bytes < minSocketBuffer || bytes > static_cast<std::size_t>(maxBuffer))) {
+            fail(node.source(), key,
+                 "must be 0 (the kernel's default) or between 4096 and 67108864 bytes, got " +
+                     sizeAsWritten(node, bytes));
+        }
+        return bytes;
+    }
+
+    void loadSocket(const toml::table &table, const std::string &path,
+                    SocketOptions &socket) const {
+        checkKeys(table, path, {"no_delay", "keep_alive", "send_buffer", "receive_buffer"});
+        if (const toml::node *node = table.get("no_delay")) {
+            socket.noDelay = boolean(*node, child(path, "no_delay"));
+        }
+        if (const toml::node *node = table.get("keep_alive")) {
+            const std::string key = child(path, "keep_alive");
+            socket.keepAlive = duration(*node, key);
+            // TCP_KEEPIDLE takes whole seconds, at most 32767 on Linux.
+            bool whole = socket.keepAlive % std::chrono::seconds(1) == Duration::zero();
+            if (socket.keepAlive != Duration::zero() &&
+                (!whole || socket.keepAlive > std::chrono::seconds(32767))) {
+                fail(node->source(), key, "must be 0 (off) or whole seconds from 1s to 32767s");
+            }
+        }
+        if (const toml::node *node = table.get("send_buffer")) {
+            socket.sendBuffer = socketBuffer(*node, child(path, "send_buffer"));
+        }
+        if (const toml::node *node = table.get("receive_buffer")) {
+            socket.receiveBuffer = socketBuffer(*node, child(path, "receive_buffer"));
+        }
+    }
+
+    static bool isBackendName(std::string_view name) {
+        return std::all_of(name.begin(), name.end(), [](char c) {
+            return isDigit(c) || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '-' ||
+                   c == '_' || c == '.';
+        });
+    }
+
+    /** Every [backend.NAME] table, in file order. */
+    void loadBackends(const toml::table &table, std::vector<BackendConfig> &backends) const {
+        // toml++ keeps a table's keys sorted; file order makes config.backends read like the file.
+        std::vector<std::pair<const toml::key *, const toml::node *>> entries;
+        for (auto &&[key, value] : table) {
+            entries.emplace_back(&key, &value);
+        }
+        std::sort(entries.begin(), entries.end(), [](const auto &a, const auto &b) {
+            return before(a.first->source().begin, b.first->source().begin);
+        });
+        for (const auto &[key, value] : entries) {
+            const std::string name(key->str());
+            const std::string path = child("backend", name);
+            if (name.empty()) {
+                fail(key->source(), path, "a backend name must not be empty");
+            }
+            if (!isBackendName(name)) {
+                fail(key->source(), path,
+                     "bad backend name " + inQuotes(name) +
+                         ": use only letters, digits, '-', '_' and '.'");
+            }
+            backends.push_back(loadBackend(asTable(*value, path), path, name));
+        }
+    }
+
+    BackendConfig loadBackend(const toml::table &table, const std::string &path,
+                              const std::string &name) const {
+        checkKeys(table, path,
+                  {"servers", "balance", "connect_timeout", "attempts", "max_fails", "fail_timeout",
+                   "resolve_interval", "proxy_protocol", "proxy_client_cert_max", "tls", "socket"});
+        BackendConfig backend;
+        backend.name = name;
+
+        const std::string serversKey = child(path, "servers");
+        const toml::node &servers = required(table, path, "servers");
+        if (servers.is_string()) {
+            backend.servers.push_back(address(servers, serversKey, Role::backend));
+        } else if (const toml::array *list = servers.as_array()) {
+            if (list->empty()) {
+                fail(servers.source(), serversKey, "must name at least one server");
+            }
+            for (std::size_t i = 0; i < list->size(); ++i) {
+                const std::string key = element(serversKey, i);
+                Address server = address((*list)[i], key, Role::backend);
+                // One address twice would count its failures and connections twice.
+                for (std::size_t j = 0; j < backend.servers.size(); ++j) {
+                    if (backend.servers[j].text() == server.text()) {
+                        fail((*list)[i].source(), key,
+                             inQuotes(server.text()) + " is listed twice (" +
+                                 element(serversKey, j) + " is the same)");
+                    }
+                }
+                backend.servers.push_back(std::move(server));
+            }
+        } else {
+            wrongType(servers, serversKey, "a string or an array of strings");
+        }
+
+        if (const toml::node *node = table.get("balance")) {
+            const std::string key = child(path, "balance");
+            std::string balance = string(*node, key);
+            if (balance == "round-robin") {
+                backend.balance = Balance::roundRobin;
+            } else if (balance == "least-connections") {
+                backend.balance = Balance::leastConnections;
+            } else if (balance == "first") {
+                backend.balance = Balance::first;
+            } else {
+                fail(node->source(), key,
+                     "expected \"round-robin\", \"least-connections\" or \"first\", got " +
+                         inQuotes(balance));
+            }
+        }
+        if (const toml::node *node = table.get("connect_timeout")) {
+            backend.connectTimeout = duration(*node, child(path, "connect_timeout"));
+        }
+        if (const toml::node *node = table.get("attempts")) {
+            backend.attempts =
+                static_cast<unsigned>(integer(*node, child(path, "attempts"), 0, 1000));
+        }
+        if (const toml::node *node = table.get("max_fails")) {
+            backend.maxFails =
+                static_cast<unsigned>(integer(*node, child(path, "max_fails"), 0, 1000));
+        }
+        if (const toml::node *node = table.get("fail_timeout")) {
+            backend.failTimeout = duration(*node, child(path, "fail_timeout"));
+        }
+        if (const toml::node *node = table.get("resolve_interval")) {
+            const std::string key = child(path, "resolve_interval");
+            backend.resolveInterval = duration(*node, key);
+            // A sub-second interval would turn the resolver into a load generator.
+            if (backend.resolveInterval != Duration::zero() &&
+                backend.resolveInterval < std::chrono::seconds(1)) {
+                fail(node->source(), key, "must be 0 (at start and reload only) or at least 1s");
+            }
+        }
+        if (const toml::node *node = table.get("proxy_protocol")) {
+            const std::string key = child(path, "proxy_protocol");
+            std::string version = string(*node, key);
+            if (version == "off") {
+                backend.proxyProtocol = ProxyProtocol::off;
+            } else if (version == "v1") {
+                backend.proxyProtocol = ProxyProtocol::v1;
+            } else if (version == "v2") {
+                backend.proxyProtocol = ProxyProtocol::v2;
+            } else {
+                fail(node->source(), key,
+                     "expected \"off\", \"v1\" or \"v2\", got " + inQuotes(version));
+            }
+        }
+        if (const toml::node *node = table.get("proxy_client_cert_max")) {
+            const std::string key = child(path, "proxy_client_cert_max");
+            // The whole v2 header, TLVs included, has a 16-bit length; leave room for the rest.
+            backend.proxyClientCertMax = size(*node, key, 0, 65000);
+            if (backend.proxyProtocol != ProxyProtocol::v2) {
+                fail(node->source(), key,
+                     "only used with proxy_protocol = \"v2\" (the certificate travels in a v2 "
+                     "TLV)");
+            }
+        }
+        if (const toml::node *node = table.get("tls")) {
+            const std::string key = child(path, "tls");
+            loadBackendTls(asTable(*node, key), key, backend.tls);
+        }
+        if (const toml::node *node = table.get("socket")) {
+            const std::string key = child(path, "socket");
+            loadSocket(asTable(*node, key), key, backend.socket);
+        }
+        return backend;
+    }
+
+    void loadBackendTls(const toml::table &table, const std::string &path, BackendTls &tls) const {
+        checkKeys(
+            table, path,
+            {"ca", "verify", "server_name", "alpn", "cert", "key", "min_version", "max_version"});
+        tls.enabled = true;
+        if (const toml::node *node = table.get("ca")) {
+            tls.ca = this->path(*node, child(path, "ca"));
+        }
+        if (const toml::node *node = table.get("verify")) {
+            tls.verify = boolean(*node, child(path, "verify"));
+        }
+        if (const toml::node *node = table.get("server_name")) {
+            tls.serverName = string(*node, child(path, "server_name"));
+        }
+        if (const toml::node *node = table.get("alpn")) {
+            tls.alpn = alpnNames(*node, child(path, "alpn"));
+        }
+        const toml::node *cert = table.get("cert");
+        const toml::node *key = table.get("key");
+        if (cert != nullptr && key == nullptr) {
+            fail(table.source(), child(path, "key"), "required key is missing (cert is set)");
+        }
+        if (key != nullptr && cert == nullptr) {
+            fail(table.source(), child(path, "cert"), "required key is missing (key is set)");
+        }
+        if (cert != nullptr) {
+            tls.cert = this->path(*cert, child(path, "cert"));
+            tls.key = this->path(*key, child(path, "key"));
+        }
+        const toml::node *minVersion = table.get("min_version");
+        const toml::node *maxVersion = table.get("max_version");
+        if (minVersion != nullptr) {
+            tls.minVersion = version(*minVersion, child(path, "min_version"));
+        }
+        if (maxVersion != nullptr) {
+            tls.maxVersion = version(*maxVersion, child(path, "max_version"));
+        }
+        if (tls.minVersion > tls.maxVersion) {
+            bool blameMin = minVersion != nullptr;
+            fail((blameMin ? minVersion : maxVersion)->source(),
+                 child(path, blameMin ? "min_version" : "max_version"),
+                 "min_version " + inQuotes(tls.minVersion) + " is greater than max_version " +
+                     inQuotes(tls.maxVersion));
+        }
+    }
+
+    /**
+     * A listener's or a route's `backend`: the name of a [backend.NAME] table or, when it holds a
+     * ':', an address, which becomes a backend of its own named by Address::text() (shared by
+     * every place that writes the same address). Returns the backend's name.
+     */
+    std::string backendReference(const toml::node &node, const std::string &key,
+                                 std::vector<BackendConfig> &backends) const {
+        std::string text = string(node, key);
+        auto named = [&](const std::string &name) {
+            return std::any_of(backends.begin(), backends.end(),
+                               [&](const BackendConfig &backend) { return backend.name == name; });
+        };
+        if (text.find(':') != std::string::npos) {
+            Address server = address(node, key, Role::backend);
+            std::string name = server.text();
+            if (!named(name)) {
+                BackendConfig implicit;
+                implicit.name = name;
+                implicit.servers.push_back(std::move(server));
+                backends.push_back(std::move(implicit));
+            }
+            return name;
+        }
+        if (named(text)) {
+            return text;
+        }
+        // Backends made from addresses have a ':' in their name and are never suggested.
+        std::string_view best;
+        std::size_t bestDistance = 3;
+        for (const BackendConfig &backend : backends) {
+            std::size_t distance = editDistance(text, backend.name);
+            if (backend.name.find(':') == std::string::npos && distance < bestDistance) {
+                best = backend.name;
+                bestDistance = distance;
+            }
+        }
+        std::string message = "no backend named " + inQuotes(text);
+        if (!best.empty()) {
+            message += " (did you mean " + inQuotes(best) + "?)";
+        } else {
+            bool plain = isBackendName(text) && text.find('.') == std::string::npos;
+            message += "; define [backend." + (plain ? text : inQuotes(text)) +
+                       "] or write an address: \"host:port\", \"[ipv6]:port\" or \"unix:/path\"";
+        }
+        fail(node.source(), key, message);
+    }
+
+    /** A route's SNI: an exact host name or "*.example.com", returned in lowercase. */
+    std::string sniPattern(const toml::node &node, const std::string &key) const {
+        const std::string text = string(node, key);
+        auto bad = [&](std::string_view problem) {
+            fail(node.source(), key,
+                 "bad SNI name " + inQuotes(text) + ": " + std::string(problem));
+        };
+        std::string name;
+        for (char c : text) {
+            name += static_cast<char>((c >= 'A' && c <= 'Z') ? c - 'A' + 'a' : c);
+        }
+        if (name.size() > 253) {
+            bad("longer than 253 bytes");
+        }
+        for (std::size_t start = 0, index = 0;; ++index) {
+            std::size_t dot = name.find('.', start);
+            std::string_view label = std::string_view(name).substr(
+                start, dot == std::string::npos ? std::string::npos : dot - start);
+            if (label.empty()) {
+                bad("empty label");
+            }
+            if (label == "*" && index == 0 && dot == std::string::npos) {
+                bad("a wildcard needs a domain after it, as in \"*.example.com\"");
+            }
+            if (label != "*" || index != 0) {
+                if (label.find('*') != std::string_view::npos) {
+                    bad("'*' may only be the whole first label, as in \"*.example.com\"");
+                }
+                if (label.size() > 63) {
+                    bad("a label is longer than 63 bytes");
+                }
+                for (char c : label) {
+                    if (!isDigit(c) && !(c >= 'a' && c <= 'z') && c != '-' && c != '_') {
+                        bad("only letters, digits, '-' and '_' may appear in a label");
+                    }
+                }
+            }
+            if (dot == std::string::npos) {
+                break;
+            }
+            start = dot + 1;
+        }
+        return name;
+    }
+
+    Route loadRoute(const toml::node &node, const std::string &path, const ListenerConfig &listener,
+                    const std::string &listenerPath, std::vector<BackendConfig> &backends) const {
+        const toml::table &table = asTable(node, path);
+        checkKeys(table, path, {"sni", "alpn", "backend"});
+        Route route;
+        if (const toml::node *sni = table.get("sni")) {
+            route.sni = sniPattern(*sni, child(path, "sni"));
+        }
+        if (const toml::node *alpn = table.get("alpn")) {
+            const std::string key = child(path, "alpn");
+            route.alpn = alpnName(*alpn, key);
+            // Only the listener's own protocols can be negotiated, so any other never matches.
+            if (std::find(listener.alpn.begin(), listener.alpn.end(), route.alpn) ==
+                listener.alpn.end()) {
+                fail(alpn->source(), key,
+                     inQuotes(route.alpn) + " is not in " + child(listenerPath, "alpn") +
+                         ", so no connection can negotiate it");
+            }
+        }
+        if (route.sni.empty() && route.alpn.empty()) {
+            fail(table.source(), path, "a route needs sni, alpn or both");
+        }
+        route.backend =
+            backendReference(required(table, path, "backend"), child(path, "backend"), backends);
+        return route;
+    }
+
     /** Sets listener.tlsIdentity and listener.tlsFiles (see config.hpp). */
     void identifyTls(const toml::table &table, const toml::node *tls,
                      ListenerConfig &listener) const {
         toml::table relevant = table;
-        for (const char *key : {"listen", "backend", "timeouts", "max_connections", "backlog"}) {
+        for (const char *key : {"listen", "backend", "route", "accept_proxy_from", "socket",
+                                "timeouts", "max_connections", "backlog"}) {
             relevant.erase(key);
         }
         std::ostringstream text;
@@ -930,8 +1348,50 @@ private:
         }
     }
 
+    /** The keys a plaintext listener may not have: everything that configures TLS. */
+    static constexpr std::string_view tlsOnlyKeys[] = {"certificate",
+                                                       "certificates_dir",
+                                                       "strict_sni",
+                                                       "alpn",
+                                                       "alpn_mismatch",
+                                                       "client_auth",
+                                                       "min_version",
+                                                       "max_version",
+                                                       "ciphers",
+                                                       "ciphersuites",
+                                                       "groups",
+                                                       "signature_algorithms",
+                                                       "session_tickets",
+                                                       "ticket_keys",
+                                                       "ticket_key_rotation",
+                                                       "session_cache",
+                                                       "session_lifetime",
+                                                       "ocsp_refresh"};
+
+    /** Rejects the first key (in file order) that configures TLS on a plaintext listener. */
+    void checkPlaintext(const toml::table &table, const std::string &path) const {
+        const toml::key *first = nullptr;
+        for (auto &&[key, value] : table) {
+            bool tlsOnly = std::find(std::begin(tlsOnlyKeys), std::end(tlsOnlyKeys), key.str()) !=
+                           std::end(tlsOnlyKeys);
+            if (tlsOnly &&
+                (first == nullptr || before(key.source().begin, first->source().begin))) {
+                first = &key;
+            }
+        }
+        if (first != nullptr) {
+            fail(first->source(), child(path, first->str()),
+                 "not allowed on a plaintext listener (it does not terminate TLS)");
+        }
+        if (const toml::node *route = table.get("route")) {
+            fail(route->source(), child(path, "route"),
+                 "a plaintext listener has no SNI or ALPN to route on");
+        }
+    }
+
     ListenerConfig loadListener(const toml::table &table, const std::string &path,
-                                const TlsPolicy &defaults) const {
+                                const TlsPolicy &defaults,
+                                std::vector<BackendConfig> &backends) const {
         checkKeys(table, path,
                   {"name",
                    "listen",
@@ -956,8 +1416,18 @@ private:
                    "ocsp_refresh",
                    "timeouts",
                    "max_connections",
-                   "backlog"});
+                   "backlog",
+                   "plaintext",
+                   "route",
+                   "accept_proxy_from",
+                   "socket"});
         ListenerConfig listener;
+        if (const toml::node *node = table.get("plaintext")) {
+            listener.plaintext = boolean(*node, child(path, "plaintext"));
+        }
+        if (listener.plaintext) {
+            checkPlaintext(table, path);
+        }
 
         const std::string listenKey = child(path, "listen");
         const toml::node &listen = required(table, path, "listen");
@@ -981,7 +1451,7 @@ private:
         const std::string certificateKey = child(path, "certificate");
         // With a certificates_dir, every certificate may come from the folder.
         const toml::node *certificate = table.get("certificate");
-        if (certificate == nullptr && listener.certificatesDir.empty()) {
+        if (certificate == nullptr && listener.certificatesDir.empty() && !listener.plaintext) {
             fail(table.source(), certificateKey, "required key is missing");
         }
         if (certificate == nullptr) {
@@ -1001,7 +1471,7 @@ private:
         }
 
         listener.backend =
-            address(required(table, path, "backend"), child(path, "backend"), Role::backend);
+            backendReference(required(table, path, "backend"), child(path, "backend"), backends);
 
         if (const toml::node *node = table.get("name")) {
             listener.name = string(*node, child(path, "name"));
@@ -1016,16 +1486,7 @@ private:
             listener.strictSni = boolean(*node, child(path, "strict_sni"));
         }
         if (const toml::node *node = table.get("alpn")) {
-            const std::string key = child(path, "alpn");
-            listener.alpn = strings(*node, key);
-            for (std::size_t i = 0; i < listener.alpn.size(); ++i) {
-                // ALPN protocol names are 1 to 255 bytes on the wire (RFC 7301).
-                if (listener.alpn[i].size() > 255) {
-                    const toml::node *where = node->is_array() ? node->as_array()->get(i) : node;
-                    fail(where->source(), node->is_array() ? element(key, i) : key,
-                         "an ALPN protocol name is at most 255 bytes");
-                }
-            }
+            listener.alpn = alpnNames(*node, child(path, "alpn"));
         }
         if (const toml::node *node = table.get("alpn_mismatch")) {
             const std::string key = child(path, "alpn_mismatch");
@@ -1044,6 +1505,43 @@ private:
             loadClientAuth(asTable(*node, key), key, listener.clientAuth);
         }
 
+        // After alpn: a route's protocol must be one of the listener's.
+        if (const toml::node *node = table.get("route")) {
+            const std::string key = child(path, "route");
+            const toml::array *routes = node->as_array();
+            if (routes == nullptr) {
+                wrongType(*node, key, "an array of tables ([[listener.route]])");
+            }
+            for (std::size_t i = 0; i < routes->size(); ++i) {
+                listener.routes.push_back(
+                    loadRoute((*routes)[i], element(key, i), listener, path, backends));
+            }
+        }
+        if (const toml::node *node = table.get("accept_proxy_from")) {
+            const std::string key = child(path, "accept_proxy_from");
+            auto network = [&](const toml::node &item, const std::string &itemKey) {
+                std::string text = string(item, itemKey);
+                try {
+                    (void)parseNetwork(text);
+                } catch (const std::invalid_argument &error) {
+                    fail(item.source(), itemKey, error.what());
+                }
+                listener.acceptProxyFrom.push_back(std::move(text));
+            };
+            if (node->is_string()) {
+                network(*node, key);
+            } else if (const toml::array *sources = node->as_array()) {
+                for (std::size_t i = 0; i < sources->size(); ++i) {
+                    network((*sources)[i], element(key, i));
+                }
+            } else {
+                wrongType(*node, key, "a string or an array of strings");
+            }
+        }
+        if (const toml::node *node = table.get("socket")) {
+            const std::string key = child(path, "socket");
+            loadSocket(asTable(*node, key), key, listener.socket);
+        }
         if (const toml::node *node = table.get("timeouts")) {
             const std::string key = child(path, "timeouts");
             loadTimeouts(asTable(*node, key), key, listener.timeouts);
@@ -1074,6 +1572,15 @@ struct FileCloser {
 
 } // namespace
 } // namespace config
+
+const BackendConfig *Config::findBackend(std::string_view name) const {
+    for (const BackendConfig &backend : backends) {
+        if (backend.name == name) {
+            return &backend;
+        }
+    }
+    return nullptr;
+}
 
 Config parseConfig(std::string_view text, const std::string &path) {
     const std::string name = path.empty() ? "<string>" : path;

@@ -22,6 +22,7 @@
 #include <sluice/config.hpp>
 
 #include "daemon/activation.hpp"
+#include "daemon/resolver.hpp"
 #include "daemon/worker.hpp"
 #include "net/listen_socket.hpp"
 #include "ops/access_log.hpp"
@@ -298,8 +299,10 @@ public:
         , runtime_(std::move(runtime))
         , workers_(std::move(workers))
         , accessLog_(std::move(accessLog))
-        , watchdog_(loop) {
+        , watchdog_(loop)
+        , resolver_(loop) {
         bound_ = workers_.front()->boundAddresses();
+        resolver_.watch(runtime_);
         for (auto &planned : plan) {
             keys_.push_back(planned.key);
         }
@@ -335,6 +338,7 @@ public:
         // Both run on the main loop, where runtime_ and bound_ change (reload): no locking.
         source.listeners = [this] { return sluice::ops::listenersOf(*runtime_, bound_); };
         source.certificates = [this] { return sluice::ops::certificatesOf(*runtime_); };
+        source.backends = [this] { return sluice::ops::backendsOf(*runtime_); };
         admin_ = std::make_unique<sluice::ops::Admin>(loop_, config_.admin, std::move(source));
         admin_->start();
     }
@@ -471,6 +475,7 @@ private:
         config_ = std::move(config);
         config_.admin = admin; // the admin listener keeps its socket until a restart
         runtime_ = std::move(runtime);
+        resolver_.watch(runtime_);
         bound_ = std::move(bound);
         accessLog_ = std::move(accessLog);
         sluice::ops::AccessLog::install(accessLog_);
@@ -523,6 +528,7 @@ private:
             uv_close(reinterpret_cast<uv_handle_t *>(signal), nullptr);
         }
         uv_close(reinterpret_cast<uv_handle_t *>(&exited_), nullptr);
+        resolver_.close();
     }
 
     uv_loop_t *loop_;
@@ -534,6 +540,7 @@ private:
     std::shared_ptr<sluice::ops::AccessLog> accessLog_;
     std::unique_ptr<sluice::ops::Admin> admin_;
     sluice::ops::systemd::Watchdog watchdog_;
+    sluice::daemon::Resolver resolver_;
     std::vector<std::string> keys_; // the listen sockets open now, by key
     std::vector<sluice::daemon::ActivatedSocket> activated_;
     uv_signal_t term_{};

@@ -547,4 +547,44 @@ void Engine::runShutdown() {
     closeNotifySent_ = true;
 }
 
+ConnectionFacts Engine::facts(std::size_t maxDer) const {
+    ConnectionFacts out;
+    if (!handshakeDone_ || ssl_ == nullptr) {
+        return out;
+    }
+    if (X509 *peer = SSL_get0_peer_certificate(ssl_)) {
+        out.peerCertificate = true;
+        out.verifyResult = SSL_get_verify_result(ssl_);
+        char cn[256];
+        const int length =
+            X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, cn, sizeof cn);
+        if (length > 0) {
+            out.peerCommonName.assign(cn, static_cast<std::size_t>(length));
+        }
+        if (maxDer > 0) {
+            const int size = i2d_X509(peer, nullptr);
+            if (size > 0 && static_cast<std::size_t>(size) <= maxDer) {
+                out.peerCertificateDer.resize(static_cast<std::size_t>(size));
+                auto *cursor = reinterpret_cast<unsigned char *>(out.peerCertificateDer.data());
+                i2d_X509(peer, &cursor);
+            }
+        }
+    }
+    if (X509 *own = SSL_get_certificate(ssl_)) {
+        if (const char *name = OBJ_nid2sn(X509_get_signature_nid(own))) {
+            out.signatureAlgorithm = name;
+        }
+        if (EVP_PKEY *key = X509_get0_pubkey(own)) {
+            const int id = EVP_PKEY_get_base_id(key);
+            const char *kind = id == EVP_PKEY_RSA       ? "RSA"
+                               : id == EVP_PKEY_EC      ? "EC"
+                               : id == EVP_PKEY_ED25519 ? "ED"
+                               : id == EVP_PKEY_ED448   ? "ED"
+                                                        : "KEY";
+            out.keyAlgorithm = kind + std::to_string(EVP_PKEY_get_bits(key));
+        }
+    }
+    return out;
+}
+
 } // namespace sluice

@@ -40,6 +40,33 @@ listenersOf(const proxy::Runtime &runtime,
     return out;
 }
 
+std::vector<BackendStatus> backendsOf(const proxy::Runtime &runtime) {
+    std::vector<BackendStatus> out;
+    const std::uint64_t nowMs = uv_hrtime() / 1000000;
+    for (const auto &pool : runtime.pools) {
+        BackendStatus status;
+        status.name = pool->name();
+        const BackendConfig &config = pool->config();
+        status.balance = config.balance == Balance::roundRobin         ? "round-robin"
+                         : config.balance == Balance::leastConnections ? "least-connections"
+                                                                       : "first";
+        status.tls = config.tls.enabled;
+        status.proxyProtocol = config.proxyProtocol == ProxyProtocol::v1   ? "v1"
+                               : config.proxyProtocol == ProxyProtocol::v2 ? "v2"
+                                                                           : "off";
+        for (std::size_t i = 0; i < pool->size(); ++i) {
+            const proxy::PoolServer &server = pool->server(i);
+            constexpr auto relaxed = std::memory_order_relaxed;
+            status.servers.push_back({server.text(), server.downUntil.load(relaxed) <= nowMs,
+                                      server.active.load(relaxed), server.failures.load(relaxed),
+                                      server.connects.load(relaxed),
+                                      server.connectFailures.load(relaxed)});
+        }
+        out.push_back(std::move(status));
+    }
+    return out;
+}
+
 /** One admin connection: its socket, its timer, and the bytes of its request. */
 struct Admin::Client {
     Admin *admin = nullptr;
@@ -213,6 +240,9 @@ std::string Admin::respond(const HttpRequest &request) const {
                               .count();
     if (source_.certificates) {
         view.certificates = source_.certificates();
+    }
+    if (source_.backends) {
+        view.backends = source_.backends();
     }
     const proxy::StatsSnapshot stats = proxy::stats().snapshot();
     if (request.path == "/metrics") {

@@ -28,7 +28,11 @@ namespace sluice::ops {
 struct StatusSource {
     std::function<std::vector<ListenerStatus>()> listeners;
     std::function<std::vector<tls::CertificateSummary>()> certificates;
+    std::function<std::vector<BackendStatus>()> backends;
 };
+
+/** Every backend pool of `runtime` with its servers' health, for StatusSource::backends. */
+std::vector<BackendStatus> backendsOf(const proxy::Runtime &runtime);
 
 /** Every certificate of every listener of `runtime`, for StatusSource::certificates. */
 std::vector<tls::CertificateSummary> certificatesOf(const proxy::Runtime &runtime);

@@ -114,6 +114,10 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
              "Connections closed at accept because their IP address already had "
              "global.max_handshakes_per_ip handshakes in progress.");
     e.sample("sluice_handshake_limited_total", {}, s.handshakeLimited);
+    e.family("sluice_proxy_source_refused_total", "counter",
+             "Connections closed at accept because their source is not in the listener's "
+             "accept_proxy_from.");
+    e.sample("sluice_proxy_source_refused_total", {}, s.proxySourceRefused);
 
     e.family("sluice_handshakes_total", "counter",
              "TLS handshakes by result: ok, failed (alert), timeout, aborted (peer left).");
@@ -156,6 +160,38 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
     e.family("sluice_last_reload_success", "gauge",
              "1 if the last reload succeeded (or none happened yet), else 0.");
     e.sample("sluice_last_reload_success", {}, s.lastReloadOk ? "1" : "0");
+
+    // Labels are backend names and server addresses from the configuration: a bounded set.
+    e.family("sluice_backend_server_up", "gauge",
+             "1 unless passive health marked the server down (max_fails failed connects in a "
+             "row; it is tried again after fail_timeout).");
+    for (const auto &b : view.backends) {
+        for (const auto &server : b.servers) {
+            e.sample("sluice_backend_server_up", {{"backend", b.name}, {"server", server.address}},
+                     server.up ? "1" : "0");
+        }
+    }
+    e.family("sluice_backend_server_active_connections", "gauge",
+             "Connections using (or connecting to) each backend server.");
+    for (const auto &b : view.backends) {
+        for (const auto &server : b.servers) {
+            e.sample("sluice_backend_server_active_connections",
+                     {{"backend", b.name}, {"server", server.address}}, server.active);
+        }
+    }
+    e.family("sluice_backend_server_connects_total", "counter",
+             "Connect attempts to each backend server by result (since the configuration was "
+             "loaded: a reload starts them again).");
+    for (const auto &b : view.backends) {
+        for (const auto &server : b.servers) {
+            e.sample("sluice_backend_server_connects_total",
+                     {{"backend", b.name}, {"server", server.address}, {"result", "ok"}},
+                     server.connects);
+            e.sample("sluice_backend_server_connects_total",
+                     {{"backend", b.name}, {"server", server.address}, {"result", "failed"}},
+                     server.connectFailures);
+        }
+    }
 
     const auto certificates = uniqueCertificates(view.certificates);
     e.family("sluice_certificate_expiry_timestamp_seconds", "gauge",
@@ -203,6 +239,31 @@ std::string renderStatus(const proxy::StatsSnapshot &s, const StatusView &view) 
         out += "],\"backend\":";
         string(l.backend);
         out += '}';
+    }
+    out += "],\"backends\":[";
+    for (std::size_t i = 0; i < view.backends.size(); ++i) {
+        const auto &b = view.backends[i];
+        out += i > 0 ? ",{\"name\":" : "{\"name\":";
+        string(b.name);
+        out += ",\"balance\":";
+        string(b.balance);
+        out += ",\"tls\":";
+        out += b.tls ? "true" : "false";
+        out += ",\"proxy_protocol\":";
+        string(b.proxyProtocol);
+        out += ",\"servers\":[";
+        for (std::size_t j = 0; j < b.servers.size(); ++j) {
+            const auto &server = b.servers[j];
+            out += j > 0 ? ",{\"address\":" : "{\"address\":";
+            string(server.address);
+            out += ",\"up\":";
+            out += server.up ? "true" : "false";
+            out += ",\"active\":" + std::to_string(server.active) +
+                   ",\"failures\":" + std::to_string(server.failures) +
+                   ",\"connects\":" + std::to_string(server.connects) +
+                   ",\"connect_failures\":" + std::to_string(server.connectFailures) + "}";
+        }
+        out += "]}";
     }
     out += "],\"reload\":{\"count_ok\":" + std::to_string(s.reloadsOk) +
            ",\"count_failed\":" + std::to_string(s.reloadsFailed) + ",\"last\":";

@@ -19,6 +19,25 @@ struct ListenerStatus {
     std::string backend;
 };
 
+/** One server of a backend pool as /status and /metrics show it. */
+struct BackendServerStatus {
+    std::string address;
+    bool up = true;             ///< not marked down by passive health
+    std::uint64_t active = 0;   ///< connections using it now
+    std::uint32_t failures = 0; ///< consecutive failed connects
+    std::uint64_t connects = 0; ///< successful connects (this configuration generation)
+    std::uint64_t connectFailures = 0;
+};
+
+/** One backend pool. */
+struct BackendStatus {
+    std::string name;
+    std::string balance; ///< "round-robin", "least-connections", "first"
+    bool tls = false;
+    std::string proxyProtocol; ///< "off", "v1", "v2"
+    std::vector<BackendServerStatus> servers;
+};
+
 /** Everything a document shows besides the process-wide statistics. */
 struct StatusView {
     std::string version;
@@ -26,6 +45,7 @@ struct StatusView {
     bool draining = false;
     std::int64_t nowUnixSeconds = 0;
     std::vector<ListenerStatus> listeners;
+    std::vector<BackendStatus> backends;
     std::vector<tls::CertificateSummary> certificates; ///< duplicates (same listener, name and
                                                        ///< file) are shown once
 };

@@ -3,9 +3,12 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
 
 #include "net/address.hpp"
+#include "proxy/proxy_protocol.hpp"
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
 #include "util/log.hpp"
@@ -13,8 +16,8 @@
 namespace sluice::proxy {
 namespace {
 
-// Keep-alive probes find peers that vanished without a FIN or RST.
-constexpr unsigned keepAliveDelaySeconds = 60;
+// The longest PROXY header a listener accepts (v1 is at most 107 bytes; v2 carries TLVs).
+constexpr std::size_t maxProxyHeader = 4096;
 
 std::string quoted(std::string_view text) {
     std::string out = "\"";
@@ -25,184 +28,31 @@ std::string quoted(std::string_view text) {
     return out;
 }
 
-} // namespace
-
-void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client, std::string ipKey) {
-    auto *connection = new Connection(server, std::move(settings), client);
-    connection->ipKey_ = std::move(ipKey);
-    if (connection->closing_) {
-        server.handshakeEnded(connection->ipKey_); // the constructor failed and closed it
-    } else {
-        connection->handshakeCounted_ = true;
-    }
-    server.connectionOpened(connection, *connection->settings_);
-    connection->pump();
+std::uint64_t monotonicMs() {
+    return uv_hrtime() / 1000000;
 }
 
-Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client)
-    : server_(server)
-    , settings_(std::move(settings))
-    , client_(client) {
-    uv_loop_t *loop = server_.loop();
-    client_->data = this;
-    timer_.data = this;
-    connectReq_.data = this;
-    clientWriteReq_.data = this;
-    backendWriteReq_.data = this;
-    clientShutdownReq_.data = this;
-    backendShutdownReq_.data = this;
-    openHandles_ = 1;
-    uv_timer_init(loop, &timer_);
-    ++openHandles_;
+/** Applies `options` to a TCP handle (after the socket exists). */
+void applySocketOptions(uv_tcp_t *tcp, const SocketOptions &options) {
+    uv_tcp_nodelay(tcp, options.noDelay ? 1 : 0);
+    const auto keepAlive =
+        std::chrono::duration_cast<std::chrono::seconds>(options.keepAlive).count();
+    uv_tcp_keepalive(tcp, keepAlive > 0 ? 1 : 0,
+                     static_cast<unsigned>(std::max<std::int64_t>(1, keepAlive)));
     uv_os_fd_t fd = -1;
-    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) == 0) {
-        peer_ = net::peerText(fd);
-    }
-    uv_tcp_nodelay(client_, 1);
-    uv_tcp_keepalive(client_, 1, keepAliveDelaySeconds);
-    acceptedAt_ = lastActivity_ = uv_now(loop);
-    acceptedHr_ = uv_hrtime();
-    startUnixMicros_ = std::chrono::duration_cast<std::chrono::microseconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count();
-    stats().connectionAccepted();
-
-    EngineOptions options;
-    options.pairSize = settings_->buffers.tls;
-    options.plaintextBudget = settings_->buffers.plaintext;
-    std::string error;
-    engine_ = Engine::create(settings_->context.get(), Role::server, options, &error);
-    if (!engine_) {
-        log::error("engine-failed listener=" + settings_->name + " peer=" + peer_ +
-                   " reason=" + quoted(error));
-        noteClose(CloseReason::internal, error);
-        closeAll();
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(tcp), &fd) != 0) {
         return;
     }
-    armTimer();
-}
-
-Connection::~Connection() = default;
-
-// --- The pump ----------------------------------------------------------------------------------
-
-void Connection::pump() {
-    if (closing_) {
-        return;
+    // Best effort: the kernel clamps the sizes to its own limits.
+    if (options.sendBuffer > 0) {
+        const int size = static_cast<int>(options.sendBuffer);
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
     }
-    if (inPump_) {
-        pumpAgain_ = true;
-        return;
-    }
-    inPump_ = true;
-    do {
-        pumpAgain_ = false;
-        // Bounded: each round moves bytes or changes state; the loop ends when neither happens.
-        for (int round = 0; round < 64 && !closing_; ++round) {
-            bool progress = feedEngine();
-            progress |= flushClient();
-            progress |= flushBackend();
-            if (closing_) {
-                break;
-            }
-            const EngineStatus status = engine_->status();
-            if (status.failed && !flushing_) {
-                if (!status.handshakeDone) {
-                    server_.counters().handshakeFailures++;
-                    noteClose(CloseReason::handshakeFailed, engine_->errorReason());
-                    // A flood of bad handshakes must not become a flood of log lines.
-                    std::uint64_t suppressed = 0;
-                    if (handshakeLogLimit().admit(uv_hrtime() / 1000000, suppressed)) {
-                        if (suppressed > 0) {
-                            log::warn("handshake-failed-suppressed count=" +
-                                      std::to_string(suppressed));
-                        }
-                        log::warn("handshake-failed listener=" + settings_->name +
-                                  " peer=" + peer_ + " reason=" + quoted(engine_->errorReason()));
-                    }
-                } else {
-                    noteClose(CloseReason::tlsError, engine_->errorReason());
-                    log::warn("tls-error listener=" + settings_->name + " peer=" + peer_ +
-                              " reason=" + quoted(engine_->errorReason()));
-                }
-                flushing_ = true;
-                phaseStart_ = uv_now(server_.loop());
-                armTimer();
-                progress = true;
-            }
-            if (status.handshakeDone && !backendStarted_ && !status.failed) {
-                if (handshakeNanos_ < 0) {
-                    endHandshakeCount();
-                    const auto &info = engine_->handshake();
-                    handshakeNanos_ = static_cast<std::int64_t>(uv_hrtime() - acceptedHr_);
-                    stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
-                                          static_cast<std::uint64_t>(handshakeNanos_));
-                }
-                if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
-                    const auto &info = engine_->handshake();
-                    log::debug(
-                        "handshake listener=" + settings_->name + " peer=" + peer_ +
-                        " protocol=" + info.protocol + " cipher=" + info.cipher +
-                        " sni=" + quoted(info.serverName) + " alpn=" + quoted(info.alpn) +
-                        " resumed=" + (info.resumed ? "yes" : "no") +
-                        (info.clientSubject.empty()
-                             ? std::string()
-                             : " client=" + quoted(info.clientIdentity) +
-                                   " client_subject=" + quoted(info.clientSubject) +
-                                   " client_verified=" + (info.clientVerified ? "yes" : "no")));
-                }
-                handshakeLogged_ = true;
-                startBackend();
-                progress = true;
-            }
-            if (!flushing_) {
-                progress |= feedEngine();
-                progress |= propagateCloses();
-            }
-            if (!progress) {
-                break;
-            }
-        }
-        if (closing_) {
-            break;
-        }
-        updateReading();
-        maybeFinish();
-    } while (pumpAgain_ && !closing_);
-    inPump_ = false;
-    if (!closing_) {
-        // Between pumps no span into the pair is held (libuv asks for read space only when the
-        // socket is readable), so an idle connection can give its pair back.
-        engine_->releaseIdleBuffers();
+    if (options.receiveBuffer > 0) {
+        const int size = static_cast<int>(options.receiveBuffer);
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     }
 }
-
-bool Connection::feedEngine() {
-    if (flushing_ || replyTail_ == replyHead_) {
-        return false;
-    }
-    bool progress = false;
-    while (replyTail_ > replyHead_) {
-        const std::size_t taken =
-            engine_->write({reply_.get() + replyHead_, replyTail_ - replyHead_});
-        if (taken == 0) {
-            break;
-        }
-        replyHead_ += taken;
-        bytesDown_ += taken;
-        stats().bytesBackendToClient(taken);
-        progress = true;
-    }
-    if (replyHead_ == replyTail_) {
-        reply_.reset();
-        replyHead_ = replyTail_ = 0;
-    }
-    return progress;
-}
-
-namespace {
 
 /** The socket's pending error as a libuv code (SO_ERROR, cleared by reading it), or 0. */
 int pendingSocketError(uv_stream_t *stream) {
@@ -241,23 +91,372 @@ int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, uv_write
 
 } // namespace
 
-bool Connection::flushClient() {
-    if (clientGone_ || clientWriteInFlight_ > 0 || closing_) {
+void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
+                       uv_tcp_t *client, std::string ipKey) {
+    auto *connection = new Connection(server, std::move(settings), client);
+    connection->ipKey_ = std::move(ipKey);
+    if (connection->closing_) {
+        server.handshakeEnded(connection->ipKey_); // the constructor failed and closed it
+    } else {
+        connection->handshakeCounted_ = true;
+    }
+    server.connectionOpened(connection, *connection->settings_);
+    connection->pump();
+}
+
+Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> settings,
+                       uv_tcp_t *client)
+    : server_(server)
+    , settings_(std::move(settings))
+    , client_(client) {
+    uv_loop_t *loop = server_.loop();
+    client_->data = this;
+    timer_.data = this;
+    connectReq_.data = this;
+    clientWriteReq_.data = this;
+    backendWriteReq_.data = this;
+    clientShutdownReq_.data = this;
+    backendShutdownReq_.data = this;
+    openHandles_ = 1;
+    uv_timer_init(loop, &timer_);
+    ++openHandles_;
+    uv_os_fd_t fd = -1;
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) == 0) {
+        socklen_t length = sizeof clientAddress_;
+        if (getpeername(fd, reinterpret_cast<sockaddr *>(&clientAddress_), &length) != 0) {
+            clientAddress_.ss_family = AF_UNSPEC;
+        }
+        length = sizeof localAddress_;
+        if (getsockname(fd, reinterpret_cast<sockaddr *>(&localAddress_), &length) != 0) {
+            localAddress_.ss_family = AF_UNSPEC;
+        }
+        peer_ = net::peerText(fd);
+    }
+    applySocketOptions(client_, settings_->socket);
+    acceptedAt_ = lastActivity_ = uv_now(loop);
+    acceptedHr_ = uv_hrtime();
+    startUnixMicros_ = std::chrono::duration_cast<std::chrono::microseconds>(
+                           std::chrono::system_clock::now().time_since_epoch())
+                           .count();
+    stats().connectionAccepted();
+    awaitingProxy_ = !settings_->acceptProxyFrom.empty();
+    clientIn_.setCapacity(settings_->buffers.plaintext);
+    reply_.setCapacity(settings_->buffers.backend);
+
+    if (!settings_->plaintext) {
+        EngineOptions options;
+        options.pairSize = settings_->buffers.tls;
+        options.plaintextBudget = settings_->buffers.plaintext;
+        std::string error;
+        engine_ = Engine::create(settings_->context.get(), Role::server, options, &error);
+        if (!engine_) {
+            log::error("engine-failed listener=" + settings_->name + " peer=" + peer_ +
+                       " reason=" + quoted(error));
+            noteClose(CloseReason::internal, error);
+            closeAll();
+            return;
+        }
+    }
+    armTimer();
+}
+
+Connection::~Connection() = default;
+
+// --- The pump ----------------------------------------------------------------------------------
+
+void Connection::pump() {
+    if (closing_) {
+        return;
+    }
+    if (inPump_) {
+        pumpAgain_ = true;
+        return;
+    }
+    inPump_ = true;
+    do {
+        pumpAgain_ = false;
+        // Bounded: each round moves bytes or changes state; the loop ends when neither happens.
+        for (int round = 0; round < 64 && !closing_; ++round) {
+            bool progress = feedLeftover();
+            progress |= moveDown();
+            progress |= flushClient();
+            progress |= moveUp();
+            progress |= flushBackend();
+            if (closing_) {
+                break;
+            }
+            progress |= checkEngines();
+            if (closing_) {
+                break;
+            }
+            if (!flushing_) {
+                progress |= moveDown();
+                progress |= propagateCloses();
+            }
+            if (!progress) {
+                break;
+            }
+        }
+        if (closing_) {
+            break;
+        }
+        updateReading();
+        maybeFinish();
+    } while (pumpAgain_ && !closing_);
+    inPump_ = false;
+    if (!closing_) {
+        // Between pumps no span into a pair is held (libuv asks for read space only when the
+        // socket is readable), so an idle connection can give its pairs back.
+        if (engine_) {
+            engine_->releaseIdleBuffers();
+        }
+        if (backendEngine_ && backendWriteInFlight_ == 0) {
+            backendEngine_->releaseIdleBuffers();
+        }
+    }
+}
+
+bool Connection::clientReady() const {
+    if (awaitingProxy_ || proxyIn_) {
+        return false;
+    }
+    if (!engine_) {
+        return true;
+    }
+    const EngineStatus status = engine_->status();
+    return status.handshakeDone && !status.failed;
+}
+
+bool Connection::backendReady() const {
+    return backendReady_ && !backendGone_ && !backendClosing_;
+}
+
+std::span<const std::uint8_t> Connection::upSource() {
+    if (awaitingProxy_) {
+        return {};
+    }
+    return engine_ ? engine_->plainOut() : clientIn_.data();
+}
+
+void Connection::upConsume(std::size_t n) {
+    if (engine_) {
+        engine_->consumePlainOut(n);
+    } else {
+        clientIn_.consume(n);
+    }
+}
+
+bool Connection::upEnded() const {
+    if (engine_) {
+        const EngineStatus status = engine_->status();
+        return status.closeNotifyReceived || status.truncated;
+    }
+    return clientEof_ && !proxyIn_;
+}
+
+std::span<const std::uint8_t> Connection::downSource() {
+    if (backendEngine_) {
+        return backendReady_ ? backendEngine_->plainOut() : std::span<const std::uint8_t>();
+    }
+    return reply_.data();
+}
+
+void Connection::downConsume(std::size_t n) {
+    if (backendEngine_) {
+        backendEngine_->consumePlainOut(n);
+    } else {
+        reply_.consume(n);
+    }
+}
+
+bool Connection::downEnded() const {
+    if (backendGone_) {
+        return true;
+    }
+    if (backendEngine_) {
+        const EngineStatus status = backendEngine_->status();
+        return backendReady_ && (status.closeNotifyReceived || status.truncated);
+    }
+    return backendEof_;
+}
+
+bool Connection::feedLeftover() {
+    // Bytes that arrived behind the PROXY header go where the socket would have put them; the
+    // socket is not read again until they are all in.
+    if (!proxyIn_ || awaitingProxy_ || closing_) {
+        return false;
+    }
+    const std::size_t left = proxyInLength_ - proxyInHead_;
+    std::span<std::uint8_t> space =
+        engine_ ? engine_->cipherInSpace() : clientIn_.space(backendPinned_ != Pinned::plain);
+    const std::size_t n = std::min(left, space.size());
+    if (n == 0 && left > 0) {
+        return false;
+    }
+    std::memcpy(space.data(), proxyIn_.get() + proxyInHead_, n);
+    proxyInHead_ += n;
+    if (proxyInHead_ == proxyInLength_) {
+        proxyIn_.reset();
+        proxyInHead_ = proxyInLength_ = 0;
+    }
+    if (engine_) {
+        engine_->commitCipherIn(n);
+        if (!proxyIn_ && clientEof_) {
+            engine_->cipherInEof();
+        }
+    } else {
+        clientIn_.commit(n);
+    }
+    return true;
+}
+
+bool Connection::checkEngines() {
+    bool progress = false;
+    if (engine_ && !flushing_) {
+        const EngineStatus status = engine_->status();
+        if (status.failed) {
+            if (!status.handshakeDone) {
+                server_.counters().handshakeFailures++;
+                noteClose(CloseReason::handshakeFailed, engine_->errorReason());
+                // A flood of bad handshakes must not become a flood of log lines.
+                std::uint64_t suppressed = 0;
+                if (handshakeLogLimit().admit(uv_hrtime() / 1000000, suppressed)) {
+                    if (suppressed > 0) {
+                        log::warn("handshake-failed-suppressed count=" +
+                                  std::to_string(suppressed));
+                    }
+                    log::warn("handshake-failed listener=" + settings_->name + " peer=" + peer_ +
+                              " reason=" + quoted(engine_->errorReason()));
+                }
+            } else {
+                noteClose(CloseReason::tlsError, engine_->errorReason());
+                log::warn("tls-error listener=" + settings_->name + " peer=" + peer_ +
+                          " reason=" + quoted(engine_->errorReason()));
+            }
+            flushing_ = true;
+            phaseStart_ = uv_now(server_.loop());
+            armTimer();
+            return true;
+        }
+        if (status.handshakeDone && handshakeNanos_ < 0) {
+            endHandshakeCount();
+            const auto &info = engine_->handshake();
+            handshakeNanos_ = static_cast<std::int64_t>(uv_hrtime() - acceptedHr_);
+            stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
+                                  static_cast<std::uint64_t>(handshakeNanos_));
+            if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
+                log::debug("handshake listener=" + settings_->name + " peer=" + peer_ +
+                           " protocol=" + info.protocol + " cipher=" + info.cipher +
+                           " sni=" + quoted(info.serverName) + " alpn=" + quoted(info.alpn) +
+                           " resumed=" + (info.resumed ? "yes" : "no") +
+                           (info.clientSubject.empty()
+                                ? std::string()
+                                : " client=" + quoted(info.clientIdentity) +
+                                      " client_subject=" + quoted(info.clientSubject) +
+                                      " client_verified=" + (info.clientVerified ? "yes" : "no")));
+            }
+            handshakeLogged_ = true;
+        }
+    }
+    if (!flushing_ && !backendStarted_ && clientReady()) {
+        endHandshakeCount();
+        startBackend();
+        progress = true;
+    }
+    if (backendEngine_ && backendConnected_ && !backendGone_ && !backendClosing_) {
+        const EngineStatus status = backendEngine_->status();
+        if (status.failed) {
+            backendFailed("tls", UV_EPROTO, backendEngine_->errorReason());
+            return true;
+        }
+        if (status.handshakeDone && !backendReady_) {
+            backendReady_ = true;
+            backendConnected();
+            progress = true;
+        }
+    }
+    return progress;
+}
+
+bool Connection::moveDown() {
+    // Backend plaintext into the client engine (it copies as it encrypts). A plaintext client
+    // is written straight from where the bytes wait, by flushClient().
+    if (!engine_ || flushing_ || !clientReady()) {
         return false;
     }
     bool progress = false;
-    // Straight from the pair: what the socket does not take now leaves in one pinned write.
-    for (auto out = engine_->cipherOut(); !out.empty(); out = engine_->cipherOut()) {
+    for (auto down = downSource(); !down.empty(); down = downSource()) {
+        const std::size_t taken = engine_->write(down);
+        if (taken == 0) {
+            break;
+        }
+        downConsume(taken);
+        bytesDown_ += taken;
+        stats().bytesBackendToClient(taken);
+        progress = true;
+    }
+    return progress;
+}
+
+bool Connection::moveUp() {
+    // Client plaintext into the backend engine; a plain backend is written straight from where
+    // the bytes wait, by flushBackend().
+    if (!backendEngine_ || !backendReady() || backendTlsShutdown_) {
+        return false;
+    }
+    bool progress = false;
+    for (auto up = upSource(); !up.empty(); up = upSource()) {
+        const std::size_t taken = backendEngine_->write(up);
+        if (taken == 0) {
+            break;
+        }
+        upConsume(taken);
+        bytesUp_ += taken;
+        stats().bytesClientToBackend(taken);
+        progress = true;
+    }
+    return progress;
+}
+
+bool Connection::flushClient() {
+    if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_) {
+        return false;
+    }
+    bool progress = false;
+    if (engine_) {
+        // Straight from the pair: what the socket does not take now leaves in one pinned write.
+        for (auto out = engine_->cipherOut(); !out.empty(); out = engine_->cipherOut()) {
+            const int sent = writeSome(clientStream(), out, &clientWriteReq_, onClientWrite,
+                                       clientWriteInFlight_);
+            if (sent < 0) {
+                clientGone_ = true;
+                abort("client write failed");
+            }
+            if (sent <= 0) {
+                clientPinned_ = sent == 0 ? Pinned::cipher : Pinned::none;
+                break;
+            }
+            engine_->consumeCipherOut(static_cast<std::size_t>(sent));
+            touch();
+            progress = true;
+        }
+        return progress;
+    }
+    // A plaintext client: straight from the backend's plaintext, the same way.
+    for (auto down = downSource(); !down.empty(); down = downSource()) {
         const int sent =
-            writeSome(clientStream(), out, &clientWriteReq_, onClientWrite, clientWriteInFlight_);
+            writeSome(clientStream(), down, &clientWriteReq_, onClientWrite, clientWriteInFlight_);
         if (sent < 0) {
             clientGone_ = true;
             abort("client write failed");
         }
         if (sent <= 0) {
+            clientPinned_ = sent == 0 ? Pinned::plain : Pinned::none;
             break;
         }
-        engine_->consumeCipherOut(static_cast<std::size_t>(sent));
+        downConsume(static_cast<std::size_t>(sent));
+        bytesDown_ += static_cast<std::uint64_t>(sent);
+        stats().bytesBackendToClient(static_cast<std::uint64_t>(sent));
         touch();
         progress = true;
     }
@@ -265,22 +464,63 @@ bool Connection::flushClient() {
 }
 
 bool Connection::flushBackend() {
-    if (!backendConnected_ || backendGone_ || backendShutdown_ || backendWriteInFlight_ > 0 ||
-        closing_) {
+    if (!backendConnected_ || backendGone_ || backendClosing_ || backendWriteInFlight_ > 0 ||
+        closing_ || backendShutdown_) {
         return false;
     }
     bool progress = false;
-    // Straight from the engine's plaintext buffer, the same way.
-    for (auto plain = engine_->plainOut(); !plain.empty(); plain = engine_->plainOut()) {
-        const int sent = writeSome(backendStream(), plain, &backendWriteReq_, onBackendWrite,
+    // The PROXY header goes before any other byte, TLS included.
+    while (proxyOutSent_ < proxyOut_.size()) {
+        const auto *header = reinterpret_cast<const std::uint8_t *>(proxyOut_.data());
+        const int sent =
+            writeSome(backendStream(), {header + proxyOutSent_, proxyOut_.size() - proxyOutSent_},
+                      &backendWriteReq_, onBackendWrite, backendWriteInFlight_);
+        if (sent < 0) {
+            backendFailed("write", sent);
+            return true;
+        }
+        if (sent == 0) {
+            backendPinned_ = Pinned::header;
+            return progress;
+        }
+        proxyOutSent_ += static_cast<std::size_t>(sent);
+        progress = true;
+    }
+    if (backendEngine_) {
+        for (auto out = backendEngine_->cipherOut(); !out.empty();
+             out = backendEngine_->cipherOut()) {
+            const int sent = writeSome(backendStream(), out, &backendWriteReq_, onBackendWrite,
+                                       backendWriteInFlight_);
+            if (sent < 0) {
+                backendFailed("write", sent);
+                return true;
+            }
+            if (sent == 0) {
+                backendPinned_ = Pinned::cipher;
+                break;
+            }
+            backendEngine_->consumeCipherOut(static_cast<std::size_t>(sent));
+            touch();
+            progress = true;
+        }
+        return progress;
+    }
+    if (!backendReady()) {
+        return progress;
+    }
+    // Straight from the client's plaintext, the same way.
+    for (auto up = upSource(); !up.empty(); up = upSource()) {
+        const int sent = writeSome(backendStream(), up, &backendWriteReq_, onBackendWrite,
                                    backendWriteInFlight_);
         if (sent < 0) {
             backendFailed("write", sent);
+            return true;
         }
-        if (sent <= 0) {
+        if (sent == 0) {
+            backendPinned_ = Pinned::plain;
             break;
         }
-        engine_->consumePlainOut(static_cast<std::size_t>(sent));
+        upConsume(static_cast<std::size_t>(sent));
         bytesUp_ += static_cast<std::uint64_t>(sent);
         stats().bytesClientToBackend(static_cast<std::uint64_t>(sent));
         touch();
@@ -291,44 +531,71 @@ bool Connection::flushBackend() {
 
 bool Connection::propagateCloses() {
     bool progress = false;
-    const EngineStatus status = engine_->status();
-    // Upstream: the client's close_notify or FIN becomes a FIN to the backend once every byte
-    // before it has been written.
-    const bool clientFinished = status.closeNotifyReceived || status.truncated;
-    if (clientFinished && backendConnected_ && !backendGone_ && !backendShutdown_ &&
-        !status.plaintextReady && backendWriteInFlight_ == 0) {
-        backendShutdown_ = true;
-        if (uv_shutdown(&backendShutdownReq_, backendStream(), onBackendShutdown) != 0) {
-            backendShutdownDone_ = true;
+    // Upstream: the client's end (close_notify, or FIN) becomes the backend's end once every
+    // byte before it has been written: close_notify first for a TLS backend, then a FIN.
+    if (upEnded() && backendReady() && !backendShutdown_ && upSource().empty() &&
+        backendWriteInFlight_ == 0 && proxyOutSent_ == proxyOut_.size()) {
+        bool finNow = true;
+        if (backendEngine_) {
+            if (!backendTlsShutdown_) {
+                backendTlsShutdown_ = true;
+                backendEngine_->shutdown();
+                progress = true;
+            }
+            finNow =
+                backendEngine_->status().closeNotifySent && backendEngine_->cipherOutPending() == 0;
         }
-        armTimer();
+        if (finNow) {
+            backendShutdown_ = true;
+            if (uv_shutdown(&backendShutdownReq_, backendStream(), onBackendShutdown) != 0) {
+                backendShutdownDone_ = true;
+            }
+            armTimer();
+            progress = true;
+        }
+    }
+    if (backendGone_ && !upSource().empty()) {
+        // Nobody will take these bytes; dropping them lets the client side read to its end.
+        upConsume(upSource().size());
         progress = true;
     }
-    if (backendGone_ && status.plaintextReady) {
-        // Nobody will take these bytes; dropping them lets the engine keep reading to the end.
-        engine_->consumePlainOut(engine_->plainOut().size());
-        progress = true;
+    // Downstream: the backend's end becomes close_notify once every reply byte is encrypted,
+    // then a FIN once the close_notify has left (a plaintext client gets the FIN alone). The
+    // close_notify is new ciphertext: reporting progress makes the pump flush it in the same
+    // turn (the clean-close tests guard this).
+    if (backendEngine_ && backendReady_ && !backendGone_) {
+        const EngineStatus status = backendEngine_->status();
+        if (status.truncated && !status.closeNotifyReceived) {
+            truncateClient_ = true; // the backend's TLS stream may be cut short: say so
+        }
     }
-    // Downstream: the backend's FIN becomes close_notify once every reply byte is encrypted,
-    // then a FIN once the close_notify has left. The close_notify is new ciphertext: reporting
-    // progress makes the pump flush it in the same turn (the clean-close tests guard this).
-    const bool backendFinished = backendEof_ || backendGone_;
-    if (backendFinished && replyHead_ == replyTail_) {
+    if (downEnded() && downSource().empty()) {
+        const bool clientFlushed =
+            clientWriteInFlight_ == 0 && (!engine_ || engine_->cipherOutPending() == 0);
         if (truncateClient_) {
-            // The backend reset the stream: deliver what it sent, then end the TCP connection
-            // without close_notify so the client can tell the reply is incomplete.
-            if (engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
+            // Deliver what the backend sent, then end the client's TCP connection without
+            // close_notify (a plaintext client gets a reset) so it can tell the reply is cut.
+            if (clientFlushed) {
                 abort("backend reset");
             }
             return progress;
         }
-        if (!shutdownRequested_) {
-            shutdownRequested_ = true;
-            engine_->shutdown();
+        if (engine_) {
+            if (!shutdownRequested_) {
+                shutdownRequested_ = true;
+                engine_->shutdown();
+                progress = true;
+            }
+        } else if (!clientShutdown_ && !clientGone_ && clientFlushed) {
+            clientShutdown_ = true;
+            if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
+                clientShutdownDone_ = true;
+            }
+            armTimer();
             progress = true;
         }
     }
-    if (engine_->status().closeNotifySent && !clientShutdown_ && !clientGone_ &&
+    if (engine_ && engine_->status().closeNotifySent && !clientShutdown_ && !clientGone_ &&
         engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
         clientShutdown_ = true;
         if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
@@ -344,13 +611,24 @@ void Connection::updateReading() {
     if (closing_) {
         return;
     }
-    // Client: read while the pair has room. A full pair means the engine's plaintext budget is
-    // full because the backend is slow; reading resumes once a quarter of the pair is free.
-    const std::size_t capacity = engine_->cipherInCapacity();
-    const std::size_t resumeAt = std::max<std::size_t>(1, settings_->buffers.tls / 4);
-    bool wantClient = !clientEof_ && !clientGone_ && capacity > 0;
-    if (!clientReading_ && capacity < resumeAt) {
+    // Client: while the PROXY header is incomplete, into its buffer; then, while bytes from
+    // behind the header wait, not at all; then into the pair (TLS) or the plaintext queue. A
+    // full pair or queue means the backend is slow; reading resumes once a quarter of the pair
+    // (half of the queue) is free.
+    bool wantClient = !clientEof_ && !clientGone_;
+    if (awaitingProxy_) {
+        wantClient = wantClient && proxyInLength_ < maxProxyHeader;
+    } else if (proxyIn_) {
         wantClient = false;
+    } else if (engine_) {
+        const std::size_t capacity = engine_->cipherInCapacity();
+        const std::size_t resumeAt = std::max<std::size_t>(1, settings_->buffers.tls / 4);
+        wantClient = wantClient && capacity > 0 && (clientReading_ || capacity >= resumeAt);
+    } else {
+        const std::size_t queued = clientIn_.size();
+        wantClient = wantClient && queued < clientIn_.capacity() &&
+                     clientIn_.hasSpace(backendPinned_ != Pinned::plain) &&
+                     (clientReading_ || queued <= clientIn_.capacity() / 2);
     }
     if (wantClient != clientReading_) {
         if (wantClient) {
@@ -362,13 +640,18 @@ void Connection::updateReading() {
         }
         clientReading_ = wantClient;
     }
-    // Backend: read while the reply queue has room; resume once it is half empty.
-    const std::size_t capacityBytes = settings_->buffers.backend;
-    const std::size_t queued = replyTail_ - replyHead_;
-    bool wantBackend = backendConnected_ && !backendEof_ && !backendGone_ && !flushing_ &&
-                       !clientGone_ && queued < capacityBytes;
-    if (!backendReading_ && queued > capacityBytes / 2) {
-        wantBackend = false;
+    // Backend: into its engine's pair, or into the reply queue, the same way.
+    bool wantBackend = backendConnected_ && !backendClosing_ && !backendEof_ && !backendGone_ &&
+                       !flushing_ && !clientGone_;
+    if (backendEngine_) {
+        const std::size_t capacity = backendEngine_->cipherInCapacity();
+        const std::size_t resumeAt = std::max<std::size_t>(1, settings_->buffers.tls / 4);
+        wantBackend = wantBackend && capacity > 0 && (backendReading_ || capacity >= resumeAt);
+    } else {
+        const std::size_t queued = reply_.size();
+        wantBackend = wantBackend && queued < reply_.capacity() &&
+                      reply_.hasSpace(clientPinned_ != Pinned::plain) &&
+                      (backendReading_ || queued <= reply_.capacity() / 2);
     }
     if (wantBackend != backendReading_) {
         if (wantBackend) {
@@ -416,14 +699,120 @@ void Connection::maybeFinish() {
     }
 }
 
+// --- PROXY header from a load balancer -----------------------------------------------------------
+
+bool Connection::takeProxyHeader() {
+    const ProxyParse parsed = parseProxyHeader({proxyIn_.get(), proxyInLength_}, maxProxyHeader);
+    if (parsed.status == ProxyParse::needMore && proxyInLength_ < maxProxyHeader) {
+        return true;
+    }
+    if (parsed.status != ProxyParse::done) {
+        const std::string error =
+            parsed.status == ProxyParse::needMore ? "header too long" : parsed.error;
+        std::uint64_t suppressed = 0;
+        if (handshakeLogLimit().admit(monotonicMs(), suppressed)) {
+            log::warn("proxy-header-invalid listener=" + settings_->name + " peer=" + peer_ +
+                      " reason=" + quoted(error));
+        }
+        noteClose(CloseReason::proxyHeader, error);
+        closeAll();
+        return false;
+    }
+    awaitingProxy_ = false;
+    if (!parsed.local && parsed.source.ss_family != AF_UNSPEC) {
+        clientAddress_ = parsed.source;
+        localAddress_ = parsed.destination;
+        peer_ = net::format(reinterpret_cast<const sockaddr *>(&clientAddress_));
+    }
+    proxyInHead_ = parsed.length;
+    if (proxyInHead_ == proxyInLength_) {
+        proxyIn_.reset();
+        proxyInHead_ = proxyInLength_ = 0;
+    }
+    // The handshake limit per client address applies to the address the header names.
+    endHandshakeCount();
+    ipKey_ = clientIpKey(reinterpret_cast<const sockaddr *>(&clientAddress_));
+    if (!server_.handshakeStarting(ipKey_)) {
+        server_.counters().handshakeLimited++;
+        stats().handshakeLimited();
+        noteClose(CloseReason::limit, "handshakes per IP");
+        closeAll();
+        return false;
+    }
+    handshakeCounted_ = true;
+    return true;
+}
+
 // --- Backend -----------------------------------------------------------------------------------
 
 void Connection::startBackend() {
     backendStarted_ = true;
+    if (engine_) {
+        const auto &info = engine_->handshake();
+        pool_ = settings_->route(info.serverName, info.alpn);
+    } else {
+        pool_ = settings_->pool;
+    }
+    tried_.assign(pool_->size(), false);
+    const BackendConfig &config = pool_->config();
+    if (config.proxyProtocol != ProxyProtocol::off) {
+        const auto *source = clientAddress_.ss_family == AF_UNSPEC
+                                 ? nullptr
+                                 : reinterpret_cast<const sockaddr *>(&clientAddress_);
+        const auto *destination = localAddress_.ss_family == AF_UNSPEC
+                                      ? nullptr
+                                      : reinterpret_cast<const sockaddr *>(&localAddress_);
+        if (config.proxyProtocol == ProxyProtocol::v1) {
+            proxyOut_ = buildProxyV1(source, destination);
+        } else {
+            ProxyTlvFacts facts;
+            if (engine_) {
+                const auto &info = engine_->handshake();
+                const ConnectionFacts more = engine_->facts(config.proxyClientCertMax);
+                facts.tls = true;
+                facts.alpn = info.alpn;
+                facts.authority = info.serverName;
+                facts.version = info.protocol;
+                facts.cipher = info.cipher;
+                facts.sigAlg = more.signatureAlgorithm;
+                facts.keyAlg = more.keyAlgorithm;
+                facts.clientCertSession = more.peerCertificate;
+                facts.clientCertConnection = more.peerCertificate && !info.resumed;
+                // Zero only for a certificate that was presented and verified (with the
+                // listener's allow lists); X509_V_ERR_UNSPECIFIED (1) when there was none.
+                facts.verifyResult = more.peerCertificate && info.clientVerified ? 0
+                                     : more.verifyResult != 0
+                                         ? static_cast<std::uint32_t>(more.verifyResult)
+                                         : 1;
+                facts.clientCn = more.peerCommonName;
+                facts.clientCertDer = more.peerCertificateDer;
+            }
+            proxyOut_ = buildProxyV2(source, destination, &facts);
+        }
+    }
+    connectNext();
+}
+
+void Connection::connectNext() {
+    const int index = pool_->pick(tried_, monotonicMs());
+    if (index < 0) {
+        serverIndex_ = -1;
+        backendFailed("connect", UV_ECONNREFUSED, "no server left to try");
+        return;
+    }
     uv_loop_t *loop = server_.loop();
+    tried_[static_cast<std::size_t>(index)] = true;
+    ++attempts_;
+    serverIndex_ = index;
+    serverCounted_ = true;
+    PoolServer &server = pool_->server(static_cast<std::size_t>(index));
+    server.active.fetch_add(1, std::memory_order_relaxed);
+    backendConnected_ = backendReady_ = backendEof_ = backendReading_ = false;
+    backendTlsShutdown_ = backendShutdown_ = backendShutdownDone_ = false;
+    proxyOutSent_ = 0;
     phaseStart_ = uv_now(loop);
     connectStartHr_ = uv_hrtime();
-    const auto &target = settings_->backend;
+    const net::SocketAddress target = server.resolved();
     if (target.kind == Address::Kind::unix) {
         uv_pipe_init(loop, &backend_.pipe, 0);
         backend_.pipe.data = this;
@@ -432,10 +821,11 @@ void Connection::startBackend() {
         // uv_pipe_connect reports every outcome, failures included, through the callback.
         uv_pipe_connect(&connectReq_, &backend_.pipe, target.path.c_str(), onBackendConnect);
     } else {
-        uv_tcp_init(loop, &backend_.tcp);
+        uv_tcp_init_ex(loop, &backend_.tcp, target.storage.ss_family);
         backend_.tcp.data = this;
         backendInitialised_ = true;
         ++openHandles_;
+        applySocketOptions(&backend_.tcp, pool_->config().socket);
         const int err = uv_tcp_connect(&connectReq_, &backend_.tcp, target.raw(), onBackendConnect);
         if (err != 0) {
             backendFailed("connect", err);
@@ -445,22 +835,59 @@ void Connection::startBackend() {
     armTimer();
 }
 
-void Connection::backendFailed(const char *what, int status) {
-    if (backendGone_) {
+void Connection::backendConnected() {
+    connectNanos_ = static_cast<std::int64_t>(uv_hrtime() - connectStartHr_);
+    stats().backendConnected(static_cast<std::uint64_t>(connectNanos_));
+    const auto index = static_cast<std::size_t>(serverIndex_);
+    if (pool_->succeeded(index) == HealthChange::recovered) {
+        log::info("backend-up backend=" + pool_->name() + " server=" + pool_->server(index).text());
+    }
+    touch();
+    armTimer();
+}
+
+void Connection::backendFailed(const char *what, int status, std::string detail) {
+    if (backendGone_ || backendClosing_ || closing_) {
         return;
     }
     server_.counters().backendFailures++;
-    noteClose(backendConnected_ ? CloseReason::backendReset : CloseReason::backendFailed,
-              std::string(what) + ": " + uv_err_name(status));
-    if (!backendConnected_) {
+    const std::string serverText =
+        serverIndex_ >= 0 ? pool_->server(static_cast<std::size_t>(serverIndex_)).text() : "-";
+    const std::string error =
+        std::string(what) + ": " + (detail.empty() ? std::string(uv_err_name(status)) : detail);
+    // Until the backend is ready no client byte has been sent to it, so the next server of the
+    // pool can take the connection.
+    const bool ready = backendReady_;
+    bool retry = false;
+    if (!ready && serverIndex_ >= 0) {
         stats().backendConnectFailed();
+        const auto index = static_cast<std::size_t>(serverIndex_);
+        if (pool_->failed(index, monotonicMs()) == HealthChange::markedDown) {
+            log::warn("backend-down backend=" + pool_->name() + " server=" + serverText +
+                      " failures=" + std::to_string(pool_->server(index).failures.load()) +
+                      " for=" + std::to_string(pool_->config().failTimeout.count()) + "ms");
+        }
+        retry = attempts_ < pool_->attemptLimit() &&
+                std::find(tried_.begin(), tried_.end(), false) != tried_.end();
     }
     log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peer_ +
-              " backend=" + settings_->backendText + " during=" + what +
-              " error=" + uv_err_name(status));
-    // A backend that fails after it was connected cut its reply short: the client must be able
-    // to tell. One that never connected sent nothing: a clean close_notify says so.
-    truncateClient_ = backendConnected_;
+              " backend=" + (pool_ ? pool_->name() : settings_->backendText) +
+              " server=" + serverText + " during=" + what + " error=" + quoted(error) +
+              (retry ? " next=retry" : ""));
+    if (retry) {
+        releaseServer();
+        if (backendReading_) {
+            uv_read_stop(backendStream());
+            backendReading_ = false;
+        }
+        backendClosing_ = true;
+        uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
+        return;
+    }
+    noteClose(ready ? CloseReason::backendReset : CloseReason::backendFailed, error);
+    // A backend that fails after it was ready cut its reply short: the client must be able to
+    // tell. One that never became ready sent nothing: a clean close_notify says so.
+    truncateClient_ = ready;
     backendGone_ = true;
     if (backendReading_) {
         uv_read_stop(backendStream());
@@ -469,33 +896,77 @@ void Connection::backendFailed(const char *what, int status) {
     pump();
 }
 
+void Connection::onBackendClosed(uv_handle_t *handle) {
+    auto *self = static_cast<Connection *>(handle->data);
+    self->backendInitialised_ = false;
+    self->backendClosing_ = false;
+    if (self->closing_) {
+        self->handleClosed();
+        return;
+    }
+    --self->openHandles_;
+    // Nothing points into the failed attempt's engine any more.
+    self->backendEngine_.reset();
+    self->reply_.releaseIfEmpty();
+    self->connectNext();
+    self->pump();
+}
+
+void Connection::releaseServer() {
+    if (serverCounted_) {
+        serverCounted_ = false;
+        pool_->server(static_cast<std::size_t>(serverIndex_))
+            .active.fetch_sub(1, std::memory_order_relaxed);
+    }
+}
+
 // --- Timeouts ----------------------------------------------------------------------------------
+
+const char *Connection::phase() const {
+    if (flushing_) {
+        return "flush";
+    }
+    if (!clientReady()) {
+        return "handshake";
+    }
+    if (backendStarted_ && !backendReady_ && !backendGone_) {
+        return "connect";
+    }
+    const bool clientEnded =
+        engine_ ? (engine_->status().closeNotifyReceived || engine_->status().truncated)
+                : clientEof_;
+    if (clientEnded || backendEof_ || backendGone_ || clientShutdown_ || backendShutdown_) {
+        return "half-close";
+    }
+    return "idle";
+}
 
 std::uint64_t Connection::deadline() const {
     const Timeouts &t = settings_->timeouts;
     auto at = [](std::uint64_t from, Duration limit) -> std::uint64_t {
         return limit.count() > 0 ? from + static_cast<std::uint64_t>(limit.count()) : 0;
     };
-    if (flushing_) {
+    const std::string_view current = phase();
+    if (current == "flush") {
         return at(phaseStart_, t.flush);
     }
-    const EngineStatus status = engine_->status();
-    if (!status.handshakeDone) {
+    if (current == "handshake") {
         return at(acceptedAt_, t.handshake);
     }
-    if (backendStarted_ && !backendConnected_ && !backendGone_) {
-        return at(phaseStart_, t.connect);
+    if (current == "connect") {
+        const Duration limit = pool_ && pool_->config().connectTimeout.count() > 0
+                                   ? pool_->config().connectTimeout
+                                   : t.connect;
+        return at(phaseStart_, limit);
     }
-    const bool halfClosed = status.closeNotifyReceived || status.truncated || backendEof_ ||
-                            backendGone_ || clientShutdown_ || backendShutdown_;
-    if (halfClosed) {
+    if (current == "half-close") {
         return at(lastActivity_, t.halfClose);
     }
     return at(lastActivity_, t.idle);
 }
 
 void Connection::armTimer() {
-    if (closing_ || !engine_) {
+    if (closing_) {
         return;
     }
     const std::uint64_t due = deadline();
@@ -521,27 +992,33 @@ void Connection::onTimer(uv_timer_t *timer) {
         self->armTimer(); // activity moved the deadline; wait for the new one
         return;
     }
-    const EngineStatus status = self->engine_->status();
-    const char *phase = self->flushing_                                   ? "flush"
-                        : !status.handshakeDone                           ? "handshake"
-                        : !self->backendConnected_ && !self->backendGone_ ? "connect"
-                        : (status.closeNotifyReceived || status.truncated || self->backendEof_ ||
-                           self->backendGone_ || self->clientShutdown_ || self->backendShutdown_)
-                            ? "half-close"
-                            : "idle";
-    self->server_.counters().timeouts++;
-    self->noteClose(std::strcmp(phase, "flush") == 0       ? CloseReason::timeoutFlush
-                    : std::strcmp(phase, "handshake") == 0 ? CloseReason::timeoutHandshake
-                    : std::strcmp(phase, "connect") == 0   ? CloseReason::timeoutConnect
-                    : std::strcmp(phase, "idle") == 0      ? CloseReason::timeoutIdle
-                                                           : CloseReason::timeoutHalfClose);
-    log::info(std::string("timeout listener=") + self->settings_->name + " peer=" + self->peer_ +
-              " phase=" + phase);
-    if (std::strcmp(phase, "connect") == 0) {
+    const std::string_view phase = self->phase();
+    if (phase == "connect") {
+        // A server that does not answer counts against it, and the next one may take over.
+        if (self->backendClosing_) {
+            self->armTimer();
+            return;
+        }
+        self->server_.counters().timeouts++;
+        log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
+                  " phase=connect");
+        if (self->attempts_ >= self->pool_->attemptLimit() ||
+            std::find(self->tried_.begin(), self->tried_.end(), false) == self->tried_.end()) {
+            self->noteClose(CloseReason::timeoutConnect);
+        }
         self->backendFailed("connect", UV_ETIMEDOUT);
         return;
     }
-    self->abort(phase);
+    self->server_.counters().timeouts++;
+    self->noteClose(phase == "flush"       ? CloseReason::timeoutFlush
+                    : phase == "handshake" ? (self->awaitingProxy_ ? CloseReason::proxyHeader
+                                                                   : CloseReason::timeoutHandshake)
+                    : phase == "idle"      ? CloseReason::timeoutIdle
+                                           : CloseReason::timeoutHalfClose,
+                    phase == "handshake" && self->awaitingProxy_ ? "no PROXY header in time" : "");
+    log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
+              " phase=" + std::string(phase));
+    self->abort(std::string(phase).c_str());
 }
 
 // --- Closing -----------------------------------------------------------------------------------
@@ -562,6 +1039,8 @@ void Connection::abort(const char *reason) {
         noteClose(CloseReason::drain);
     } else if (std::strcmp(reason, "backend reset") == 0) {
         noteClose(CloseReason::backendReset);
+        // A plaintext client has no close_notify to miss: a reset tells it the reply is cut.
+        resetClient_ = !engine_;
     }
     closeAll();
 }
@@ -577,7 +1056,7 @@ void Connection::noteClose(CloseReason reason, std::string_view error) {
 
 void Connection::recordClose() {
     const CloseReason reason = closeReason_;
-    if (handshakeNanos_ < 0) {
+    if (engine_ && handshakeNanos_ < 0) {
         stats().handshakeNotDone(
             reason == CloseReason::handshakeFailed || reason == CloseReason::tlsError
                 ? HandshakeResult::failed
@@ -593,7 +1072,9 @@ void Connection::recordClose() {
     record.durationNanos = uv_hrtime() - acceptedHr_;
     record.listener = settings_->name;
     record.client = peer_;
-    record.backend = settings_->backendText;
+    record.backend = pool_ && serverIndex_ >= 0
+                         ? pool_->server(static_cast<std::size_t>(serverIndex_)).text()
+                         : settings_->backendText;
     if (engine_ && handshakeNanos_ >= 0) {
         const auto &info = engine_->handshake();
         record.handshakeDone = true;
@@ -626,14 +1107,17 @@ void Connection::closeAll() {
     }
     closing_ = true;
     endHandshakeCount();
+    releaseServer();
     recordClose();
     if (log::enabled(LogLevel::debug)) {
         log::debug("connection-closed listener=" + settings_->name + " peer=" + peer_ +
                    " up=" + std::to_string(bytesUp_) + " down=" + std::to_string(bytesDown_));
     }
-    uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
+    if (!resetClient_ || uv_tcp_close_reset(client_, onClose) != 0) {
+        uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
+    }
     uv_close(reinterpret_cast<uv_handle_t *>(&timer_), onClose);
-    if (backendInitialised_) {
+    if (backendInitialised_ && !backendClosing_) {
         uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onClose);
     }
 }
@@ -661,8 +1145,21 @@ void Connection::handleClosed() {
 
 void Connection::onClientAlloc(uv_handle_t *handle, size_t, uv_buf_t *buf) {
     auto *self = static_cast<Connection *>(handle->data);
-    // Zero copy: the socket reads straight into the engine's pair.
-    auto space = self->closing_ ? std::span<std::uint8_t>() : self->engine_->cipherInSpace();
+    std::span<std::uint8_t> space;
+    if (self->closing_) {
+        // Nothing: libuv reports UV_ENOBUFS, which is ignored while closing.
+    } else if (self->awaitingProxy_) {
+        if (!self->proxyIn_) {
+            self->proxyIn_ = std::make_unique_for_overwrite<std::uint8_t[]>(maxProxyHeader);
+        }
+        space = {self->proxyIn_.get() + self->proxyInLength_,
+                 maxProxyHeader - self->proxyInLength_};
+    } else if (self->engine_) {
+        // Zero copy: the socket reads straight into the engine's pair.
+        space = self->engine_->cipherInSpace();
+    } else {
+        space = self->clientIn_.space(self->backendPinned_ != Pinned::plain);
+    }
     *buf = uv_buf_init(reinterpret_cast<char *>(space.data()), static_cast<unsigned>(space.size()));
 }
 
@@ -672,8 +1169,18 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
         return;
     }
     if (nread > 0) {
-        self->engine_->commitCipherIn(static_cast<std::size_t>(nread));
+        const auto n = static_cast<std::size_t>(nread);
         self->touch();
+        if (self->awaitingProxy_) {
+            self->proxyInLength_ += n;
+            if (!self->takeProxyHeader()) {
+                return;
+            }
+        } else if (self->engine_) {
+            self->engine_->commitCipherIn(n);
+        } else {
+            self->clientIn_.commit(n);
+        }
     } else if (nread == UV_ENOBUFS) {
         uv_read_stop(stream);
         self->clientReading_ = false;
@@ -682,11 +1189,21 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
         self->clientReading_ = false;
         self->clientEof_ = true;
         self->touch();
-        self->engine_->cipherInEof();
+        if (self->awaitingProxy_) {
+            self->noteClose(CloseReason::proxyHeader, "EOF before the PROXY header");
+            self->closeAll();
+            return;
+        }
+        if (self->engine_ && !self->proxyIn_) {
+            self->engine_->cipherInEof();
+        }
     } else if (nread < 0) {
         self->clientGone_ = true;
         self->abort("client reset");
         return;
+    }
+    if (!self->engine_ && nread <= 0) {
+        self->clientIn_.releaseIfEmpty();
     }
     self->pump();
 }
@@ -694,16 +1211,24 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
 void Connection::onClientWrite(uv_write_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
     const std::size_t written = self->clientWriteInFlight_;
+    const Pinned pinned = self->clientPinned_;
     self->clientWriteInFlight_ = 0;
+    self->clientPinned_ = Pinned::none;
     if (self->closing_) {
-        return; // the pinned bytes are released with the engine
+        return; // the pinned bytes are released with their owner
     }
     if (status < 0) {
         self->clientGone_ = true;
         self->abort("client write failed");
         return;
     }
-    self->engine_->consumeCipherOut(written);
+    if (pinned == Pinned::cipher) {
+        self->engine_->consumeCipherOut(written);
+    } else if (pinned == Pinned::plain) {
+        self->downConsume(written);
+        self->bytesDown_ += written;
+        stats().bytesBackendToClient(written);
+    }
     self->touch();
     self->pump();
 }
@@ -719,7 +1244,7 @@ void Connection::onClientShutdown(uv_shutdown_t *req, int) {
 
 void Connection::onBackendConnect(uv_connect_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
-    if (self->closing_) {
+    if (self->closing_ || self->backendClosing_) {
         return;
     }
     if (status < 0) {
@@ -727,11 +1252,21 @@ void Connection::onBackendConnect(uv_connect_t *req, int status) {
         return;
     }
     self->backendConnected_ = true;
-    self->connectNanos_ = static_cast<std::int64_t>(uv_hrtime() - self->connectStartHr_);
-    stats().backendConnected(static_cast<std::uint64_t>(self->connectNanos_));
-    if (self->settings_->backend.kind == Address::Kind::tcp) {
-        uv_tcp_nodelay(&self->backend_.tcp, 1);
-        uv_tcp_keepalive(&self->backend_.tcp, 1, keepAliveDelaySeconds);
+    if (ssl_ctx_st *context = self->pool_->tlsContext()) {
+        EngineOptions options;
+        options.pairSize = self->settings_->buffers.tls;
+        options.plaintextBudget = self->settings_->buffers.backend;
+        options.serverName = self->pool_->serverName(static_cast<std::size_t>(self->serverIndex_));
+        options.smallRecordBytes = 0; // a backend reads whole records as well as small ones
+        std::string error;
+        self->backendEngine_ = Engine::create(context, Role::client, options, &error);
+        if (!self->backendEngine_) {
+            self->backendFailed("tls", UV_ENOMEM, error);
+            return;
+        }
+    } else {
+        self->backendReady_ = true;
+        self->backendConnected();
     }
     self->touch();
     self->armTimer();
@@ -740,33 +1275,29 @@ void Connection::onBackendConnect(uv_connect_t *req, int status) {
 
 void Connection::onBackendAlloc(uv_handle_t *handle, size_t, uv_buf_t *buf) {
     auto *self = static_cast<Connection *>(handle->data);
-    const std::size_t capacity = self->settings_->buffers.backend;
-    if (self->closing_) {
-        *buf = uv_buf_init(nullptr, 0);
-        return;
+    std::span<std::uint8_t> space;
+    if (self->closing_ || self->backendClosing_) {
+        // Nothing.
+    } else if (self->backendEngine_) {
+        space = self->backendEngine_->cipherInSpace();
+    } else {
+        // The unsent tail moves to the front only while no write to the client pins it.
+        space = self->reply_.space(self->clientPinned_ != Pinned::plain);
     }
-    if (!self->reply_) {
-        self->reply_ = std::make_unique_for_overwrite<std::uint8_t[]>(capacity);
-        self->replyHead_ = self->replyTail_ = 0;
-    } else if (self->replyTail_ == capacity && self->replyHead_ > 0) {
-        // The engine holds no pointer into this queue (it copies on write), so the unsent tail
-        // can move to the front.
-        std::memmove(self->reply_.get(), self->reply_.get() + self->replyHead_,
-                     self->replyTail_ - self->replyHead_);
-        self->replyTail_ -= self->replyHead_;
-        self->replyHead_ = 0;
-    }
-    *buf = uv_buf_init(reinterpret_cast<char *>(self->reply_.get() + self->replyTail_),
-                       static_cast<unsigned>(capacity - self->replyTail_));
+    *buf = uv_buf_init(reinterpret_cast<char *>(space.data()), static_cast<unsigned>(space.size()));
 }
 
 void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *) {
     auto *self = static_cast<Connection *>(stream->data);
-    if (self->closing_) {
+    if (self->closing_ || self->backendClosing_) {
         return;
     }
     if (nread > 0) {
-        self->replyTail_ += static_cast<std::size_t>(nread);
+        if (self->backendEngine_) {
+            self->backendEngine_->commitCipherIn(static_cast<std::size_t>(nread));
+        } else {
+            self->reply_.commit(static_cast<std::size_t>(nread));
+        }
         self->touch();
     } else if (nread == UV_ENOBUFS) {
         uv_read_stop(stream);
@@ -782,15 +1313,17 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
             return;
         }
         self->backendEof_ = true;
+        if (self->backendEngine_) {
+            self->backendEngine_->cipherInEof();
+        }
         self->touch();
         self->armTimer();
     } else if (nread < 0) {
         self->backendFailed("read", static_cast<int>(nread));
         return;
     }
-    if (self->replyHead_ == self->replyTail_ && self->reply_ && nread <= 0) {
-        self->reply_.reset();
-        self->replyHead_ = self->replyTail_ = 0;
+    if (!self->backendEngine_ && nread <= 0) {
+        self->reply_.releaseIfEmpty();
     }
     self->pump();
 }
@@ -798,24 +1331,32 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
 void Connection::onBackendWrite(uv_write_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
     const std::size_t written = self->backendWriteInFlight_;
+    const Pinned pinned = self->backendPinned_;
     self->backendWriteInFlight_ = 0;
-    if (self->closing_) {
+    self->backendPinned_ = Pinned::none;
+    if (self->closing_ || self->backendClosing_) {
         return;
     }
     if (status < 0) {
         self->backendFailed("write", status);
         return;
     }
-    self->engine_->consumePlainOut(written);
-    self->bytesUp_ += written;
-    stats().bytesClientToBackend(written);
+    if (pinned == Pinned::header) {
+        self->proxyOutSent_ += written;
+    } else if (pinned == Pinned::cipher) {
+        self->backendEngine_->consumeCipherOut(written);
+    } else if (pinned == Pinned::plain) {
+        self->upConsume(written);
+        self->bytesUp_ += written;
+        stats().bytesClientToBackend(written);
+    }
     self->touch();
     self->pump();
 }
 
 void Connection::onBackendShutdown(uv_shutdown_t *req, int) {
     auto *self = static_cast<Connection *>(req->data);
-    if (self->closing_) {
+    if (self->closing_ || self->backendClosing_) {
         return;
     }
     self->backendShutdownDone_ = true;

@@ -6,11 +6,15 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <sys/socket.h>
+#include <vector>
 
 #include <uv.h>
 
 #include <sluice/engine.hpp>
 
+#include "proxy/byte_queue.hpp"
+#include "proxy/pool.hpp"
 #include "proxy/stats.hpp"
 
 namespace sluice::proxy {
@@ -19,15 +23,23 @@ class Server;
 struct ListenerSettings;
 
 /**
- * The data path of one accepted connection:
+ * The data path of one accepted connection. Each side is a socket, with a TLS engine in front of
+ * it when that side speaks TLS:
  *
- *   client socket --ciphertext--> engine pair --plaintext--> backend socket   (upstream)
- *   client socket <--ciphertext-- engine pair <--plaintext-- reply queue <-- backend socket
+ *   client socket -> [client engine] -> plaintext -> [backend engine] -> backend socket  (up)
+ *   client socket <- [client engine] <- plaintext <- [backend engine] <- backend socket  (down)
  *
- * Ciphertext is read straight into the engine's pair and written straight from it; decrypted
- * bytes are written to the backend straight from the engine's plaintext buffer. Only backend
- * replies are copied once, into the reply queue, before encryption. Each queue is bounded, and a
- * full queue stops reading the socket that fills it.
+ * A listener is TLS unless it is plaintext (client mode); a backend pool is plain unless it
+ * speaks TLS (re-encryption). Ciphertext is read straight into an engine's pair and written
+ * straight from it. Plaintext is written to a plain socket straight from where it waits (the
+ * engine's buffer or the queue a plain socket was read into); an engine takes plaintext by
+ * copying it as it encrypts. Each queue is bounded, and a full queue stops reading the socket that
+ * fills it.
+ *
+ * Before TLS, a listener with accept_proxy_from reads a PROXY header; before anything else, a
+ * pool with proxy_protocol writes one. The backend is chosen once the client handshake is done
+ * (routes match its SNI and ALPN); a failed connect (or backend TLS handshake) moves to the next
+ * server of the pool while no client byte has been sent.
  *
  * Ownership: the Server creates it and is told in connectionClosed() once every handle has been
  * closed; the object deletes itself after that call. Callbacks that arrive after closing began
@@ -37,8 +49,9 @@ class Connection {
 public:
     /**
      * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
-     * the client address the caller counted with Server::handshakeStarting(); the connection
-     * calls handshakeEnded() once, when its handshake completes or it closes, whichever is first.
+     * the client address the caller counted with Server::handshakeStarting() (empty: none); the
+     * connection calls handshakeEnded() once, when its handshake completes or it closes,
+     * whichever is first.
      */
     static void start(Server &server, std::shared_ptr<const ListenerSettings> settings,
                       uv_tcp_t *client, std::string ipKey = {});
@@ -55,19 +68,37 @@ private:
 
     // The one place that moves bytes and decides what happens next.
     void pump();
+    bool feedLeftover();
+    bool checkEngines();
     bool flushClient();
     bool flushBackend();
-    bool feedEngine();
+    bool moveDown();
+    bool moveUp();
     void updateReading();
     bool propagateCloses();
     bool upstreamDone() const;
     bool downstreamDone() const;
     void maybeFinish();
 
+    // The plaintext each direction carries, wherever it waits.
+    std::span<const std::uint8_t> upSource();
+    void upConsume(std::size_t n);
+    bool upEnded() const;
+    std::span<const std::uint8_t> downSource();
+    void downConsume(std::size_t n);
+    bool downEnded() const;
+    bool clientReady() const;  // the client handshake (and PROXY header) is done
+    bool backendReady() const; // plaintext may flow to the backend
+
+    bool takeProxyHeader();
     void startBackend();
-    void backendFailed(const char *what, int status);
+    void connectNext();
+    void backendConnected();
+    void backendFailed(const char *what, int status, std::string detail = {});
+    void releaseServer();
     void armTimer();
     std::uint64_t deadline() const;
+    const char *phase() const;
     void touch();
     void closeAll();
     void handleClosed();
@@ -75,6 +106,7 @@ private:
     void noteClose(CloseReason reason, std::string_view error = {});
     /** Counts the close and hands the connection's record to the access log. */
     void recordClose();
+    void endHandshakeCount();
 
     static void onClientAlloc(uv_handle_t *handle, size_t suggested, uv_buf_t *buf);
     static void onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
@@ -85,19 +117,39 @@ private:
     static void onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
     static void onBackendWrite(uv_write_t *req, int status);
     static void onBackendShutdown(uv_shutdown_t *req, int status);
+    static void onBackendClosed(uv_handle_t *handle);
     static void onTimer(uv_timer_t *timer);
     static void onClose(uv_handle_t *handle);
 
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
     uv_stream_t *backendStream() { return reinterpret_cast<uv_stream_t *>(&backend_); }
 
+    /** What an in-flight write pinned: its bytes stay put until the write completes. */
+    enum class Pinned : std::uint8_t { none, cipher, plain, header };
+
     Server &server_;
     std::shared_ptr<const ListenerSettings> settings_;
-    std::unique_ptr<Engine> engine_;
+    std::unique_ptr<Engine> engine_;        // client TLS; null on a plaintext listener
+    std::unique_ptr<Engine> backendEngine_; // backend TLS; null for a plain pool
     std::string peer_;
     std::string ipKey_;             // counted in the server's handshakes-by-IP until ...
     bool handshakeCounted_ = false; // ... this turns false: handshake done or closing
-    void endHandshakeCount();
+
+    // The client's and the listener's addresses: from the socket, or from a PROXY header.
+    sockaddr_storage clientAddress_{};
+    sockaddr_storage localAddress_{};
+    std::unique_ptr<std::uint8_t[]> proxyIn_; // the PROXY header being read
+    std::size_t proxyInLength_ = 0;
+    std::size_t proxyInHead_ = 0; // bytes of proxyIn_ already handed on (the header, then data)
+    std::string proxyOut_;        // the PROXY header for the backend
+    std::size_t proxyOutSent_ = 0;
+
+    // The backend: its pool, the server in use, and the servers already tried.
+    PoolPtr pool_;
+    int serverIndex_ = -1;       // the server of the current (or last) attempt
+    bool serverCounted_ = false; // counted in its `active`
+    std::vector<bool> tried_;
+    std::size_t attempts_ = 0;
 
     uv_tcp_t *client_; // owned; freed after its close callback
     union {
@@ -111,14 +163,13 @@ private:
     uv_shutdown_t clientShutdownReq_{};
     uv_shutdown_t backendShutdownReq_{};
 
-    // Backend replies waiting for encryption: [replyHead_, replyTail_) of reply_, allocated
-    // while bytes wait.
-    std::unique_ptr<std::uint8_t[]> reply_;
-    std::size_t replyHead_ = 0;
-    std::size_t replyTail_ = 0;
+    ByteQueue clientIn_; // plaintext listener: client bytes waiting for the backend
+    ByteQueue reply_;    // plain pool: backend bytes waiting for the client
 
-    std::size_t clientWriteInFlight_ = 0;  // ciphertext bytes pinned in the pair
-    std::size_t backendWriteInFlight_ = 0; // plaintext bytes pinned in the engine
+    std::size_t clientWriteInFlight_ = 0; // bytes pinned by the client socket's write
+    std::size_t backendWriteInFlight_ = 0;
+    Pinned clientPinned_ = Pinned::none;
+    Pinned backendPinned_ = Pinned::none;
 
     std::uint64_t acceptedAt_ = 0;
     std::uint64_t lastActivity_ = 0;
@@ -137,21 +188,26 @@ private:
     bool closeReasonSet_ = false;
     std::string closeError_;
 
+    bool awaitingProxy_ = false; // the PROXY header has not arrived yet
     bool clientReading_ = false;
     bool clientEof_ = false;      // the client's FIN (or a read error) arrived
     bool clientGone_ = false;     // the client socket failed: nothing more can be sent
     bool clientShutdown_ = false; // our FIN to the client was requested
     bool clientShutdownDone_ = false;
-    bool backendInitialised_ = false;
+    bool backendInitialised_ = false; // the backend handle is open (not yet closing)
+    bool backendClosing_ = false;     // closing the handle of a failed attempt
     bool backendStarted_ = false;
-    bool backendConnected_ = false;
+    bool backendConnected_ = false; // the socket connected
+    bool backendReady_ = false;     // ... and its TLS handshake is done (or it has none)
     bool backendReading_ = false;
-    bool backendEof_ = false;  // the backend's FIN arrived
-    bool backendGone_ = false; // refused, reset or failed: nothing more to or from it
+    bool backendEof_ = false;         // the backend's FIN arrived
+    bool backendGone_ = false;        // refused, reset or failed: nothing more to or from it
+    bool backendTlsShutdown_ = false; // close_notify requested from the backend engine
     bool backendShutdown_ = false;
     bool backendShutdownDone_ = false;
     bool truncateClient_ = false;    // end the client without close_notify (backend reset)
-    bool shutdownRequested_ = false; // engine_->shutdown() was called
+    bool resetClient_ = false;       // close a plaintext client with a reset
+    bool shutdownRequested_ = false; // the client engine's shutdown() was called
     bool handshakeLogged_ = false;
     bool flushing_ = false; // only the last bytes to the client remain
     bool closing_ = false;

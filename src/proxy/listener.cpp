@@ -99,7 +99,28 @@ void Listener::acceptOne() {
     server_.counters().accepted++;
     uv_os_fd_t fd = -1;
     std::string ipKey;
-    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) == 0) {
+    const bool expectProxy = !settings_->acceptProxyFrom.empty();
+    if (expectProxy) {
+        // Only a trusted balancer may speak for its clients; the handshake limit then applies
+        // to the client the header names, counted by the connection once it has read it.
+        sockaddr_storage peer{};
+        socklen_t length = sizeof peer;
+        if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) != 0 ||
+            getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0 ||
+            !settings_->proxySourceAllowed(reinterpret_cast<const sockaddr *>(&peer))) {
+            stats().proxySourceRefused();
+            const std::uint64_t now = uv_now(server_.loop());
+            if (now - lastProxyRefusedLog_ >= acceptErrorLogIntervalMs ||
+                lastProxyRefusedLog_ == 0) {
+                lastProxyRefusedLog_ = now;
+                log::warn("proxy-source-refused listener=" + settings_->name +
+                          " peer=" + net::format(reinterpret_cast<const sockaddr *>(&peer)));
+            }
+            uv_close(reinterpret_cast<uv_handle_t *>(client),
+                     [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+            return;
+        }
+    } else if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) == 0) {
         ipKey = clientIpKey(fd);
     }
     if (!server_.handshakeStarting(ipKey)) {

@@ -57,6 +57,7 @@ private:
     bool closing_ = false;
     std::function<void()> closed_;
     std::uint64_t lastAcceptErrorLog_ = 0;
+    std::uint64_t lastProxyRefusedLog_ = 0;
 };
 
 } // namespace sluice::proxy

@@ -1,6 +1,7 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
+#include <cctype>
 #include <netinet/in.h>
 #include <stdexcept>
 #include <sys/socket.h>
@@ -8,6 +9,7 @@
 
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
+#include "proxy/proxy_protocol.hpp"
 #include "util/log.hpp"
 
 namespace sluice::proxy {
@@ -21,6 +23,51 @@ std::shared_ptr<const ListenerSettings> Runtime::find(const std::string &name) c
     return nullptr;
 }
 
+namespace {
+
+/** "*.example.com" matches one more label in front of ".example.com"; names are compared
+ * without regard to case (SNI is ASCII). */
+bool sniMatches(std::string_view pattern, std::string_view name) {
+    auto equal = [](std::string_view a, std::string_view b) {
+        return a.size() == b.size() &&
+               std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+                   return std::tolower(static_cast<unsigned char>(x)) ==
+                          std::tolower(static_cast<unsigned char>(y));
+               });
+    };
+    if (pattern.starts_with("*.")) {
+        const std::string_view suffix = pattern.substr(1);
+        if (name.size() <= suffix.size()) {
+            return false;
+        }
+        const std::string_view label = name.substr(0, name.size() - suffix.size());
+        return label.find('.') == std::string_view::npos &&
+               equal(name.substr(label.size()), suffix);
+    }
+    return equal(pattern, name);
+}
+
+} // namespace
+
+const PoolPtr &ListenerSettings::route(std::string_view sni, std::string_view alpn) const {
+    for (const auto &entry : routes) {
+        if ((entry.sni.empty() || sniMatches(entry.sni, sni)) &&
+            (entry.alpn.empty() || entry.alpn == alpn)) {
+            return entry.pool;
+        }
+    }
+    return pool;
+}
+
+bool ListenerSettings::proxySourceAllowed(const sockaddr *address) const {
+    for (const auto &network : acceptProxyFrom) {
+        if (networkContains(network, address)) {
+            return true;
+        }
+    }
+    return false;
+}
+
 std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers) {
     workers = std::max(1U, workers);
     auto runtime = std::make_shared<Runtime>();
@@ -31,16 +78,39 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     runtime->maxConnections = share(config.global.maxConnections);
     runtime->drainTimeout = config.global.drainTimeout;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
+    for (const auto &backend : config.backends) {
+        runtime->pools.push_back(std::make_shared<Pool>(backend));
+    }
+    auto poolNamed = [&](const std::string &listener, const std::string &name) -> PoolPtr {
+        for (const auto &pool : runtime->pools) {
+            if (pool->name() == name) {
+                return pool;
+            }
+        }
+        throw std::runtime_error("listener " + listener + ": no backend named " + name);
+    };
     for (const auto &listener : config.listeners) {
         auto settings = std::make_shared<ListenerSettings>();
         settings->name = listener.name;
-        settings->context = tls::serverContextFor(listener);
-        try {
-            settings->backend = net::resolve(listener.backend);
-        } catch (const std::exception &e) {
-            throw std::runtime_error("listener " + listener.name + ": backend " + e.what());
+        if (!listener.plaintext) {
+            settings->context = tls::serverContextFor(listener);
         }
-        settings->backendText = listener.backend.text();
+        settings->plaintext = listener.plaintext;
+        settings->pool = poolNamed(listener.name, listener.backend);
+        settings->backendText = listener.backend;
+        for (const auto &route : listener.routes) {
+            settings->routes.push_back(
+                RouteEntry{route.sni, route.alpn, poolNamed(listener.name, route.backend)});
+        }
+        for (const auto &network : listener.acceptProxyFrom) {
+            try {
+                settings->acceptProxyFrom.push_back(parseNetwork(network));
+            } catch (const std::exception &e) {
+                throw std::runtime_error("listener " + listener.name +
+                                         ": accept_proxy_from: " + e.what());
+            }
+        }
+        settings->socket = listener.socket;
         settings->timeouts = listener.timeouts;
         settings->buffers = config.global.buffers;
         settings->maxConnections = share(listener.maxConnections);
@@ -124,6 +194,11 @@ std::string clientIpKey(int fd) {
     if (::getpeername(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
         return {};
     }
+    return clientIpKey(reinterpret_cast<const sockaddr *>(&storage));
+}
+
+std::string clientIpKey(const sockaddr *address) {
+    const auto &storage = *reinterpret_cast<const sockaddr_storage *>(address);
     if (storage.ss_family == AF_INET) {
         const auto &in = reinterpret_cast<const sockaddr_in &>(storage);
         return std::string("4") +

@@ -15,6 +15,7 @@
 #include <sluice/config.hpp>
 
 #include "net/address.hpp"
+#include "proxy/pool.hpp"
 #include "tls/context.hpp"
 
 namespace sluice::proxy {
@@ -22,21 +23,40 @@ namespace sluice::proxy {
 class Connection;
 class Listener;
 
-/** What every connection of one listener shares; immutable once built. */
+/** A route of a listener, resolved to its pool. */
+struct RouteEntry {
+    std::string sni;  ///< lowercase exact name or "*.suffix"; empty: any
+    std::string alpn; ///< empty: any
+    PoolPtr pool;
+};
+
+/** What every connection of one listener shares; immutable once built (the pools it points to
+ * keep their own atomic health record). */
 struct ListenerSettings {
     std::string name;
-    tls::ContextPtr context;
-    net::SocketAddress backend;
-    std::string backendText;
+    tls::ContextPtr context; ///< null on a plaintext listener
+    PoolPtr pool;            ///< the default route
+    std::string backendText; ///< the default pool's name
+    std::vector<RouteEntry> routes;
+    std::vector<Network> acceptProxyFrom; ///< non-empty: a PROXY header is required
+    bool plaintext = false;
+    SocketOptions socket;
     Timeouts timeouts;
     Buffers buffers;
     std::uint64_t maxConnections = 0;
     int backlog = 511;
+
+    /** The pool for a connection that negotiated `sni` and `alpn`: the first matching route,
+     * else the default. */
+    const PoolPtr &route(std::string_view sni, std::string_view alpn) const;
+    /** True when `address` may send a PROXY header here. */
+    bool proxySourceAllowed(const sockaddr *address) const;
 };
 
 /** One generation of configuration: what every connection accepted under it shares. */
 struct Runtime {
     std::vector<std::shared_ptr<const ListenerSettings>> listeners;
+    std::vector<PoolPtr> pools;           ///< every backend of the configuration, in its order
     std::uint64_t maxConnections = 0;     ///< this worker's share of global.max_connections
     std::uint64_t maxHandshakesPerIp = 0; ///< per worker (not divided); 0: no limit
     Duration drainTimeout{};
@@ -74,6 +94,8 @@ struct ServerStats {
  * empty when it has none (a UNIX socket), which no limit applies to.
  */
 std::string clientIpKey(int fd);
+/** The same key for an address (from a PROXY header). */
+std::string clientIpKey(const sockaddr *address);
 
 /**
  * Runs listeners on a caller's loop. All calls happen on the loop's thread. Each connection

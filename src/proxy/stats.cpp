@@ -36,6 +36,8 @@ std::string_view closeReasonName(CloseReason reason) {
         return "tls_error";
     case CloseReason::backendFailed:
         return "backend_failed";
+    case CloseReason::proxyHeader:
+        return "proxy_header";
     case CloseReason::backendReset:
         return "backend_reset";
     case CloseReason::drain:
@@ -176,6 +178,7 @@ StatsSnapshot Stats::snapshot() const {
     out.bytesBackendToClient = bytesDown_.load(relaxed);
     out.acceptErrors = acceptErrors_.load(relaxed);
     out.handshakeLimited = handshakeLimited_.load(relaxed);
+    out.proxySourceRefused = proxySourceRefused_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);
     out.startUnixSeconds = startUnixSeconds_;
@@ -206,6 +209,7 @@ void Stats::resetForTests() {
     bytesDown_ = 0;
     acceptErrors_ = 0;
     handshakeLimited_ = 0;
+    proxySourceRefused_ = 0;
     reloadsOk_ = 0;
     reloadsFailed_ = 0;
     std::lock_guard lock(reloadMutex_);

@@ -32,8 +32,9 @@ enum class CloseReason : std::uint8_t {
     drain,            ///< the drain deadline closed it
     limit,            ///< refused by a connection limit
     internal,         ///< a local failure (out of memory, engine creation)
+    proxyHeader,      ///< a missing, malformed or refused PROXY protocol header
 };
-constexpr std::size_t closeReasonCount = 14;
+constexpr std::size_t closeReasonCount = 15;
 
 /** The metric label of a close reason: "done", "client_reset", "timeout_handshake", ... */
 std::string_view closeReasonName(CloseReason reason);
@@ -86,7 +87,8 @@ struct StatsSnapshot {
     std::uint64_t bytesClientToBackend = 0;
     std::uint64_t bytesBackendToClient = 0;
     std::uint64_t acceptErrors = 0;
-    std::uint64_t handshakeLimited = 0; ///< closed at accept: their IP had too many handshakes
+    std::uint64_t handshakeLimited = 0;   ///< closed at accept: their IP had too many handshakes
+    std::uint64_t proxySourceRefused = 0; ///< closed at accept: not an accept_proxy_from source
     std::uint64_t reloadsOk = 0;
     std::uint64_t reloadsFailed = 0;
     std::int64_t lastReloadUnixSeconds = 0; ///< 0: no reload yet
@@ -114,6 +116,8 @@ public:
     void acceptError() { acceptErrors_.fetch_add(1, relaxed); }
     /** A connection closed at accept by global.max_handshakes_per_ip. */
     void handshakeLimited() { handshakeLimited_.fetch_add(1, relaxed); }
+    /** A connection from a source not in the listener's accept_proxy_from, closed at accept. */
+    void proxySourceRefused() { proxySourceRefused_.fetch_add(1, relaxed); }
     /** Records the outcome of a reload (SIGHUP or API): counted, and shown by /status. */
     void recordReload(bool ok, std::string message);
 
@@ -138,6 +142,7 @@ private:
     std::atomic<std::uint64_t> bytesDown_{0};
     std::atomic<std::uint64_t> acceptErrors_{0};
     std::atomic<std::uint64_t> handshakeLimited_{0};
+    std::atomic<std::uint64_t> proxySourceRefused_{0};
     std::atomic<std::uint64_t> reloadsOk_{0};
     std::atomic<std::uint64_t> reloadsFailed_{0};
     std::int64_t startUnixSeconds_ = 0;

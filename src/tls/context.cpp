@@ -427,6 +427,30 @@ ContextPtr makeClientContext(const ClientContextOptions &options) {
             raise("CA " + options.caFile + ": cannot load");
         }
     }
+    if (!options.certFile.empty()) {
+        if (SSL_CTX_use_certificate_chain_file(ctx.get(), options.certFile.c_str()) != 1) {
+            raise("certificate " + options.certFile + ": cannot load");
+        }
+        if (SSL_CTX_use_PrivateKey_file(ctx.get(), options.keyFile.c_str(), SSL_FILETYPE_PEM) !=
+            1) {
+            raise("key " + options.keyFile + ": cannot load");
+        }
+        if (SSL_CTX_check_private_key(ctx.get()) != 1) {
+            raise("key " + options.keyFile + ": does not match certificate " + options.certFile);
+        }
+    }
+    if (!options.alpn.empty()) {
+        std::string wire;
+        for (const auto &protocol : options.alpn) {
+            wire += static_cast<char>(protocol.size());
+            wire += protocol;
+        }
+        // Unlike most of OpenSSL, this one returns 0 on success.
+        if (SSL_CTX_set_alpn_protos(ctx.get(), reinterpret_cast<const unsigned char *>(wire.data()),
+                                    static_cast<unsigned>(wire.size())) != 0) {
+            raise("cannot set the ALPN protocols");
+        }
+    }
     return ctx;
 }
 

@@ -43,9 +43,12 @@ ContextPtr serverContextFor(const ListenerConfig &listener);
 
 /** Client-side options for makeClientContext. */
 struct ClientContextOptions {
-    std::string caFile; ///< PEM bundle to verify the server; empty: system default paths
-    bool verify = true; ///< verify the server's certificate chain and name
-    TlsPolicy policy;   ///< versions, ciphers, groups
+    std::string caFile;            ///< PEM bundle to verify the server; empty: system default paths
+    bool verify = true;            ///< verify the server's certificate chain and name
+    TlsPolicy policy;              ///< versions, ciphers, groups
+    std::string certFile;          ///< client certificate chain (PEM) to present; empty: none
+    std::string keyFile;           ///< its private key
+    std::vector<std::string> alpn; ///< protocols offered, in order; empty: no ALPN
 };
 
 /** Builds a client context (outbound TLS). Throws TlsError. */

@@ -17,4 +17,5 @@ namespace sluice::fuzz {
 int engineServer(const std::uint8_t *data, std::size_t size);
 int configLoader(const std::uint8_t *data, std::size_t size);
 int adminRequest(const std::uint8_t *data, std::size_t size);
+int proxyProtocol(const std::uint8_t *data, std::size_t size);
 } // namespace sluice::fuzz

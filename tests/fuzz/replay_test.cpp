@@ -39,3 +39,7 @@ TEST_CASE("the config corpus replays cleanly") {
 TEST_CASE("the admin request corpus replays cleanly") {
     CHECK(replay("admin", sluice::fuzz::adminRequest) >= 4);
 }
+
+TEST_CASE("the PROXY protocol corpus replays cleanly") {
+    CHECK(replay("proxy_protocol", sluice::fuzz::proxyProtocol) >= 4);
+}

@@ -12,9 +12,11 @@ import os
 import select
 import selectors
 import socket
+import ssl
 import threading
 import time
 
+import proxyproto
 from harness import check, pattern_chunks, wait_until
 
 CONN_TIMEOUT = 60.0  # no backend socket blocks longer than this
@@ -512,3 +514,198 @@ class GreetFirstBackend(Backend):
         self.send_all(c, self.greeting)
         c.sock.shutdown(socket.SHUT_WR)
         self.read_to_eof(c)
+
+
+class PoolBackend(Backend):
+    """A server for the pool and PROXY-protocol tests, any of: on a chosen port (SO_REUSEADDR, so
+    a test can stop it and start it again on the same port), behind a PROXY header it parses with
+    proxyproto, speaking TLS as a real ssl server socket. Per connection it reads the header (if
+    `proxy`), does the TLS handshake (if `tls`, an ssl.SSLContext), sends `tag`, then echoes what
+    it reads until the proxy closes its side, then ends with `end`:
+
+      "close"  a clean close: close_notify (TLS) and FIN
+      "fin"    FIN only: for TLS, a close without close_notify (truncation)
+
+    With `after`, those bytes are sent once the proxy has closed its side (a reply to a
+    half-closed request), before the end. With `first` the backend does not wait for the proxy:
+    it sends `tag`, ends at once as `end` says, then reads until EOF.
+
+    Conn gets: header (the parsed PROXY header) or header_error; tls_version, tls_cipher, alpn,
+    peer_cert (getpeercert() dict), peer_der, tls_close ("close_notify" or "truncated": how the
+    proxy ended its TLS side). The SNI names sent by the proxy collect in `snis`."""
+
+    def __init__(self, tag=b"", proxy=False, tls=None, end="close", first=False, port=0,
+                 host="127.0.0.1", unix_path=None, keep=False, echo=True, after=b"", backlog=1024):
+        self.tag, self.proxy, self.tls, self.end, self.first = tag, proxy, tls, end, first
+        self.echo = echo
+        self.after = after  # sent once the proxy has closed its side, before ending
+        self.snis = []
+        self.keep = keep
+        if tls is not None:
+            tls.sni_callback = self._note_sni
+        if unix_path:
+            self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.lsock.bind(str(unix_path))
+            self.address = f"unix:{unix_path}"
+        else:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.lsock = socket.socket(family, socket.SOCK_STREAM)
+            self.lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.lsock.bind((host, port))
+            self.port = self.lsock.getsockname()[1]
+            self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.lsock.listen(backlog)
+        self.lsock.setblocking(False)
+        self._wake_r, self._wake_w = os.pipe()
+        self.lock = threading.Lock()
+        self.conns = []
+        self._threads = []
+        self._closing = False
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name=type(self).__name__)
+        self.thread.start()
+
+    def close(self):
+        """Stops it; a second call (a test stopped it, then the teardown) does nothing."""
+        if getattr(self, "_stopped", False):
+            return
+        self._stopped = True
+        super().close()
+
+    def _note_sni(self, sslobj, name, ctx):
+        with self.lock:
+            self.snis.append(name)
+
+    def handle(self, c):
+        c.header = c.header_error = None
+        c.tls_version = c.tls_cipher = c.alpn = c.peer_cert = c.peer_der = c.tls_close = None
+        if self.proxy:
+            try:
+                c.header = proxyproto.read_header(c.sock)
+            except (ValueError, ConnectionError) as e:
+                c.header_error = e
+                return
+        sock = c.sock
+        if self.tls is not None:
+            sock = self.tls.wrap_socket(c.sock, server_side=True, suppress_ragged_eofs=False)
+            c.sock = sock
+            c.tls_version = sock.version()
+            c.tls_cipher = sock.cipher()[0]
+            c.alpn = sock.selected_alpn_protocol()
+            c.peer_cert = sock.getpeercert()
+            c.peer_der = sock.getpeercert(binary_form=True)
+        if self.tag:
+            self.send_all(c, self.tag)
+        if self.first:
+            self._end(c, sock)
+            self._read_raw_to_eof(c)
+            return
+        while True:
+            try:
+                d = sock.recv(256 * 1024)
+            except ssl.SSLEOFError:
+                c.tls_close = "truncated"
+                d = b""
+            if not d:
+                if self.tls is not None and c.tls_close is None:
+                    c.tls_close = "close_notify"
+                c.eof = True
+                c.eof_at = time.monotonic()
+                break
+            c.received += len(d)
+            c.hash.update(d)
+            if self.keep:
+                c.data += d
+            if self.echo:
+                sock.sendall(d)
+                c.sent += len(d)
+        if self.after:
+            self.send_all(c, self.after)
+        self._end(c, sock)
+
+    def _end(self, c, sock):
+        if self.tls is not None and self.end == "close":
+            # unwrap() sends close_notify, then waits for the proxy's (bounded by the socket
+            # timeout); when the proxy closed first, that has already arrived.
+            raw = sock.unwrap()
+            c.sock = raw
+            raw.shutdown(socket.SHUT_WR)
+        else:
+            # For an SSLSocket this drops the TLS layer first: FIN without close_notify.
+            sock.shutdown(socket.SHUT_WR)
+
+    def _read_raw_to_eof(self, c):
+        while True:
+            d = c.sock.recv(256 * 1024)
+            if not d:
+                c.eof = True
+                c.eof_at = time.monotonic()
+                return
+
+
+def tag_of(text):
+    """The tag a PoolBackend named `text` sends: fixed width, so a reader knows its length."""
+    return f"<{text:>8}>".encode()
+
+
+class TlsHalfCloseFirstBackend(Backend):
+    """TLS driven through an ssl.SSLObject, so that it can half-close: sends `greeting`, then its
+    close_notify at once while keeping the TCP connection open, then reads (and hashes) until the
+    proxy's close_notify or EOF, then closes. Conn gets tls_version and tls_close
+    ("close_notify" or "truncated")."""
+
+    def __init__(self, ctx, greeting, *a, **kw):
+        self.ctx, self.greeting = ctx, greeting
+        super().__init__(*a, **kw)
+
+    def handle(self, c):
+        c.tls_version = c.tls_close = None
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        obj = self.ctx.wrap_bio(inc, out, server_side=True)
+
+        def flush():
+            data = out.read()
+            if data:
+                c.sock.sendall(data)
+
+        def feed():
+            data = c.sock.recv(256 * 1024)
+            if data:
+                inc.write(data)
+            else:
+                inc.write_eof()
+
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                flush()
+                feed()
+        flush()
+        c.tls_version = obj.version()
+        obj.write(self.greeting)
+        c.sent += len(self.greeting)
+        try:
+            obj.unwrap()  # close_notify out; the proxy's has not come yet
+        except ssl.SSLWantReadError:
+            pass
+        flush()
+        while True:
+            try:
+                data = obj.read(256 * 1024)
+            except ssl.SSLWantReadError:
+                feed()
+                continue
+            except ssl.SSLZeroReturnError:
+                data = b""
+            except ssl.SSLEOFError:
+                c.tls_close = "truncated"
+                break
+            if not data:
+                c.tls_close = "close_notify"
+                break
+            c.received += len(data)
+            c.hash.update(data)
+        c.eof = True
+        c.eof_at = time.monotonic()

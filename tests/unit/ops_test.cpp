@@ -290,7 +290,7 @@ TEST_CASE("every close reason has a distinct label") {
         }
     }
     CHECK(names.front() == "done");
-    CHECK(names.back() == "internal");
+    CHECK(names.back() == "proxy_header");
 }
 
 TEST_CASE("the log rate limit lets N a second through and reports the rest once") {
@@ -429,6 +429,38 @@ TEST_CASE("/status is JSON with the documented fields") {
     CHECK(json.find("\"message\":\"bad \\\"cert\\\"\"") != std::string::npos);
     CHECK(json.find("\"expires_in_seconds\":100") != std::string::npos);
     CHECK(json.find("\"connections\":{\"active\":1,\"accepted\":1}") != std::string::npos);
+}
+
+TEST_CASE("backend pools and their servers' health in /status and /metrics") {
+    proxy::Stats stats;
+    ops::StatusView view;
+    ops::BackendStatus pool;
+    pool.name = "app";
+    pool.balance = "round-robin";
+    pool.tls = true;
+    pool.proxyProtocol = "v2";
+    pool.servers.push_back({"127.0.0.1:9001", true, 3, 0, 10, 1});
+    pool.servers.push_back({"unix:/run/app.sock", false, 0, 4, 2, 7});
+    view.backends = {pool};
+    const std::string json = ops::renderStatus(stats.snapshot(), view);
+    CAPTURE(json);
+    CHECK(json.find("\"backends\":[{\"name\":\"app\",\"balance\":\"round-robin\",\"tls\":true,"
+                    "\"proxy_protocol\":\"v2\",\"servers\":[{\"address\":\"127.0.0.1:9001\","
+                    "\"up\":true,\"active\":3,\"failures\":0,\"connects\":10,"
+                    "\"connect_failures\":1},{\"address\":\"unix:/run/app.sock\",\"up\":false,"
+                    "\"active\":0,\"failures\":4,\"connects\":2,\"connect_failures\":7}]}]") !=
+          std::string::npos);
+    const std::string metrics = ops::renderMetrics(stats.snapshot(), view);
+    CAPTURE(metrics);
+    CHECK(metrics.find("# TYPE sluice_backend_server_up gauge") != std::string::npos);
+    CHECK(metrics.find("sluice_backend_server_up{backend=\"app\",server=\"127.0.0.1:9001\"} 1\n") !=
+          std::string::npos);
+    CHECK(metrics.find("sluice_backend_server_up{backend=\"app\",server=\"unix:/run/app.sock\"} "
+                       "0\n") != std::string::npos);
+    CHECK(metrics.find("sluice_backend_server_active_connections{backend=\"app\",server=\"127.0.0."
+                       "1:9001\"} 3\n") != std::string::npos);
+    CHECK(metrics.find("sluice_backend_server_connects_total{backend=\"app\",server=\"unix:/run/"
+                       "app.sock\",result=\"failed\"} 7\n") != std::string::npos);
 }
 
 // --- The request parser

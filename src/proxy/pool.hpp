@@ -1,0 +1,103 @@
+// proxy/pool: one backend pool, shared by every worker of a configuration generation: its
+// servers and their resolved addresses, the balancing choice, and the passive health record
+// (consecutive failures mark a server down for a while). Counters are relaxed atomics, so
+// workers on different threads pick and report without a lock; an address that is resolved again
+// is swapped under a small mutex.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <sluice/config.hpp>
+
+#include "net/address.hpp"
+#include "tls/context.hpp"
+
+namespace sluice::proxy {
+
+/** One server of a pool and what the pool knows about it. */
+class PoolServer {
+public:
+    PoolServer(Address address, net::SocketAddress resolved);
+
+    const Address &address() const { return address_; }
+    const std::string &text() const { return text_; }
+
+    /** Its current socket address (a copy: it may be replaced by re-resolution). */
+    net::SocketAddress resolved() const;
+    void setResolved(net::SocketAddress resolved);
+
+    /** Connections using (or connecting to) it now. */
+    std::atomic<std::uint64_t> active{0};
+    /** Consecutive failed connects since the last success. */
+    std::atomic<std::uint32_t> failures{0};
+    /** Monotonic milliseconds until which it is skipped; 0: up. */
+    std::atomic<std::uint64_t> downUntil{0};
+    /** Totals since the generation started, for /status. */
+    std::atomic<std::uint64_t> connects{0};
+    std::atomic<std::uint64_t> connectFailures{0};
+
+private:
+    Address address_;
+    std::string text_;
+    mutable std::mutex mutex_;
+    net::SocketAddress resolved_;
+};
+
+/** What a server's failed connect did to its health. */
+enum class HealthChange { none, markedDown, recovered };
+
+/** A pool of servers; see the file comment. */
+class Pool {
+public:
+    /** Resolves every server and builds the TLS client context. Throws std::runtime_error
+     * naming the backend and what failed. */
+    explicit Pool(const BackendConfig &config);
+
+    const std::string &name() const { return config_.name; }
+    const BackendConfig &config() const { return config_; }
+    /** The client context for TLS to the servers; null when the pool speaks plain TCP. */
+    ssl_ctx_st *tlsContext() const { return tls_.get(); }
+    std::size_t size() const { return servers_.size(); }
+    PoolServer &server(std::size_t index) { return *servers_[index]; }
+    const PoolServer &server(std::size_t index) const { return *servers_[index]; }
+
+    /** Attempts one connection may make: config.attempts, or every server once. */
+    std::size_t attemptLimit() const;
+
+    /**
+     * Picks a server for the next attempt among those not yet `tried` (one flag per server):
+     * a healthy one by the balancing rule, or, when every untried server is marked down, the one
+     * whose down time ends first. Returns -1 when every server has been tried. `nowMs` is
+     * monotonic milliseconds.
+     */
+    int pick(const std::vector<bool> &tried, std::uint64_t nowMs);
+
+    /** Records a successful connect (health restored). */
+    HealthChange succeeded(std::size_t index);
+    /** Records a failed connect; may mark the server down for config.failTimeout. */
+    HealthChange failed(std::size_t index, std::uint64_t nowMs);
+
+    /** The name sent as SNI and verified for `index`: tls.server_name, else the server's host
+     * when it is a name (not an IP literal), else empty. */
+    const std::string &serverName(std::size_t index) const { return serverNames_[index]; }
+
+    /** Resolves every host name again (blocking: call it off the event loops). Keeps the old
+     * address of a name that fails; returns one line per failure. */
+    std::vector<std::string> resolveAgain();
+
+private:
+    BackendConfig config_;
+    tls::ContextPtr tls_;
+    std::vector<std::unique_ptr<PoolServer>> servers_;
+    std::vector<std::string> serverNames_;
+    std::atomic<std::uint64_t> next_{0};
+};
+
+using PoolPtr = std::shared_ptr<Pool>;
+
+} // namespace sluice::proxy
