@@ -226,6 +226,9 @@ struct GlobalConfig {
      * connection beyond it is closed at accept. 0: no limit. */
     std::uint64_t maxHandshakesPerIp = 64;
     Duration drainTimeout = std::chrono::seconds(30);
+    /** After a stop signal, how long sluice keeps accepting while /ready answers 503, so a load
+     * balancer's health check takes it out before it stops accepting; then the drain starts. */
+    Duration drainDelay{0};
     LogLevel logLevel = LogLevel::info;
     Buffers buffers;
     /** Worker threads, each with its own loop and listening sockets; 0 means one per CPU. */

@@ -719,8 +719,8 @@ private:
 
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {
         checkKeys(table, "global",
-                  {"max_connections", "drain_timeout", "log_level", "buffers", "workers", "user",
-                   "group", "max_handshakes_per_ip"});
+                  {"max_connections", "drain_timeout", "drain_delay", "log_level", "buffers",
+                   "workers", "user", "group", "max_handshakes_per_ip"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -748,6 +748,9 @@ private:
         }
         if (const toml::node *node = table.get("drain_timeout")) {
             global.drainTimeout = duration(*node, "global.drain_timeout");
+        }
+        if (const toml::node *node = table.get("drain_delay")) {
+            global.drainDelay = duration(*node, "global.drain_delay");
         }
         if (const toml::node *node = table.get("log_level")) {
             std::string level = string(*node, "global.log_level");

@@ -316,6 +316,8 @@ public:
         uv_signal_start(&user1_, onReopen, SIGUSR1);
         uv_async_init(loop_, &exited_, onWorkerExited);
         exited_.data = this;
+        uv_timer_init(loop_, &drainDelay_);
+        drainDelay_.data = this;
     }
 
     /** The sockets systemd passed; kept open for the daemon's life and matched on reload. */
@@ -378,7 +380,23 @@ private:
         if (self->admin_) {
             self->admin_->setDraining(true); // /ready answers 503 from now on
         }
-        for (auto &worker : self->workers_) {
+        const auto delay = static_cast<std::uint64_t>(self->config_.global.drainDelay.count());
+        if (delay == 0) {
+            self->drainWorkers();
+            return;
+        }
+        // Still accepting: a balancer that checks /ready stops sending before the door closes.
+        sluice::log::info("drain-delay ms=" + std::to_string(delay));
+        uv_timer_start(&self->drainDelay_, onDrainDelay, delay, 0);
+    }
+
+    static void onDrainDelay(uv_timer_t *timer) {
+        static_cast<Daemon *>(timer->data)->drainWorkers();
+    }
+
+    void drainWorkers() {
+        uv_timer_stop(&drainDelay_);
+        for (auto &worker : workers_) {
             worker->drain();
         }
     }
@@ -528,6 +546,7 @@ private:
             uv_close(reinterpret_cast<uv_handle_t *>(signal), nullptr);
         }
         uv_close(reinterpret_cast<uv_handle_t *>(&exited_), nullptr);
+        uv_close(reinterpret_cast<uv_handle_t *>(&drainDelay_), nullptr);
         resolver_.close();
     }
 
@@ -548,6 +567,7 @@ private:
     uv_signal_t hangup_{};
     uv_signal_t user1_{};
     uv_async_t exited_{};
+    uv_timer_t drainDelay_{};
     bool stopping_ = false;
     bool closing_ = false;
     int exitCode_ = exitOk;

@@ -381,3 +381,25 @@ def test_access_log_on_stderr_reads_like_the_event_log(t):
     m = d.wait_log(r"^sluice info access (ts=\S+ listener=web client=127\.0\.0\.1:\d+ .*)$")
     fields = dict(logfmt_fields(m.group(1)))
     check(fields["reason"] == "done" and fields["bytes_in"] == "5" and "event" not in fields, m.group(0))
+
+
+def test_drain_delay_keeps_accepting_while_not_ready(t):
+    # With drain_delay, SIGTERM turns /ready to 503 at once but keeps accepting for the delay, so
+    # a balancer that checks /ready takes the instance out before connections are refused.
+    echo = t.backend(EchoBackend())
+    d, admin = start_ops(t, t.listener(echo), global_={"drain_delay": "2s", "drain_timeout": "10s"})
+    tls_roundtrip(d.addr(), b"before")
+    sent_at = time.monotonic()
+    d.signal(signal.SIGTERM)
+    wait_until(lambda: http_get(admin, "/ready")[0] == 503, 1.5, "/ready to answer 503 at once")
+    served = 0
+    while time.monotonic() - sent_at < 1.2:
+        tls_roundtrip(d.addr(), b"during the delay")  # fails the test if refused
+        served += 1
+    check(served > 0, "no connection was tried during the delay")
+    check(d.alive(), f"sluice exited during drain_delay ({d.describe_exit()})")
+    rc = d.wait_exit(10)
+    elapsed = time.monotonic() - sent_at
+    check(rc == 0, f"sluice exited {rc} after the delayed drain")
+    check(elapsed >= 1.9, f"sluice exited {elapsed:.2f}s after SIGTERM, before drain_delay")
+    check(d.wait_log(r"drain-delay ms=2000", timeout=1), "no drain-delay log line")

@@ -86,6 +86,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.maxConnections == 100000);
     CHECK(config.global.maxHandshakesPerIp == 64);
     CHECK(config.global.drainTimeout == 30s);
+    CHECK(config.global.drainDelay == 0s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.buffers.tls == 32 * 1024);
     CHECK(config.global.buffers.plaintext == 64 * 1024);
@@ -137,6 +138,7 @@ TEST_CASE("every key round-trips") {
 max_connections = 12345
 max_handshakes_per_ip = 7
 drain_timeout = "1500ms"
+drain_delay = "2s"
 log_level = "debug"
 buffers = { tls = "4KiB", plaintext = 1000, backend = "2MB" }
 
@@ -171,6 +173,7 @@ backlog = 64
     CHECK(config.global.maxConnections == 12345);
     CHECK(config.global.maxHandshakesPerIp == 7);
     CHECK(config.global.drainTimeout == 1500ms);
+    CHECK(config.global.drainDelay == 2s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK(config.global.buffers.tls == 4096);
     CHECK(config.global.buffers.plaintext == 1000);
