@@ -153,6 +153,9 @@ struct BackendTls {
 struct BackendConfig {
     std::string name;
     std::vector<Address> servers; ///< at least one: TCP host:port, [v6]:port or unix:/path
+    /** Instead of servers: connections go to the in-process StreamHandler registered under
+     * this name by the embedding program (see sluice/stream.hpp); the daemon has none. */
+    std::string handler;
     Balance balance = Balance::roundRobin;
     /** Connect timeout per attempt; 0: the listener's timeouts.connect. */
     Duration connectTimeout{0};

@@ -1048,10 +1048,27 @@ private:
     BackendConfig loadBackend(const toml::table &table, const std::string &path,
                               const std::string &name) const {
         checkKeys(table, path,
-                  {"servers", "balance", "connect_timeout", "attempts", "max_fails", "fail_timeout",
-                   "resolve_interval", "proxy_protocol", "proxy_client_cert_max", "tls", "socket"});
+                  {"servers", "handler", "balance", "connect_timeout", "attempts", "max_fails",
+                   "fail_timeout", "resolve_interval", "proxy_protocol", "proxy_client_cert_max",
+                   "tls", "socket"});
         BackendConfig backend;
         backend.name = name;
+
+        if (const toml::node *node = table.get("handler")) {
+            // Served in-process by the embedding program: nothing else of a pool applies.
+            const std::string key = child(path, "handler");
+            backend.handler = string(*node, key);
+            if (backend.handler.empty()) {
+                fail(node->source(), key, "must not be empty");
+            }
+            for (const auto &[other, value] : table) {
+                if (other.str() != "handler") {
+                    fail(value.source(), child(path, other.str()),
+                         "a backend served by a handler has no " + std::string(other.str()));
+                }
+            }
+            return backend;
+        }
 
         const std::string serversKey = child(path, "servers");
         const toml::node &servers = required(table, path, "servers");

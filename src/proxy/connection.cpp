@@ -255,6 +255,14 @@ bool Connection::upEnded() const {
 }
 
 std::span<const std::uint8_t> Connection::downSource() {
+    if (local_) {
+        if (localOut_.empty()) {
+            return {};
+        }
+        const std::string &front = localOut_.front();
+        return {reinterpret_cast<const std::uint8_t *>(front.data()) + localHead_,
+                front.size() - localHead_};
+    }
     if (backendEngine_) {
         return backendReady_ ? backendEngine_->plainOut() : std::span<const std::uint8_t>();
     }
@@ -262,6 +270,15 @@ std::span<const std::uint8_t> Connection::downSource() {
 }
 
 void Connection::downConsume(std::size_t n) {
+    if (local_) {
+        localQueued_ -= n;
+        localHead_ += n;
+        if (localHead_ == localOut_.front().size()) {
+            localOut_.pop_front();
+            localHead_ = 0;
+        }
+        return;
+    }
     if (backendEngine_) {
         backendEngine_->consumePlainOut(n);
     } else {
@@ -272,6 +289,9 @@ void Connection::downConsume(std::size_t n) {
 bool Connection::downEnded() const {
     if (backendGone_) {
         return true;
+    }
+    if (local_) {
+        return localShutdown_;
     }
     if (backendEngine_) {
         const EngineStatus status = backendEngine_->status();
@@ -399,6 +419,9 @@ bool Connection::moveDown() {
 }
 
 bool Connection::moveUp() {
+    if (local_) {
+        return moveToHandler();
+    }
     // Client plaintext into the backend engine; a plain backend is written straight from where
     // the bytes wait, by flushBackend().
     if (!backendEngine_ || !backendReady() || backendTlsShutdown_) {
@@ -464,8 +487,8 @@ bool Connection::flushClient() {
 }
 
 bool Connection::flushBackend() {
-    if (!backendConnected_ || backendGone_ || backendClosing_ || backendWriteInFlight_ > 0 ||
-        closing_ || backendShutdown_) {
+    if (local_ || !backendConnected_ || backendGone_ || backendClosing_ ||
+        backendWriteInFlight_ > 0 || closing_ || backendShutdown_) {
         return false;
     }
     bool progress = false;
@@ -531,9 +554,17 @@ bool Connection::flushBackend() {
 
 bool Connection::propagateCloses() {
     bool progress = false;
+    if (local_ && handler_ && upEnded() && upSource().empty() && !localEndDelivered_) {
+        // The handler hears the client's end after its last byte.
+        localEndDelivered_ = true;
+        backendShutdown_ = backendShutdownDone_ = true;
+        const bool truncated = engine_ ? !engine_->status().closeNotifyReceived : false;
+        handler_->onEnd(*this, truncated);
+        return true;
+    }
     // Upstream: the client's end (close_notify, or FIN) becomes the backend's end once every
     // byte before it has been written: close_notify first for a TLS backend, then a FIN.
-    if (upEnded() && backendReady() && !backendShutdown_ && upSource().empty() &&
+    if (!local_ && upEnded() && backendReady() && !backendShutdown_ && upSource().empty() &&
         backendWriteInFlight_ == 0 && proxyOutSent_ == proxyOut_.size()) {
         bool finNow = true;
         if (backendEngine_) {
@@ -641,6 +672,9 @@ void Connection::updateReading() {
         clientReading_ = wantClient;
     }
     // Backend: into its engine's pair, or into the reply queue, the same way.
+    if (local_) {
+        return;
+    }
     bool wantBackend = backendConnected_ && !backendClosing_ && !backendEof_ && !backendGone_ &&
                        !flushing_ && !clientGone_;
     if (backendEngine_) {
@@ -752,6 +786,10 @@ void Connection::startBackend() {
         pool_ = settings_->route(info.serverName, info.alpn);
     } else {
         pool_ = settings_->pool;
+    }
+    if (const HandlerFactory *factory = pool_->handler()) {
+        startHandler(*factory);
+        return;
     }
     tried_.assign(pool_->size(), false);
     const BackendConfig &config = pool_->config();
@@ -920,6 +958,154 @@ void Connection::releaseServer() {
     }
 }
 
+// --- In-process handler ------------------------------------------------------------------------
+
+void Connection::startHandler(const HandlerFactory &factory) {
+    local_ = true;
+    streamInfo_.listener = settings_->name;
+    streamInfo_.handler = pool_->config().handler;
+    streamInfo_.client = peer_;
+    if (engine_) {
+        const auto &info = engine_->handshake();
+        streamInfo_.serverName = info.serverName;
+        streamInfo_.alpn = info.alpn;
+        streamInfo_.protocol = info.protocol;
+        streamInfo_.cipher = info.cipher;
+        streamInfo_.resumed = info.resumed;
+        streamInfo_.clientIdentity = info.clientIdentity;
+        streamInfo_.clientVerified = info.clientVerified;
+    }
+    std::string error;
+    try {
+        handler_ = factory(streamInfo_);
+    } catch (const std::exception &e) {
+        error = e.what();
+    } catch (...) {
+        error = "unknown exception";
+    }
+    if (!handler_) {
+        // Refused: like a backend that could not be reached, the client gets a clean close.
+        const std::string reason = error.empty() ? "the handler refused the connection"
+                                                 : "the handler factory threw: " + error;
+        log::warn("handler-refused listener=" + settings_->name + " peer=" + peer_ +
+                  " handler=" + streamInfo_.handler + " reason=" + quoted(reason));
+        noteClose(CloseReason::backendFailed, reason);
+        backendGone_ = true;
+        return;
+    }
+    uv_idle_init(server_.loop(), &idle_);
+    idle_.data = this;
+    idleInitialised_ = true;
+    ++openHandles_;
+    backendConnected_ = backendReady_ = true;
+    connectNanos_ = 0;
+    handler_->onOpen(*this);
+}
+
+bool Connection::moveToHandler() {
+    if (!handler_ || closing_) {
+        return false;
+    }
+    bool progress = false;
+    if (localAboveHigh_ && localQueued_ <= writeHighWater() / 2) {
+        localAboveHigh_ = false;
+        handler_->onWritable(*this);
+        progress = true;
+        if (closing_ || !handler_) {
+            return true;
+        }
+    }
+    if (localPaused_ || localEndDelivered_) {
+        return progress;
+    }
+    const auto up = upSource();
+    if (up.empty()) {
+        return progress;
+    }
+    handler_->onData(*this, up);
+    if (closing_) {
+        return true;
+    }
+    // The span was the handler's for the call: it is consumed whatever the handler did with it.
+    upConsume(up.size());
+    bytesUp_ += up.size();
+    stats().bytesClientToBackend(up.size());
+    touch();
+    return true;
+}
+
+void Connection::schedulePump() {
+    if (closing_) {
+        return;
+    }
+    if (inPump_) {
+        pumpAgain_ = true;
+    } else if (idleInitialised_) {
+        // Never from inside the handler's own call: the pump may call the handler back.
+        uv_idle_start(&idle_, onIdle);
+    }
+}
+
+void Connection::onIdle(uv_idle_t *idle) {
+    auto *self = static_cast<Connection *>(idle->data);
+    uv_idle_stop(idle);
+    self->pump();
+}
+
+std::size_t Connection::writeHighWater() const {
+    return settings_->buffers.backend;
+}
+
+bool Connection::write(std::span<const std::uint8_t> data) {
+    if (closing_ || !local_ || localShutdown_ || backendGone_ || clientGone_ || flushing_) {
+        return false;
+    }
+    if (data.empty()) {
+        return true;
+    }
+    // Appended to the last chunk unless a write to a plaintext client pins that chunk.
+    constexpr std::size_t chunkLimit = 64 * 1024;
+    const bool pinnedBack = localOut_.size() == 1 && clientPinned_ == Pinned::plain;
+    if (localOut_.empty() || pinnedBack || localOut_.back().size() + data.size() > chunkLimit) {
+        localOut_.emplace_back();
+    }
+    localOut_.back().append(reinterpret_cast<const char *>(data.data()), data.size());
+    localQueued_ += data.size();
+    if (localQueued_ >= writeHighWater()) {
+        localAboveHigh_ = true;
+    }
+    schedulePump();
+    return true;
+}
+
+void Connection::shutdown() {
+    if (closing_ || !local_ || localShutdown_) {
+        return;
+    }
+    localShutdown_ = true;
+    schedulePump();
+}
+
+void Connection::close() {
+    if (closing_) {
+        return;
+    }
+    noteClose(CloseReason::handlerClose);
+    // A plaintext client has no close_notify to miss: a reset tells it the stream was cut.
+    resetClient_ = !engine_;
+    closeAll();
+}
+
+void Connection::pauseReading(bool paused) {
+    if (closing_ || localPaused_ == paused) {
+        return;
+    }
+    localPaused_ = paused;
+    if (!paused) {
+        schedulePump();
+    }
+}
+
 // --- Timeouts ----------------------------------------------------------------------------------
 
 const char *Connection::phase() const {
@@ -1072,7 +1258,8 @@ void Connection::recordClose() {
     record.durationNanos = uv_hrtime() - acceptedHr_;
     record.listener = settings_->name;
     record.client = peer_;
-    record.backend = pool_ && serverIndex_ >= 0
+    record.backend = local_ ? "handler:" + pool_->config().handler
+                     : pool_ && serverIndex_ >= 0
                          ? pool_->server(static_cast<std::size_t>(serverIndex_)).text()
                          : settings_->backendText;
     if (engine_ && handshakeNanos_ >= 0) {
@@ -1117,6 +1304,14 @@ void Connection::closeAll() {
         uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
     }
     uv_close(reinterpret_cast<uv_handle_t *>(&timer_), onClose);
+    if (idleInitialised_) {
+        uv_close(reinterpret_cast<uv_handle_t *>(&idle_), onClose);
+    }
+    if (handler_) {
+        // Last words, then the handler goes: nothing of this connection reaches it again.
+        auto handler = std::move(handler_);
+        handler->onClose(*this, closeReasonName(closeReason_));
+    }
     if (backendInitialised_ && !backendClosing_) {
         uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onClose);
     }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <string>
 #include <sys/socket.h>
@@ -12,6 +13,7 @@
 #include <uv.h>
 
 #include <sluice/engine.hpp>
+#include <sluice/stream.hpp>
 
 #include "proxy/byte_queue.hpp"
 #include "proxy/pool.hpp"
@@ -41,11 +43,15 @@ struct ListenerSettings;
  * (routes match its SNI and ALPN); a failed connect (or backend TLS handshake) moves to the next
  * server of the pool while no client byte has been sent.
  *
+ * A pool served by an in-process handler takes the backend socket's place: the handler gets the
+ * client's plaintext in onData() and its write()s are queued for encryption (the connection is
+ * the handler's Stream).
+ *
  * Ownership: the Server creates it and is told in connectionClosed() once every handle has been
  * closed; the object deletes itself after that call. Callbacks that arrive after closing began
  * only release what they own.
  */
-class Connection {
+class Connection final : private Stream {
 public:
     /**
      * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
@@ -119,6 +125,19 @@ private:
     static void onBackendShutdown(uv_shutdown_t *req, int status);
     static void onBackendClosed(uv_handle_t *handle);
     static void onTimer(uv_timer_t *timer);
+    static void onIdle(uv_idle_t *idle);
+
+    // The in-process handler (a pool with a handler instead of servers).
+    void startHandler(const HandlerFactory &factory);
+    bool moveToHandler();
+    void schedulePump();
+    bool write(std::span<const std::uint8_t> data) override;
+    std::size_t writeQueued() const override { return localQueued_; }
+    std::size_t writeHighWater() const override;
+    void shutdown() override;
+    void close() override;
+    void pauseReading(bool paused) override;
+    const StreamInfo &info() const override { return streamInfo_; }
     static void onClose(uv_handle_t *handle);
 
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
@@ -162,6 +181,19 @@ private:
     uv_write_t backendWriteReq_{};
     uv_shutdown_t clientShutdownReq_{};
     uv_shutdown_t backendShutdownReq_{};
+
+    std::unique_ptr<StreamHandler> handler_;
+    StreamInfo streamInfo_;
+    std::deque<std::string> localOut_; // the handler's bytes for the client, in chunks
+    std::size_t localHead_ = 0;        // bytes of the first chunk already taken
+    std::size_t localQueued_ = 0;
+    uv_idle_t idle_{}; // runs the pump soon after a Stream call made outside it
+    bool idleInitialised_ = false;
+    bool local_ = false;         // the backend is an in-process handler
+    bool localShutdown_ = false; // the handler called shutdown()
+    bool localPaused_ = false;
+    bool localEndDelivered_ = false;
+    bool localAboveHigh_ = false;
 
     ByteQueue clientIn_; // plaintext listener: client bytes waiting for the backend
     ByteQueue reply_;    // plain pool: backend bytes waiting for the client

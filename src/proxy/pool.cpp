@@ -32,8 +32,16 @@ void PoolServer::setResolved(net::SocketAddress resolved) {
     resolved_ = std::move(resolved);
 }
 
-Pool::Pool(const BackendConfig &config)
+Pool::Pool(const BackendConfig &config, const HandlerFactory *handler)
     : config_(config) {
+    if (!config_.handler.empty()) {
+        if (handler == nullptr || !*handler) {
+            throw std::runtime_error("backend " + config_.name + ": no handler registered as " +
+                                     config_.handler);
+        }
+        handler_ = *handler;
+        return;
+    }
     if (config_.servers.empty()) {
         throw std::runtime_error("backend " + config_.name + ": no servers");
     }
@@ -75,6 +83,9 @@ std::size_t Pool::attemptLimit() const {
 
 int Pool::pick(const std::vector<bool> &tried, std::uint64_t nowMs) {
     const std::size_t count = servers_.size();
+    if (count == 0) {
+        return -1;
+    }
     const std::size_t start =
         config_.balance == Balance::first ? 0 : next_.fetch_add(1, relaxed) % count;
     int best = -1;

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include <sluice/config.hpp>
+#include <sluice/stream.hpp>
 
 #include "net/address.hpp"
 #include "tls/context.hpp"
@@ -55,13 +56,16 @@ enum class HealthChange { none, markedDown, recovered };
 class Pool {
 public:
     /** Resolves every server and builds the TLS client context. Throws std::runtime_error
-     * naming the backend and what failed. */
-    explicit Pool(const BackendConfig &config);
+     * naming the backend and what failed. A backend served by a handler takes its factory
+     * (null, or empty, is an error). */
+    explicit Pool(const BackendConfig &config, const HandlerFactory *handler = nullptr);
 
     const std::string &name() const { return config_.name; }
     const BackendConfig &config() const { return config_; }
     /** The client context for TLS to the servers; null when the pool speaks plain TCP. */
     ssl_ctx_st *tlsContext() const { return tls_.get(); }
+    /** The in-process handler's factory; null for a pool of servers. */
+    const HandlerFactory *handler() const { return handler_ ? &handler_ : nullptr; }
     std::size_t size() const { return servers_.size(); }
     PoolServer &server(std::size_t index) { return *servers_[index]; }
     const PoolServer &server(std::size_t index) const { return *servers_[index]; }
@@ -95,6 +99,7 @@ private:
     tls::ContextPtr tls_;
     std::vector<std::unique_ptr<PoolServer>> servers_;
     std::vector<std::string> serverNames_;
+    HandlerFactory handler_;
     std::atomic<std::uint64_t> next_{0};
 };
 

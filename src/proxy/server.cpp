@@ -68,7 +68,8 @@ bool ListenerSettings::proxySourceAllowed(const sockaddr *address) const {
     return false;
 }
 
-std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers) {
+std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers,
+                                            const std::map<std::string, HandlerFactory> *handlers) {
     workers = std::max(1U, workers);
     auto runtime = std::make_shared<Runtime>();
     // Each worker admits its share of the limits; rounding up never admits fewer in total.
@@ -79,7 +80,13 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     runtime->drainTimeout = config.global.drainTimeout;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
     for (const auto &backend : config.backends) {
-        runtime->pools.push_back(std::make_shared<Pool>(backend));
+        const HandlerFactory *handler = nullptr;
+        if (!backend.handler.empty() && handlers != nullptr) {
+            if (auto found = handlers->find(backend.handler); found != handlers->end()) {
+                handler = &found->second;
+            }
+        }
+        runtime->pools.push_back(std::make_shared<Pool>(backend, handler));
     }
     auto poolNamed = [&](const std::string &listener, const std::string &name) -> PoolPtr {
         for (const auto &pool : runtime->pools) {

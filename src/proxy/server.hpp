@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -69,7 +70,9 @@ struct Runtime {
  * Builds every listener's TLS context and resolves every backend (control path: throws with one
  * message naming the listener and what failed). `workers` divides the connection limits.
  */
-std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned workers);
+std::shared_ptr<const Runtime>
+buildRuntime(const Config &config, unsigned workers,
+             const std::map<std::string, HandlerFactory> *handlers = nullptr);
 
 /** A listening socket made for one worker, tagged with the listener it belongs to. */
 struct ListenSocket {

@@ -38,6 +38,8 @@ std::string_view closeReasonName(CloseReason reason) {
         return "backend_failed";
     case CloseReason::proxyHeader:
         return "proxy_header";
+    case CloseReason::handlerClose:
+        return "handler_close";
     case CloseReason::backendReset:
         return "backend_reset";
     case CloseReason::drain:

@@ -33,8 +33,9 @@ enum class CloseReason : std::uint8_t {
     limit,            ///< refused by a connection limit
     internal,         ///< a local failure (out of memory, engine creation)
     proxyHeader,      ///< a missing, malformed or refused PROXY protocol header
+    handlerClose,     ///< an in-process handler closed the stream (Stream::close)
 };
-constexpr std::size_t closeReasonCount = 15;
+constexpr std::size_t closeReasonCount = 16;
 
 /** The metric label of a close reason: "done", "client_reset", "timeout_handshake", ... */
 std::string_view closeReasonName(CloseReason reason);

@@ -1502,3 +1502,26 @@ TEST_CASE("the reference file shows backends, routes, PROXY sources and a plaint
     CHECK(app->maxFails == sluice::BackendConfig{}.maxFails);
     CHECK(app->failTimeout == sluice::BackendConfig{}.failTimeout);
 }
+
+TEST_CASE("a backend served by an in-process handler") {
+    const Config config = parseConfig(R"([backend.echo]
+handler = "echo"
+
+[[listener]]
+listen = "127.0.0.1:0"
+plaintext = true
+backend = "echo"
+)",
+                                      "/srv/t.toml");
+    const sluice::BackendConfig *backend = config.findBackend("echo");
+    REQUIRE(backend != nullptr);
+    CHECK(backend->handler == "echo");
+    CHECK(backend->servers.empty());
+    CHECK(errorOf("[backend.echo]\nhandler = \"\"\n") ==
+          "t.toml:2:11: backend.echo.handler: must not be empty");
+    CHECK(errorOf("[backend.echo]\nhandler = \"echo\"\nservers = \"127.0.0.1:1\"\n") ==
+          "t.toml:3:11: backend.echo.servers: a backend served by a handler has no servers");
+    CHECK(errorOf("[backend.echo]\nhandler = \"echo\"\nproxy_protocol = \"v2\"\n") ==
+          "t.toml:3:18: backend.echo.proxy_protocol: a backend served by a handler has no "
+          "proxy_protocol");
+}

@@ -290,7 +290,7 @@ TEST_CASE("every close reason has a distinct label") {
         }
     }
     CHECK(names.front() == "done");
-    CHECK(names.back() == "proxy_header");
+    CHECK(names.back() == "handler_close");
 }
 
 TEST_CASE("the log rate limit lets N a second through and reports the rest once") {
