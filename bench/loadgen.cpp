@@ -5,6 +5,7 @@
 // Modes:
 //   check      one connection, one 4 KiB echo compared byte for byte; exit 0 if equal
 //   handshake  new connection, full handshake, one 32-byte echo, close_notify, close; repeat
+//              (with --total N, stop after N connections instead of after --duration)
 //   resume     the same, offering the session (ticket) of the previous connection
 //   rr         --conns keep-alive connections, each with one --size-byte echo in flight
 //   download   --conns connections reading an endless stream from the backend
@@ -47,6 +48,7 @@ struct Options {
     int conns = 32;
     double warmup = 1.0;
     double duration = 3.0;
+    std::uint64_t total = 0; // handshake/resume: stop after this many connections (0: --duration)
     std::size_t size = 100;
     int sources = 1;
     int count = 1000;
@@ -625,7 +627,8 @@ int LoadGen::run() {
             std::fflush(stdout);
             announced = true;
         }
-        if (t >= end_) {
+        if (t >= end_ || (o_.total > 0 && completed_ >= o_.total)) {
+            end_ = std::min(end_, t);
             break;
         }
         const int n = epoll_wait(epfd_, events.data(), static_cast<int>(events.size()), 2);
@@ -661,7 +664,7 @@ int usage() {
                  "usage: loadgen --mode check|handshake|resume|rr|download|upload|idle --port P\n"
                  "               [--host 127.0.0.1] [--plain] [--tls 12|13] [--conns N]\n"
                  "               [--warmup S] [--duration S] [--size BYTES] [--sources K]\n"
-                 "               [--count N] [--limit S]\n");
+                 "               [--count N] [--limit S] [--total N]\n");
     return 2;
 }
 
@@ -697,6 +700,8 @@ int main(int argc, char **argv) {
             o.size = static_cast<std::size_t>(std::max(1, std::atoi(value.c_str())));
         } else if (key == "--sources") {
             o.sources = std::max(1, std::atoi(value.c_str()));
+        } else if (key == "--total") {
+            o.total = std::strtoull(value.c_str(), nullptr, 10);
         } else if (key == "--count") {
             o.count = std::max(1, std::atoi(value.c_str()));
         } else if (key == "--limit") {

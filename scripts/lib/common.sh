@@ -6,6 +6,7 @@ SLUICE_PACKAGES=(
     meson ninja-build g++ pkg-config
     libuv1-dev libssl-dev doctest-dev libtomlplusplus-dev libcurl4-openssl-dev
     openssl curl gnutls-bin python3 clang-format cmake
+    haproxy
 )
 
 # say MESSAGE: a progress line on stderr, so stdout keeps only results.
@@ -50,6 +51,8 @@ meson_build() {
     shift 2
     if [[ ! -f $dir/build.ninja ]]; then
         meson setup "$dir" --buildtype="$buildtype" "$@" >&2
+    elif (($#)); then
+        meson configure "$dir" "$@" >&2
     fi
     ninja -C "$dir" -j2 >&2
 }

@@ -4,6 +4,7 @@ under a low RLIMIT_NOFILE; memory with 1,000 stalled readers. In every case slui
 the affected connections cleanly and promptly, leave the others alone, give back its file
 descriptors, and keep serving (LESSONS #10, #11, #13, #14, #18)."""
 
+import json
 import os
 import re
 import resource
@@ -846,3 +847,59 @@ def test_memory_bounded_with_1000_stalled_readers(t):
     for c in clients:
         c.close()
     d.assert_alive()
+
+
+def bench_tool(name):
+    """A benchmark tool built next to the daemon under test (scripts/test builds with
+    -Dbench=true); the churn test needs it and fails without it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(sluice_bin())))),
+                        "bench", name)
+    check(os.access(path, os.X_OK), f"{path} is missing: configure the build with -Dbench=true")
+    return path
+
+
+def test_churn_50000_connections_back_to_baseline(t):
+    # 50,000 short TLS connections (handshake, one echo, close_notify), 16 at a time, through one
+    # daemon: none fails, and afterwards the active-connection metric, the descriptors and the
+    # memory are back where they were.
+    total = scaled(50000, 4000)
+    backend = subprocess.Popen([bench_tool("backend"), "--host", "127.0.0.1", "--port", "0"],
+                               stdout=subprocess.PIPE, text=True)
+    t.defer(lambda: (backend.terminate(), backend.wait(10)))
+    line = backend.stdout.readline().split()
+    check(line[:1] == ["port"], f"bench backend said {line}")
+    from test_ops import metrics, start_ops
+
+    d, admin = start_ops(t, t.listener(f"127.0.0.1:{line[1]}"))
+    host, port = d.addr()
+    tls_roundtrip((host, port), b"warm up")
+    settle_fds(d)
+    fds0, rss0 = d.fd_count(), d.rss()
+    # Half the connections resume a session, half do full handshakes: both paths churn.
+    results = []
+    for mode in ("handshake", "resume"):
+        out = subprocess.run(
+            [bench_tool("loadgen"), "--mode", mode, "--host", host, "--port", str(port), "--tls", "13",
+             "--conns", "16", "--warmup", "0", "--duration", "600", "--total", str(total // 2)],
+            capture_output=True, text=True, timeout=600)
+        check(out.returncode == 0, f"loadgen {mode} exited {out.returncode}: {out.stderr[-500:]}")
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        results.append(report)
+        check(report["errors"] == 0, f"loadgen {mode}: {report['errors']} errors, first {report['first_error']!r}")
+        check(report["completed"] >= total // 2, f"loadgen {mode} completed {report['completed']} of {total // 2}")
+        if mode == "resume":
+            check(report["resumed"] >= report["completed"] * 0.9, f"resumed only {report['resumed']}")
+    d.assert_alive()
+    wait_until(lambda: metrics(admin)["sluice_connections_active"] == 0, 15, "the active-connection metric to return to 0")
+    m = metrics(admin)
+    accepted = m["sluice_connections_accepted_total"]
+    check(accepted >= total + 1, f"accepted {accepted}, expected at least {total + 1}")
+    done = m.get('sluice_connections_closed_total{reason="done"}', 0)
+    check(done >= total, f"{done} connections closed cleanly of {total}")
+    wait_fds(d, fds0, "after the churn")
+    rss1 = d.rss()
+    print(f"churn: {total} connections ({results[0]['rate']:.0f}/s full, {results[1]['rate']:.0f}/s resumed); "
+          f"RSS {rss0 / MiB:.1f} -> {rss1 / MiB:.1f} MiB; fds {fds0} -> {d.fd_count()}")
+    if not LIGHT:  # sanitizer builds keep a quarantine of freed memory
+        check(rss1 - rss0 < 8 * MiB, f"RSS grew {(rss1 - rss0) / MiB:.1f} MiB over {total} short connections")
+    tls_roundtrip((host, port), b"still serving")
