@@ -201,6 +201,16 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
                  {{"listener", c.listener}, {"name", c.name}, {"file", c.file}},
                  std::to_string(c.notAfter));
     }
+    e.family("sluice_ocsp_staple_expiry_timestamp_seconds", "gauge",
+             "nextUpdate of the OCSP response stapled for each certificate that has one, in Unix "
+             "seconds (past it, nothing is stapled until a fresh response arrives).");
+    for (const auto &c : certificates) {
+        if (c.ocspNextUpdate != 0) {
+            e.sample("sluice_ocsp_staple_expiry_timestamp_seconds",
+                     {{"listener", c.listener}, {"name", c.name}, {"file", c.file}},
+                     std::to_string(c.ocspNextUpdate));
+        }
+    }
     return e.take();
 }
 
@@ -294,6 +304,8 @@ std::string renderStatus(const proxy::StatsSnapshot &s, const StatusView &view) 
         out += ",\"expires_in_seconds\":" + std::to_string(c.notAfter - view.nowUnixSeconds);
         out += ",\"expired\":";
         out += c.notAfter <= view.nowUnixSeconds ? "true" : "false";
+        out += ",\"ocsp_next_update\":";
+        out += c.ocspNextUpdate != 0 ? std::to_string(c.ocspNextUpdate) : "null";
         out += '}';
     }
     out += "]}";

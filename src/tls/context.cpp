@@ -482,6 +482,7 @@ std::vector<CertificateSummary> certificateSummaries(const ssl_ctx_st *ctx) {
         summary.file = c.certFile;
         summary.notBefore = unixSeconds(X509_get0_notBefore(c.leaf));
         summary.notAfter = unixSeconds(X509_get0_notAfter(c.leaf));
+        summary.ocspNextUpdate = static_cast<std::int64_t>(state->ocsp.nextUpdate(c.leaf));
         out.push_back(std::move(summary));
     }
     return out;

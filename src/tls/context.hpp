@@ -61,6 +61,8 @@ struct CertificateSummary {
     std::string file;           ///< the certificate file it was loaded from
     std::int64_t notBefore = 0; ///< Unix seconds
     std::int64_t notAfter = 0;  ///< Unix seconds
+    /** The nextUpdate of its OCSP staple (Unix seconds); 0 when it has no staple. */
+    std::int64_t ocspNextUpdate = 0;
 };
 
 /** The certificates of a context made by makeServerContext, in load order; empty otherwise. */

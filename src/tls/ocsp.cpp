@@ -377,4 +377,13 @@ bool OcspStapler::staple(X509 *cert, std::vector<unsigned char> &out, std::time_
     return true;
 }
 
+std::time_t OcspStapler::nextUpdate(X509 *cert) const {
+    auto it = byCert_.find(cert);
+    if (it == byCert_.end()) {
+        return 0;
+    }
+    std::lock_guard lock(mutex_);
+    return it->second->current ? it->second->current->nextUpdate : 0;
+}
+
 } // namespace sluice::tls

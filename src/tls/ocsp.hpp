@@ -73,6 +73,9 @@ public:
     /** Copies the response to staple for `cert` into `out`; false when there is none valid. */
     bool staple(x509_st *cert, std::vector<unsigned char> &out, std::time_t now) const;
 
+    /** The nextUpdate of the response held for `cert` (valid or not), or 0 when none is held. */
+    std::time_t nextUpdate(x509_st *cert) const;
+
     bool empty() const { return slots_.empty(); }
 
 private:

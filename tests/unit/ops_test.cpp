@@ -818,3 +818,32 @@ TEST_CASE("the watchdog pings from the loop at half the interval, for this proce
     unsetenv("WATCHDOG_USEC");
     unsetenv("WATCHDOG_PID");
 }
+
+TEST_CASE("OCSP staple expiry: a gauge and a /status field for certificates that have one") {
+    proxy::Stats stats;
+    ops::StatusView view;
+    view.nowUnixSeconds = 1000;
+    tls::CertificateSummary stapled;
+    stapled.listener = "web";
+    stapled.name = "a.example";
+    stapled.file = "/a.pem";
+    stapled.notAfter = 9000;
+    stapled.ocspNextUpdate = 5000;
+    tls::CertificateSummary bare = stapled;
+    bare.name = "b.example";
+    bare.file = "/b.pem";
+    bare.ocspNextUpdate = 0;
+    view.certificates = {stapled, bare};
+    const std::string metrics = ops::renderMetrics(stats.snapshot(), view);
+    CAPTURE(metrics);
+    CHECK(metrics.find("# TYPE sluice_ocsp_staple_expiry_timestamp_seconds gauge") !=
+          std::string::npos);
+    CHECK(metrics.find("sluice_ocsp_staple_expiry_timestamp_seconds{listener=\"web\",name=\"a."
+                       "example\",file=\"/a.pem\"} 5000\n") != std::string::npos);
+    CHECK(metrics.find("sluice_ocsp_staple_expiry_timestamp_seconds{listener=\"web\",name=\"b.") ==
+          std::string::npos);
+    const std::string json = ops::renderStatus(stats.snapshot(), view);
+    CAPTURE(json);
+    CHECK(json.find("\"ocsp_next_update\":5000") != std::string::npos);
+    CHECK(json.find("\"ocsp_next_update\":null") != std::string::npos);
+}
