@@ -92,8 +92,8 @@ int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, uv_write
 } // namespace
 
 void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client, std::string ipKey) {
-    auto *connection = new Connection(server, std::move(settings), client);
+                       uv_tcp_t *client, const sockaddr_storage &peer, std::string ipKey) {
+    auto *connection = new Connection(server, std::move(settings), client, peer);
     connection->ipKey_ = std::move(ipKey);
     if (connection->closing_) {
         server.handshakeEnded(connection->ipKey_); // the constructor failed and closed it
@@ -105,9 +105,10 @@ void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> s
 }
 
 Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client)
+                       uv_tcp_t *client, const sockaddr_storage &peer)
     : server_(server)
     , settings_(std::move(settings))
+    , clientAddress_(peer)
     , client_(client) {
     uv_loop_t *loop = server_.loop();
     client_->data = this;
@@ -120,18 +121,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     openHandles_ = 1;
     uv_timer_init(loop, &timer_);
     ++openHandles_;
-    uv_os_fd_t fd = -1;
-    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) == 0) {
-        socklen_t length = sizeof clientAddress_;
-        if (getpeername(fd, reinterpret_cast<sockaddr *>(&clientAddress_), &length) != 0) {
-            clientAddress_.ss_family = AF_UNSPEC;
-        }
-        length = sizeof localAddress_;
-        if (getsockname(fd, reinterpret_cast<sockaddr *>(&localAddress_), &length) != 0) {
-            localAddress_.ss_family = AF_UNSPEC;
-        }
-        peer_ = net::peerText(fd);
-    }
+    peer_ = net::format(reinterpret_cast<const sockaddr *>(&clientAddress_));
     applySocketOptions(client_, settings_->socket);
     acceptedAt_ = lastActivity_ = uv_now(loop);
     acceptedHr_ = uv_hrtime();
@@ -756,6 +746,7 @@ bool Connection::takeProxyHeader() {
     if (!parsed.local && parsed.source.ss_family != AF_UNSPEC) {
         clientAddress_ = parsed.source;
         localAddress_ = parsed.destination;
+        localKnown_ = true;
         peer_ = net::format(reinterpret_cast<const sockaddr *>(&clientAddress_));
     }
     proxyInHead_ = parsed.length;
@@ -794,6 +785,14 @@ void Connection::startBackend() {
     tried_.assign(pool_->size(), false);
     const BackendConfig &config = pool_->config();
     if (config.proxyProtocol != ProxyProtocol::off) {
+        uv_os_fd_t fd = -1;
+        socklen_t length = sizeof localAddress_;
+        if (!localKnown_ &&
+            (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
+             getsockname(fd, reinterpret_cast<sockaddr *>(&localAddress_), &length) != 0)) {
+            localAddress_.ss_family = AF_UNSPEC;
+        }
+        localKnown_ = true;
         const auto *source = clientAddress_.ss_family == AF_UNSPEC
                                  ? nullptr
                                  : reinterpret_cast<const sockaddr *>(&clientAddress_);

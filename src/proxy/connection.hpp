@@ -60,7 +60,7 @@ public:
      * whichever is first.
      */
     static void start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                      uv_tcp_t *client, std::string ipKey = {});
+                      uv_tcp_t *client, const sockaddr_storage &peer, std::string ipKey = {});
 
     Connection(const Connection &) = delete;
     Connection &operator=(const Connection &) = delete;
@@ -69,7 +69,8 @@ public:
     void abort(const char *reason);
 
 private:
-    Connection(Server &server, std::shared_ptr<const ListenerSettings> settings, uv_tcp_t *client);
+    Connection(Server &server, std::shared_ptr<const ListenerSettings> settings, uv_tcp_t *client,
+               const sockaddr_storage &peer);
     ~Connection();
 
     // The one place that moves bytes and decides what happens next.
@@ -154,9 +155,11 @@ private:
     std::string ipKey_;             // counted in the server's handshakes-by-IP until ...
     bool handshakeCounted_ = false; // ... this turns false: handshake done or closing
 
-    // The client's and the listener's addresses: from the socket, or from a PROXY header.
+    // The client's and the listener's addresses: from the socket, or from a PROXY header. The
+    // local one is read from the socket only when a PROXY header to the backend needs it.
     sockaddr_storage clientAddress_{};
     sockaddr_storage localAddress_{};
+    bool localKnown_ = false;
     std::unique_ptr<std::uint8_t[]> proxyIn_; // the PROXY header being read
     std::size_t proxyInLength_ = 0;
     std::size_t proxyInHead_ = 0; // bytes of proxyIn_ already handed on (the header, then data)

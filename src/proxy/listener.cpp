@@ -97,17 +97,20 @@ void Listener::acceptOne() {
         return;
     }
     server_.counters().accepted++;
+    // One getpeername() serves the allow list, the handshake limit and the connection's logs.
     uv_os_fd_t fd = -1;
+    sockaddr_storage peer{};
+    socklen_t length = sizeof peer;
+    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) != 0 ||
+        getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0) {
+        peer.ss_family = AF_UNSPEC;
+    }
     std::string ipKey;
     const bool expectProxy = !settings_->acceptProxyFrom.empty();
     if (expectProxy) {
         // Only a trusted balancer may speak for its clients; the handshake limit then applies
         // to the client the header names, counted by the connection once it has read it.
-        sockaddr_storage peer{};
-        socklen_t length = sizeof peer;
-        if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) != 0 ||
-            getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0 ||
-            !settings_->proxySourceAllowed(reinterpret_cast<const sockaddr *>(&peer))) {
+        if (!settings_->proxySourceAllowed(reinterpret_cast<const sockaddr *>(&peer))) {
             stats().proxySourceRefused();
             const std::uint64_t now = uv_now(server_.loop());
             if (now - lastProxyRefusedLog_ >= acceptErrorLogIntervalMs ||
@@ -120,8 +123,8 @@ void Listener::acceptOne() {
                      [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
             return;
         }
-    } else if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) == 0) {
-        ipKey = clientIpKey(fd);
+    } else {
+        ipKey = clientIpKey(reinterpret_cast<const sockaddr *>(&peer));
     }
     if (!server_.handshakeStarting(ipKey)) {
         // This address already has its limit of handshakes in progress: close at once, before
@@ -132,7 +135,7 @@ void Listener::acceptOne() {
                  [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
         return;
     }
-    Connection::start(server_, settings_, client, std::move(ipKey));
+    Connection::start(server_, settings_, client, peer, std::move(ipKey));
 }
 
 void Listener::retryAccept() {
