@@ -8,10 +8,8 @@
 #include <cstring>
 #include <exception>
 #include <fcntl.h>
-#include <grp.h>
 #include <memory>
 #include <optional>
-#include <pwd.h>
 #include <string>
 #include <sys/resource.h>
 #include <thread>
@@ -22,6 +20,7 @@
 #include <sluice/config.hpp>
 
 #include "daemon/activation.hpp"
+#include "daemon/privileges.hpp"
 #include "daemon/resolver.hpp"
 #include "daemon/worker.hpp"
 #include "net/listen_socket.hpp"
@@ -259,33 +258,6 @@ openSockets(const std::vector<PlannedSocket> &plan, unsigned workers) {
 }
 
 /** Drops root for `user` (and `group`, else the user's primary group). Throws. */
-void dropPrivileges(const std::string &user, const std::string &group) {
-    if (user.empty()) {
-        return;
-    }
-    errno = 0;
-    const passwd *pw = getpwnam(user.c_str());
-    if (pw == nullptr) {
-        throw std::runtime_error("global.user: no user named '" + user + "'");
-    }
-    gid_t gid = pw->pw_gid;
-    if (!group.empty()) {
-        const struct group *gr = getgrnam(group.c_str());
-        if (gr == nullptr) {
-            throw std::runtime_error("global.group: no group named '" + group + "'");
-        }
-        gid = gr->gr_gid;
-    }
-    if (setgroups(0, nullptr) != 0 || setgid(gid) != 0 || setuid(pw->pw_uid) != 0) {
-        throw std::runtime_error("cannot drop privileges to " + user + ": " + std::strerror(errno));
-    }
-    if (setuid(0) == 0) {
-        throw std::runtime_error("privileges were not dropped: setuid(0) still works");
-    }
-    sluice::log::info("privileges-dropped user=" + user + " uid=" + std::to_string(pw->pw_uid) +
-                      " gid=" + std::to_string(gid));
-}
-
 /** The running daemon: the main loop's handles, the workers, reload and drain. */
 class Daemon {
 public:
@@ -636,7 +608,7 @@ int run(const Options &options) {
                 w, runtime, std::move(sockets[w]), [&owner] { owner->workerExited(); }));
         }
         // Keys and certificates are loaded and every socket is bound: root is no longer needed.
-        dropPrivileges(config.global.user, config.global.group);
+        sluice::daemon::dropPrivileges(config.global.user, config.global.group);
         daemon = std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(plan),
                                           runtime, std::move(pool), accessLog);
         owner = daemon.get();

@@ -1,5 +1,8 @@
 #include "daemon/worker.hpp"
 
+#include <future>
+
+#include "daemon/privileges.hpp"
 #include "util/log.hpp"
 
 namespace sluice::daemon {
@@ -33,7 +36,13 @@ std::vector<std::pair<std::string, std::string>> Worker::boundAddresses() const 
 
 void Worker::start() {
     started_ = true;
-    thread_ = std::thread([this] {
+    // Only the main thread (reloads) keeps capabilities after the privilege drop; the worker
+    // has given up its own before start() returns, so it never serves with them.
+    std::promise<void> dropped;
+    std::future<void> ready = dropped.get_future();
+    thread_ = std::thread([this, &dropped] {
+        dropThreadCapabilities();
+        dropped.set_value();
         uv_run(&loop_, UV_RUN_DEFAULT);
         if (uv_loop_alive(&loop_) != 0) {
             log::error("worker-exit index=" + std::to_string(index_) +
@@ -42,6 +51,7 @@ void Worker::start() {
         exitedFlag_.store(true);
         exited_();
     });
+    ready.wait();
 }
 
 void Worker::post(std::function<void(Worker &)> command) {

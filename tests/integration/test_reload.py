@@ -3,6 +3,7 @@
 import os
 import signal
 import ssl
+import subprocess
 import time
 
 from backends import EchoBackend
@@ -175,6 +176,51 @@ def test_privileges_dropped_after_binding(t):
     check(set(uids) == {str(65534)}, f"sluice still runs with uids {uids}")
     tls_roundtrip(d.addr(), b"served after dropping root")
     d.wait_log(r"privileges-dropped user=nobody", 5)
+
+
+def test_root_only_keys_reload_after_dropping_privileges(t):
+    # After dropping to an unprivileged user the main thread keeps CAP_DAC_READ_SEARCH (and
+    # CAP_NET_BIND_SERVICE) and nothing else, so a reload can read keys only root may read; the
+    # workers keep no capability at all.
+    if os.geteuid() != 0:
+        raise Skip("needs root to drop privileges")
+    echo = t.backend(EchoBackend())
+    os.chmod(t.tmp, 0o755)
+    keys = t.tmp / "keys"
+    keys.mkdir(mode=0o700)
+    for name in ("server-ecdsa", "server-rsa"):
+        for ext in ("crt", "key"):
+            target = keys / f"{name}.{ext}"
+            target.write_bytes((t.certs / f"{name}.{ext}").read_bytes())
+            os.chmod(target, 0o600)
+    cert = {"cert": str(keys / "server-ecdsa.crt"), "key": str(keys / "server-ecdsa.key")}
+    d = t.sluice(t.listener(echo, cert=cert), global_={"user": "nobody", "workers": 2})
+    d.wait_log(r"privileges-dropped user=nobody .*kept=cap_net_bind_service,cap_dac_read_search", 5)
+    cap_net_bind_service, cap_dac_read_search = 10, 2
+    expected = (1 << cap_net_bind_service) | (1 << cap_dac_read_search)
+    for tid in os.listdir(f"/proc/{d.pid}/task"):
+        status = open(f"/proc/{d.pid}/task/{tid}/status").read()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid = fields["Uid"].split()
+        check(set(uid) == {"65534"}, f"thread {tid} runs with uids {uid}")
+        effective = int(fields["CapEff"].strip(), 16)
+        if tid == str(d.pid):
+            check(effective == expected, f"the main thread keeps capabilities {effective:#x}")
+        else:
+            check(effective & ~(1 << cap_net_bind_service) == 0 and effective & (1 << cap_dac_read_search) == 0,
+                  f"thread {tid} ({fields['Name'].strip()}) keeps capabilities {effective:#x}")
+    ecdsa, rsa = leaf_der(t.certs / "server-ecdsa.crt"), leaf_der(t.certs / "server-rsa.crt")
+    check(served_cert(d.addr()) == ecdsa, "the ECDSA certificate is not served")
+    # The unprivileged user cannot read the keys itself...
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", "cat",
+                        str(keys / "server-rsa.key")], capture_output=True)
+    check(r.returncode != 0, "nobody can read the root-only key: the test proves nothing")
+    # ...yet a reload that switches to the root-only RSA pair succeeds.
+    rewrite_config(d, "server-ecdsa", "server-rsa")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload-done", 10)
+    check("reload-failed" not in d.log(), f"the reload failed: {d.log_tail()}")
+    check(served_cert(d.addr()) == rsa, "after the reload the root-only RSA certificate is not served")
 
 
 def test_unknown_user_is_a_startup_error(t):
