@@ -78,6 +78,12 @@ class LoadGen {
 public:
     explicit LoadGen(const Options &options)
         : o_(options) {}
+    ~LoadGen() {
+        SSL_SESSION_free(session_);
+        SSL_CTX_free(ctx_);
+    }
+    LoadGen(const LoadGen &) = delete;
+    LoadGen &operator=(const LoadGen &) = delete;
 
     int run();
 
