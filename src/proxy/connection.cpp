@@ -108,7 +108,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
                        uv_tcp_t *client, const sockaddr_storage &peer)
     : server_(server)
     , settings_(std::move(settings))
-    , clientAddress_(peer)
+    , clientAddress_(ipAddress(peer))
     , client_(client) {
     uv_loop_t *loop = server_.loop();
     client_->data = this;
@@ -121,7 +121,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     openHandles_ = 1;
     uv_timer_init(loop, &timer_);
     ++openHandles_;
-    peer_ = net::format(reinterpret_cast<const sockaddr *>(&clientAddress_));
+    peer_ = net::format(&clientAddress_.any);
     applySocketOptions(client_, settings_->socket);
     acceptedAt_ = lastActivity_ = uv_now(loop);
     acceptedHr_ = uv_hrtime();
@@ -151,6 +151,18 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
 }
 
 Connection::~Connection() = default;
+
+Connection::IpAddress Connection::ipAddress(const sockaddr_storage &from) {
+    IpAddress out{};
+    if (from.ss_family == AF_INET) {
+        std::memcpy(&out.v4, &from, sizeof out.v4);
+    } else if (from.ss_family == AF_INET6) {
+        std::memcpy(&out.v6, &from, sizeof out.v6);
+    } else {
+        out.any.sa_family = AF_UNSPEC;
+    }
+    return out;
+}
 
 // --- The pump ----------------------------------------------------------------------------------
 
@@ -246,12 +258,12 @@ bool Connection::upEnded() const {
 
 std::span<const std::uint8_t> Connection::downSource() {
     if (local_) {
-        if (localOut_.empty()) {
+        if (local_->out.empty()) {
             return {};
         }
-        const std::string &front = localOut_.front();
-        return {reinterpret_cast<const std::uint8_t *>(front.data()) + localHead_,
-                front.size() - localHead_};
+        const std::string &front = local_->out.front();
+        return {reinterpret_cast<const std::uint8_t *>(front.data()) + local_->head,
+                front.size() - local_->head};
     }
     if (backendEngine_) {
         return backendReady_ ? backendEngine_->plainOut() : std::span<const std::uint8_t>();
@@ -261,11 +273,11 @@ std::span<const std::uint8_t> Connection::downSource() {
 
 void Connection::downConsume(std::size_t n) {
     if (local_) {
-        localQueued_ -= n;
-        localHead_ += n;
-        if (localHead_ == localOut_.front().size()) {
-            localOut_.pop_front();
-            localHead_ = 0;
+        local_->queued -= n;
+        local_->head += n;
+        if (local_->head == local_->out.front().size()) {
+            local_->out.pop_front();
+            local_->head = 0;
         }
         return;
     }
@@ -281,7 +293,7 @@ bool Connection::downEnded() const {
         return true;
     }
     if (local_) {
-        return localShutdown_;
+        return local_->shutdown;
     }
     if (backendEngine_) {
         const EngineStatus status = backendEngine_->status();
@@ -544,12 +556,12 @@ bool Connection::flushBackend() {
 
 bool Connection::propagateCloses() {
     bool progress = false;
-    if (local_ && handler_ && upEnded() && upSource().empty() && !localEndDelivered_) {
+    if (local_ && local_->handler && upEnded() && upSource().empty() && !local_->endDelivered) {
         // The handler hears the client's end after its last byte.
-        localEndDelivered_ = true;
+        local_->endDelivered = true;
         backendShutdown_ = backendShutdownDone_ = true;
         const bool truncated = engine_ ? !engine_->status().closeNotifyReceived : false;
-        handler_->onEnd(*this, truncated);
+        local_->handler->onEnd(*this, truncated);
         return true;
     }
     // Upstream: the client's end (close_notify, or FIN) becomes the backend's end once every
@@ -744,10 +756,10 @@ bool Connection::takeProxyHeader() {
     }
     awaitingProxy_ = false;
     if (!parsed.local && parsed.source.ss_family != AF_UNSPEC) {
-        clientAddress_ = parsed.source;
-        localAddress_ = parsed.destination;
+        clientAddress_ = ipAddress(parsed.source);
+        localAddress_ = ipAddress(parsed.destination);
         localKnown_ = true;
-        peer_ = net::format(reinterpret_cast<const sockaddr *>(&clientAddress_));
+        peer_ = net::format(&clientAddress_.any);
     }
     proxyInHead_ = parsed.length;
     if (proxyInHead_ == proxyInLength_) {
@@ -756,7 +768,7 @@ bool Connection::takeProxyHeader() {
     }
     // The handshake limit per client address applies to the address the header names.
     endHandshakeCount();
-    ipKey_ = clientIpKey(reinterpret_cast<const sockaddr *>(&clientAddress_));
+    ipKey_ = clientIpKey(&clientAddress_.any);
     if (!server_.handshakeStarting(ipKey_)) {
         server_.counters().handshakeLimited++;
         stats().handshakeLimited();
@@ -787,18 +799,15 @@ void Connection::startBackend() {
     if (config.proxyProtocol != ProxyProtocol::off) {
         uv_os_fd_t fd = -1;
         socklen_t length = sizeof localAddress_;
-        if (!localKnown_ &&
-            (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
-             getsockname(fd, reinterpret_cast<sockaddr *>(&localAddress_), &length) != 0)) {
-            localAddress_.ss_family = AF_UNSPEC;
+        if (!localKnown_ && (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
+                             getsockname(fd, &localAddress_.any, &length) != 0)) {
+            localAddress_.any.sa_family = AF_UNSPEC;
         }
         localKnown_ = true;
-        const auto *source = clientAddress_.ss_family == AF_UNSPEC
-                                 ? nullptr
-                                 : reinterpret_cast<const sockaddr *>(&clientAddress_);
-        const auto *destination = localAddress_.ss_family == AF_UNSPEC
-                                      ? nullptr
-                                      : reinterpret_cast<const sockaddr *>(&localAddress_);
+        const auto *source =
+            clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
+        const auto *destination =
+            localAddress_.any.sa_family == AF_UNSPEC ? nullptr : &localAddress_.any;
         if (config.proxyProtocol == ProxyProtocol::v1) {
             proxyOut_ = buildProxyV1(source, destination);
         } else {
@@ -960,68 +969,68 @@ void Connection::releaseServer() {
 // --- In-process handler ------------------------------------------------------------------------
 
 void Connection::startHandler(const HandlerFactory &factory) {
-    local_ = true;
-    streamInfo_.listener = settings_->name;
-    streamInfo_.handler = pool_->config().handler;
-    streamInfo_.client = peer_;
+    local_ = std::make_unique<Local>();
+    local_->info.listener = settings_->name;
+    local_->info.handler = pool_->config().handler;
+    local_->info.client = peer_;
     if (engine_) {
         const auto &info = engine_->handshake();
-        streamInfo_.serverName = info.serverName;
-        streamInfo_.alpn = info.alpn;
-        streamInfo_.protocol = info.protocol;
-        streamInfo_.cipher = info.cipher;
-        streamInfo_.resumed = info.resumed;
-        streamInfo_.clientIdentity = info.clientIdentity;
-        streamInfo_.clientVerified = info.clientVerified;
+        local_->info.serverName = info.serverName;
+        local_->info.alpn = info.alpn;
+        local_->info.protocol = info.protocol;
+        local_->info.cipher = info.cipher;
+        local_->info.resumed = info.resumed;
+        local_->info.clientIdentity = info.clientIdentity;
+        local_->info.clientVerified = info.clientVerified;
     }
     std::string error;
     try {
-        handler_ = factory(streamInfo_);
+        local_->handler = factory(local_->info);
     } catch (const std::exception &e) {
         error = e.what();
     } catch (...) {
         error = "unknown exception";
     }
-    if (!handler_) {
+    if (!local_->handler) {
         // Refused: like a backend that could not be reached, the client gets a clean close.
         const std::string reason = error.empty() ? "the handler refused the connection"
                                                  : "the handler factory threw: " + error;
         log::warn("handler-refused listener=" + settings_->name + " peer=" + peer_ +
-                  " handler=" + streamInfo_.handler + " reason=" + quoted(reason));
+                  " handler=" + local_->info.handler + " reason=" + quoted(reason));
         noteClose(CloseReason::backendFailed, reason);
         backendGone_ = true;
         return;
     }
-    uv_idle_init(server_.loop(), &idle_);
-    idle_.data = this;
-    idleInitialised_ = true;
+    uv_idle_init(server_.loop(), &local_->idle);
+    local_->idle.data = this;
+    local_->idleInitialised = true;
     ++openHandles_;
     backendConnected_ = backendReady_ = true;
     connectNanos_ = 0;
-    handler_->onOpen(*this);
+    local_->handler->onOpen(*this);
 }
 
 bool Connection::moveToHandler() {
-    if (!handler_ || closing_) {
+    if (!local_->handler || closing_) {
         return false;
     }
     bool progress = false;
-    if (localAboveHigh_ && localQueued_ <= writeHighWater() / 2) {
-        localAboveHigh_ = false;
-        handler_->onWritable(*this);
+    if (local_->aboveHigh && local_->queued <= writeHighWater() / 2) {
+        local_->aboveHigh = false;
+        local_->handler->onWritable(*this);
         progress = true;
-        if (closing_ || !handler_) {
+        if (closing_ || !local_->handler) {
             return true;
         }
     }
-    if (localPaused_ || localEndDelivered_) {
+    if (local_->paused || local_->endDelivered) {
         return progress;
     }
     const auto up = upSource();
     if (up.empty()) {
         return progress;
     }
-    handler_->onData(*this, up);
+    local_->handler->onData(*this, up);
     if (closing_) {
         return true;
     }
@@ -1039,9 +1048,9 @@ void Connection::schedulePump() {
     }
     if (inPump_) {
         pumpAgain_ = true;
-    } else if (idleInitialised_) {
+    } else if (local_ && local_->idleInitialised) {
         // Never from inside the handler's own call: the pump may call the handler back.
-        uv_idle_start(&idle_, onIdle);
+        uv_idle_start(&local_->idle, onIdle);
     }
 }
 
@@ -1051,12 +1060,17 @@ void Connection::onIdle(uv_idle_t *idle) {
     self->pump();
 }
 
+const StreamInfo &Connection::info() const {
+    static const StreamInfo none;
+    return local_ ? local_->info : none;
+}
+
 std::size_t Connection::writeHighWater() const {
     return settings_->buffers.backend;
 }
 
 bool Connection::write(std::span<const std::uint8_t> data) {
-    if (closing_ || !local_ || localShutdown_ || backendGone_ || clientGone_ || flushing_) {
+    if (closing_ || !local_ || local_->shutdown || backendGone_ || clientGone_ || flushing_) {
         return false;
     }
     if (data.empty()) {
@@ -1064,24 +1078,24 @@ bool Connection::write(std::span<const std::uint8_t> data) {
     }
     // Appended to the last chunk unless a write to a plaintext client pins that chunk.
     constexpr std::size_t chunkLimit = 64 * 1024;
-    const bool pinnedBack = localOut_.size() == 1 && clientPinned_ == Pinned::plain;
-    if (localOut_.empty() || pinnedBack || localOut_.back().size() + data.size() > chunkLimit) {
-        localOut_.emplace_back();
+    const bool pinnedBack = local_->out.size() == 1 && clientPinned_ == Pinned::plain;
+    if (local_->out.empty() || pinnedBack || local_->out.back().size() + data.size() > chunkLimit) {
+        local_->out.emplace_back();
     }
-    localOut_.back().append(reinterpret_cast<const char *>(data.data()), data.size());
-    localQueued_ += data.size();
-    if (localQueued_ >= writeHighWater()) {
-        localAboveHigh_ = true;
+    local_->out.back().append(reinterpret_cast<const char *>(data.data()), data.size());
+    local_->queued += data.size();
+    if (local_->queued >= writeHighWater()) {
+        local_->aboveHigh = true;
     }
     schedulePump();
     return true;
 }
 
 void Connection::shutdown() {
-    if (closing_ || !local_ || localShutdown_) {
+    if (closing_ || !local_ || local_->shutdown) {
         return;
     }
-    localShutdown_ = true;
+    local_->shutdown = true;
     schedulePump();
 }
 
@@ -1096,10 +1110,10 @@ void Connection::close() {
 }
 
 void Connection::pauseReading(bool paused) {
-    if (closing_ || localPaused_ == paused) {
+    if (closing_ || !local_ || local_->paused == paused) {
         return;
     }
-    localPaused_ = paused;
+    local_->paused = paused;
     if (!paused) {
         schedulePump();
     }
@@ -1303,12 +1317,12 @@ void Connection::closeAll() {
         uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
     }
     uv_close(reinterpret_cast<uv_handle_t *>(&timer_), onClose);
-    if (idleInitialised_) {
-        uv_close(reinterpret_cast<uv_handle_t *>(&idle_), onClose);
+    if (local_ && local_->idleInitialised) {
+        uv_close(reinterpret_cast<uv_handle_t *>(&local_->idle), onClose);
     }
-    if (handler_) {
+    if (local_ && local_->handler) {
         // Last words, then the handler goes: nothing of this connection reaches it again.
-        auto handler = std::move(handler_);
+        auto handler = std::move(local_->handler);
         handler->onClose(*this, closeReasonName(closeReason_));
     }
     if (backendInitialised_ && !backendClosing_) {

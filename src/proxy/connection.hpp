@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <deque>
 #include <memory>
+#include <netinet/in.h>
 #include <string>
 #include <sys/socket.h>
 #include <vector>
@@ -133,12 +134,12 @@ private:
     bool moveToHandler();
     void schedulePump();
     bool write(std::span<const std::uint8_t> data) override;
-    std::size_t writeQueued() const override { return localQueued_; }
+    std::size_t writeQueued() const override { return local_ ? local_->queued : 0; }
     std::size_t writeHighWater() const override;
     void shutdown() override;
     void close() override;
     void pauseReading(bool paused) override;
-    const StreamInfo &info() const override { return streamInfo_; }
+    const StreamInfo &info() const override;
     static void onClose(uv_handle_t *handle);
 
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
@@ -157,8 +158,15 @@ private:
 
     // The client's and the listener's addresses: from the socket, or from a PROXY header. The
     // local one is read from the socket only when a PROXY header to the backend needs it.
-    sockaddr_storage clientAddress_{};
-    sockaddr_storage localAddress_{};
+    union IpAddress {
+        sockaddr any;
+        sockaddr_in v4;
+        sockaddr_in6 v6;
+    };
+    /** Copies the IP address in `from` (AF_UNSPEC when it is not IPv4 or IPv6). */
+    static IpAddress ipAddress(const sockaddr_storage &from);
+    IpAddress clientAddress_{};
+    IpAddress localAddress_{};
     bool localKnown_ = false;
     std::unique_ptr<std::uint8_t[]> proxyIn_; // the PROXY header being read
     std::size_t proxyInLength_ = 0;
@@ -185,18 +193,21 @@ private:
     uv_shutdown_t clientShutdownReq_{};
     uv_shutdown_t backendShutdownReq_{};
 
-    std::unique_ptr<StreamHandler> handler_;
-    StreamInfo streamInfo_;
-    std::deque<std::string> localOut_; // the handler's bytes for the client, in chunks
-    std::size_t localHead_ = 0;        // bytes of the first chunk already taken
-    std::size_t localQueued_ = 0;
-    uv_idle_t idle_{}; // runs the pump soon after a Stream call made outside it
-    bool idleInitialised_ = false;
-    bool local_ = false;         // the backend is an in-process handler
-    bool localShutdown_ = false; // the handler called shutdown()
-    bool localPaused_ = false;
-    bool localEndDelivered_ = false;
-    bool localAboveHigh_ = false;
+    /** The in-process handler's side, allocated only for a connection routed to one. */
+    struct Local {
+        std::unique_ptr<StreamHandler> handler;
+        StreamInfo info;
+        std::deque<std::string> out; // the handler's bytes for the client, in chunks
+        std::size_t head = 0;        // bytes of the first chunk already taken
+        std::size_t queued = 0;
+        uv_idle_t idle{}; // runs the pump soon after a Stream call made outside it
+        bool idleInitialised = false;
+        bool shutdown = false; // the handler called shutdown()
+        bool paused = false;
+        bool endDelivered = false;
+        bool aboveHigh = false;
+    };
+    std::unique_ptr<Local> local_; // non-null: the backend is an in-process handler
 
     ByteQueue clientIn_; // plaintext listener: client bytes waiting for the backend
     ByteQueue reply_;    // plain pool: backend bytes waiting for the client
