@@ -67,25 +67,6 @@ bool isListeningTcp(int fd) {
     return storage.ss_family == AF_INET || storage.ss_family == AF_INET6;
 }
 
-bool sameAddress(int fd, const net::SocketAddress &address) {
-    sockaddr_storage storage{};
-    socklen_t length = sizeof storage;
-    if (address.kind != Address::Kind::tcp ||
-        ::getsockname(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0 ||
-        storage.ss_family != address.storage.ss_family) {
-        return false;
-    }
-    if (storage.ss_family == AF_INET) {
-        const auto &a = reinterpret_cast<const sockaddr_in &>(storage);
-        const auto &b = reinterpret_cast<const sockaddr_in &>(address.storage);
-        return a.sin_port == b.sin_port && a.sin_addr.s_addr == b.sin_addr.s_addr;
-    }
-    const auto &a = reinterpret_cast<const sockaddr_in6 &>(storage);
-    const auto &b = reinterpret_cast<const sockaddr_in6 &>(address.storage);
-    return a.sin6_port == b.sin6_port &&
-           std::memcmp(&a.sin6_addr, &b.sin6_addr, sizeof a.sin6_addr) == 0;
-}
-
 } // namespace
 
 std::vector<ActivatedSocket> takeActivatedSockets() {
@@ -127,30 +108,6 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
         out.push_back(std::move(socket));
     }
     return out;
-}
-
-std::vector<const ActivatedSocket *> namedFor(const std::vector<ActivatedSocket> &activated,
-                                              const std::string &listener) {
-    std::vector<const ActivatedSocket *> out;
-    for (const auto &socket : activated) {
-        if (socket.usable && !socket.name.empty() && socket.name == listener) {
-            out.push_back(&socket);
-        }
-    }
-    return out;
-}
-
-const ActivatedSocket *unnamedAt(const std::vector<ActivatedSocket> &activated,
-                                 const std::vector<std::string> &listenerNames,
-                                 const net::SocketAddress &address) {
-    for (const auto &socket : activated) {
-        const bool named = std::find(listenerNames.begin(), listenerNames.end(), socket.name) !=
-                           listenerNames.end();
-        if (socket.usable && !named && sameAddress(socket.fd, address)) {
-            return &socket;
-        }
-    }
-    return nullptr;
 }
 
 void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used) {

@@ -12,17 +12,12 @@
 #include <string>
 #include <vector>
 
-#include "net/address.hpp"
+#include "proxy/generation.hpp"
 
 namespace sluice::daemon {
 
-/** One descriptor passed by systemd. */
-struct ActivatedSocket {
-    int fd = -1;
-    std::string name;      ///< its $LISTEN_FDNAMES entry; empty when systemd gave none
-    std::string localText; ///< getsockname(), e.g. "127.0.0.1:443"; "?" if it has none
-    bool usable = false;   ///< a listening TCP (IPv4 or IPv6) socket
-};
+/** One descriptor passed by systemd; proxy::planSockets() matches them to the listeners. */
+using ActivatedSocket = proxy::InheritedSocket;
 
 /**
  * Takes the sockets systemd passed to this process: when $LISTEN_PID is this process and
@@ -32,23 +27,6 @@ struct ActivatedSocket {
  * Throws std::runtime_error when they are malformed.
  */
 std::vector<ActivatedSocket> takeActivatedSockets();
-
-/**
- * The usable activated sockets named `listener` in $LISTEN_FDNAMES (several may share a name), in
- * descriptor order. A listener that has any takes all of them and binds none of its configured
- * addresses: the socket unit decides where it listens.
- */
-std::vector<const ActivatedSocket *> namedFor(const std::vector<ActivatedSocket> &activated,
-                                              const std::string &listener);
-
-/**
- * The usable activated socket bound to exactly `address` whose name is not one of
- * `listenerNames` (unnamed, or named after no listener), or null: how a configured listen address
- * finds its socket when the socket unit does not name it.
- */
-const ActivatedSocket *unnamedAt(const std::vector<ActivatedSocket> &activated,
-                                 const std::vector<std::string> &listenerNames,
-                                 const net::SocketAddress &address);
 
 /** Logs the activated sockets that no listener takes (they stay open, unused). */
 void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used);

@@ -7,7 +7,6 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
-#include <fcntl.h>
 #include <memory>
 #include <optional>
 #include <string>
@@ -21,12 +20,12 @@
 
 #include "daemon/activation.hpp"
 #include "daemon/privileges.hpp"
-#include "daemon/resolver.hpp"
 #include "daemon/worker.hpp"
-#include "net/listen_socket.hpp"
 #include "ops/access_log.hpp"
 #include "ops/admin.hpp"
 #include "ops/systemd.hpp"
+#include "proxy/generation.hpp"
+#include "proxy/resolver.hpp"
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
 #include "tls/context.hpp"
@@ -156,128 +155,24 @@ unsigned workerCount(const sluice::Config &config) {
     return cpus == 0 ? 1 : cpus;
 }
 
-/** A listen address of the configuration, resolved, with the identity it keeps across reloads. */
-struct PlannedSocket {
-    std::string key; ///< "NAME ADDRESS" as configured
-    std::string name;
-    std::string text;
-    sluice::net::SocketAddress address;
-    int backlog = 511;
-    int activatedFd = -1; ///< a socket systemd passed (owned by the daemon), or -1: bind one
-};
-
-/**
- * The sockets the configuration needs. A listener that systemd passed sockets for by name takes
- * those instead of its configured addresses; a configured address that an unnamed activated
- * socket is bound to takes that socket. The result depends only on the configuration and the
- * activated sockets, so the keys of activated sockets stay the same across reloads.
- */
-std::vector<PlannedSocket>
-planSockets(const sluice::Config &config,
-            const std::vector<sluice::daemon::ActivatedSocket> &activated = {}) {
-    std::vector<PlannedSocket> plan;
-    std::vector<std::string> names;
-    for (const auto &listener : config.listeners) {
-        names.push_back(listener.name);
-    }
-    for (const auto &listener : config.listeners) {
-        const auto named = sluice::daemon::namedFor(activated, listener.name);
-        for (const auto *socket : named) {
-            PlannedSocket planned;
-            planned.name = listener.name;
-            planned.text = socket->localText;
-            planned.key = listener.name + " systemd:" + socket->localText;
-            planned.backlog = listener.backlog;
-            planned.activatedFd = socket->fd;
-            plan.push_back(std::move(planned));
-        }
-        if (!named.empty()) {
-            continue;
-        }
-        for (const auto &address : listener.listen) {
-            PlannedSocket socket;
-            socket.name = listener.name;
-            socket.text = address.text();
-            socket.key = listener.name + " " + socket.text;
-            try {
-                socket.address = sluice::net::resolve(address);
-            } catch (const std::exception &e) {
-                throw std::runtime_error("listener " + listener.name + ": listen " + e.what());
-            }
-            socket.backlog = listener.backlog;
-            if (const auto *found = sluice::daemon::unnamedAt(activated, names, socket.address)) {
-                socket.key = listener.name + " systemd:" + found->localText;
-                socket.activatedFd = found->fd;
-            }
-            plan.push_back(std::move(socket));
-        }
-    }
-    return plan;
-}
-
-/**
- * Opens one socket per worker for each planned address (SO_REUSEPORT). For port 0 the first
- * socket's port is reused by the others, so all workers share one port. Returns the sockets by
- * worker; on failure closes what it opened and throws.
- */
-std::vector<std::vector<sluice::proxy::ListenSocket>>
-openSockets(const std::vector<PlannedSocket> &plan, unsigned workers) {
-    std::vector<std::vector<sluice::proxy::ListenSocket>> byWorker(workers);
-    try {
-        for (const auto &planned : plan) {
-            sluice::net::SocketAddress address = planned.address;
-            for (unsigned w = 0; w < workers; ++w) {
-                if (planned.activatedFd >= 0) {
-                    // Each worker owns (and one day closes) a dup: the daemon keeps the socket
-                    // systemd passed. The dups share the socket's single accept queue.
-                    const int fd = ::fcntl(planned.activatedFd, F_DUPFD_CLOEXEC, 0);
-                    if (fd < 0) {
-                        throw std::runtime_error("listen " + planned.key +
-                                                 ": dup: " + std::strerror(errno));
-                    }
-                    byWorker[w].push_back({planned.key, planned.name, fd});
-                    continue;
-                }
-                const int fd =
-                    sluice::net::openListenSocket(address, planned.text, planned.backlog);
-                byWorker[w].push_back({planned.key, planned.name, fd});
-                if (w == 0) {
-                    address = sluice::net::withPort(address, sluice::net::boundPort(fd));
-                }
-            }
-        }
-    } catch (...) {
-        for (auto &sockets : byWorker) {
-            for (auto &socket : sockets) {
-                ::close(socket.fd);
-            }
-        }
-        throw;
-    }
-    return byWorker;
-}
-
-/** Drops root for `user` (and `group`, else the user's primary group). Throws. */
 /** The running daemon: the main loop's handles, the workers, reload and drain. */
 class Daemon {
 public:
     Daemon(uv_loop_t *loop, std::string configPath, sluice::Config config,
-           std::vector<PlannedSocket> plan, std::shared_ptr<const sluice::proxy::Runtime> runtime,
+           sluice::proxy::ListenState listening,
+           std::shared_ptr<const sluice::proxy::Runtime> runtime,
            std::vector<std::unique_ptr<sluice::daemon::Worker>> workers,
            std::shared_ptr<sluice::ops::AccessLog> accessLog)
         : loop_(loop)
         , configPath_(std::move(configPath))
         , config_(std::move(config))
         , runtime_(std::move(runtime))
+        , listening_(std::move(listening))
         , workers_(std::move(workers))
         , accessLog_(std::move(accessLog))
         , watchdog_(loop)
         , resolver_(loop) {
-        bound_ = workers_.front()->boundAddresses();
         resolver_.watch(runtime_);
-        for (auto &planned : plan) {
-            keys_.push_back(planned.key);
-        }
         for (auto *handle : {&term_, &interrupt_, &hangup_, &user1_}) {
             uv_signal_init(loop_, handle);
             handle->data = this;
@@ -301,7 +196,7 @@ public:
     void workerExited() { uv_async_send(&exited_); }
 
     /** The bound addresses announced at startup. */
-    const std::vector<std::pair<std::string, std::string>> &bound() const { return bound_; }
+    std::vector<std::pair<std::string, std::string>> bound() const { return listening_.bound(); }
 
     /** Opens the admin listener on the main loop (throws on a bind error). */
     void startAdmin() {
@@ -309,8 +204,10 @@ public:
             return;
         }
         sluice::ops::StatusSource source;
-        // Both run on the main loop, where runtime_ and bound_ change (reload): no locking.
-        source.listeners = [this] { return sluice::ops::listenersOf(*runtime_, bound_); };
+        // Both run on the main loop, where runtime_ and listening_ change (reload): no locking.
+        source.listeners = [this] {
+            return sluice::ops::listenersOf(*runtime_, listening_.bound());
+        };
         source.certificates = [this] { return sluice::ops::certificatesOf(*runtime_); };
         source.backends = [this] { return sluice::ops::backendsOf(*runtime_); };
         admin_ = std::make_unique<sluice::ops::Admin>(loop_, config_.admin, std::move(source));
@@ -399,8 +296,7 @@ private:
         sluice::log::info("reload-start config=" + configPath_);
         sluice::ops::systemd::notifyReloading();
         sluice::Config config;
-        std::shared_ptr<const sluice::proxy::Runtime> runtime;
-        std::vector<PlannedSocket> plan;
+        sluice::proxy::Generation next;
         std::shared_ptr<sluice::ops::AccessLog> accessLog;
         const unsigned workers = static_cast<unsigned>(workers_.size());
         try {
@@ -411,62 +307,29 @@ private:
                     " running=" + std::to_string(workers) +
                     " reason=\"the worker count changes on restart only\"");
             }
-            runtime = sluice::proxy::buildRuntime(config, workers);
-            plan = planSockets(config, activated_);
             accessLog = sluice::ops::AccessLog::open(config.log);
+            next = sluice::proxy::buildGeneration(config, workers, listening_, activated_);
         } catch (const std::exception &e) {
             reloadFailed(e.what());
             return;
         }
-        std::vector<PlannedSocket> added;
-        std::vector<std::string> keys;
-        for (auto &planned : plan) {
-            keys.push_back(planned.key);
-            if (std::find(keys_.begin(), keys_.end(), planned.key) == keys_.end()) {
-                added.push_back(planned);
-            }
-        }
-        std::vector<std::string> removed;
-        for (const auto &key : keys_) {
-            if (std::find(keys.begin(), keys.end(), key) == keys.end()) {
-                removed.push_back(key);
-            }
-        }
-        std::vector<std::vector<sluice::proxy::ListenSocket>> sockets;
-        try {
-            sockets = openSockets(added, workers);
-        } catch (const std::exception &e) {
-            reloadFailed(e.what());
-            return;
-        }
-        // Addresses the admin reports: the unchanged ones, then the added ones.
-        std::vector<std::pair<std::string, std::string>> bound;
-        for (const auto &[name, address] : bound_) {
-            if (std::find(removed.begin(), removed.end(), name + " " + address) == removed.end() &&
-                std::any_of(plan.begin(), plan.end(),
-                            [&name](const PlannedSocket &p) { return p.name == name; })) {
-                bound.emplace_back(name, address);
-            }
-        }
-        for (const auto &socket : sockets.front()) {
-            bound.emplace_back(socket.name, sluice::net::localText(socket.fd));
+        for (const auto &socket : next.added.front()) {
             sluice::log::info("listening listener=" + socket.name +
                               " address=" + sluice::net::localText(socket.fd) +
                               " workers=" + std::to_string(workers));
         }
         for (unsigned w = 0; w < workers; ++w) {
-            workers_[w]->post([runtime, socketsForWorker = std::move(sockets[w]),
-                               removed](sluice::daemon::Worker &worker) mutable {
+            workers_[w]->post([runtime = next.runtime, socketsForWorker = std::move(next.added[w]),
+                               removed = next.removed](sluice::daemon::Worker &worker) mutable {
                 worker.server().update(runtime, std::move(socketsForWorker), removed);
             });
         }
-        keys_ = std::move(keys);
         const sluice::AdminConfig admin = config_.admin;
         config_ = std::move(config);
         config_.admin = admin; // the admin listener keeps its socket until a restart
-        runtime_ = std::move(runtime);
+        runtime_ = std::move(next.runtime);
         resolver_.watch(runtime_);
-        bound_ = std::move(bound);
+        listening_ = std::move(next.state);
         accessLog_ = std::move(accessLog);
         sluice::ops::AccessLog::install(accessLog_);
         sluice::log::setLevel(config_.global.logLevel);
@@ -474,8 +337,8 @@ private:
                                                       std::to_string(config_.listeners.size()));
         sluice::ops::systemd::notifyReady("serving");
         sluice::log::info("reload-done listeners=" + std::to_string(config_.listeners.size()) +
-                          " sockets_added=" + std::to_string(added.size()) +
-                          " sockets_removed=" + std::to_string(removed.size()));
+                          " sockets_added=" + std::to_string(next.addedCount) +
+                          " sockets_removed=" + std::to_string(next.removed.size()));
     }
 
     void reloadFailed(const std::string &reason) {
@@ -526,13 +389,12 @@ private:
     std::string configPath_;
     sluice::Config config_;
     std::shared_ptr<const sluice::proxy::Runtime> runtime_;
-    std::vector<std::pair<std::string, std::string>> bound_; // what the admin reports
+    sluice::proxy::ListenState listening_; // the sockets open now: what the admin reports
     std::vector<std::unique_ptr<sluice::daemon::Worker>> workers_;
     std::shared_ptr<sluice::ops::AccessLog> accessLog_;
     std::unique_ptr<sluice::ops::Admin> admin_;
     sluice::ops::systemd::Watchdog watchdog_;
-    sluice::daemon::Resolver resolver_;
-    std::vector<std::string> keys_; // the listen sockets open now, by key
+    sluice::proxy::Resolver resolver_;
     std::vector<sluice::daemon::ActivatedSocket> activated_;
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
@@ -560,17 +422,17 @@ int run(const Options &options) {
     // the LISTEN_* variables, and unsetenv() is not thread-safe. --check leaves them alone.
     std::vector<sluice::daemon::ActivatedSocket> activated;
     std::shared_ptr<const sluice::proxy::Runtime> runtime;
-    std::vector<PlannedSocket> plan;
+    std::vector<sluice::proxy::PlannedSocket> plan;
     try {
         if (!options.check) {
             activated = sluice::daemon::takeActivatedSockets();
         }
         runtime = sluice::proxy::buildRuntime(config, workers);
-        plan = planSockets(config, activated);
+        plan = sluice::proxy::planSockets(config, activated);
         if (!activated.empty()) {
             std::vector<int> used;
             for (const auto &planned : plan) {
-                used.push_back(planned.activatedFd);
+                used.push_back(planned.inheritedFd);
             }
             sluice::daemon::reportUnused(activated, used);
         }
@@ -601,7 +463,8 @@ int run(const Options &options) {
     // (the daemon joins every worker before run() returns).
     Daemon *owner = nullptr;
     try {
-        auto sockets = openSockets(plan, workers);
+        auto sockets = sluice::proxy::openSockets(plan, workers);
+        sluice::proxy::ListenState listening = sluice::proxy::listenStateOf(sockets.front());
         std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
         for (unsigned w = 0; w < workers; ++w) {
             pool.push_back(std::make_unique<sluice::daemon::Worker>(
@@ -609,8 +472,9 @@ int run(const Options &options) {
         }
         // Keys and certificates are loaded and every socket is bound: root is no longer needed.
         sluice::daemon::dropPrivileges(config.global.user, config.global.group);
-        daemon = std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(plan),
-                                          runtime, std::move(pool), accessLog);
+        daemon =
+            std::make_unique<Daemon>(&loop, options.config, std::move(config), std::move(listening),
+                                     runtime, std::move(pool), accessLog);
         owner = daemon.get();
         daemon->keepActivated(std::move(activated));
         daemon->startAdmin();

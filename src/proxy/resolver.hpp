@@ -1,4 +1,4 @@
-// daemon/resolver: re-resolves the host names of backend pools that ask for it
+// proxy/resolver: re-resolves the host names of backend pools that ask for it
 // (resolve_interval), off the event loops: a timer on the main loop queues each due pool to
 // libuv's thread pool, where the blocking lookup runs; workers read the new address on their
 // next connect. A lookup that fails keeps the previous address and is logged.
@@ -12,7 +12,7 @@
 
 #include "proxy/server.hpp"
 
-namespace sluice::daemon {
+namespace sluice::proxy {
 
 class Resolver {
 public:
@@ -22,14 +22,14 @@ public:
     Resolver &operator=(const Resolver &) = delete;
 
     /** Follows the pools of `runtime` from now on (at start and after each reload). */
-    void watch(const std::shared_ptr<const proxy::Runtime> &runtime);
+    void watch(const std::shared_ptr<const Runtime> &runtime);
 
     /** Stops the timer and closes its handle; lookups in flight finish on their own. */
     void close();
 
 private:
     struct Due {
-        proxy::PoolPtr pool;
+        PoolPtr pool;
         std::uint64_t at = 0; // uv_now() milliseconds
     };
     static void onTick(uv_timer_t *timer);
@@ -39,4 +39,4 @@ private:
     std::vector<Due> due_;
 };
 
-} // namespace sluice::daemon
+} // namespace sluice::proxy

@@ -1,11 +1,11 @@
-#include "daemon/resolver.hpp"
+#include "proxy/resolver.hpp"
 
 #include <algorithm>
 #include <string>
 
 #include "util/log.hpp"
 
-namespace sluice::daemon {
+namespace sluice::proxy {
 namespace {
 
 // The timer's period: resolve_interval is at least a second.
@@ -14,7 +14,7 @@ constexpr std::uint64_t tickMs = 1000;
 /** One lookup on the thread pool; owns a reference to its pool until it is done. */
 struct Lookup {
     uv_work_t work{};
-    proxy::PoolPtr pool;
+    PoolPtr pool;
     std::vector<std::string> failures;
 };
 
@@ -29,7 +29,7 @@ Resolver::Resolver(uv_loop_t *loop)
 
 Resolver::~Resolver() = default;
 
-void Resolver::watch(const std::shared_ptr<const proxy::Runtime> &runtime) {
+void Resolver::watch(const std::shared_ptr<const Runtime> &runtime) {
     due_.clear();
     const std::uint64_t now = uv_now(loop_);
     for (const auto &pool : runtime->pools) {
@@ -86,4 +86,4 @@ void Resolver::onTick(uv_timer_t *timer) {
     }
 }
 
-} // namespace sluice::daemon
+} // namespace sluice::proxy
