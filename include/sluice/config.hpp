@@ -7,10 +7,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
-#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include <sluice/error.hpp>
+#include <sluice/export.hpp>
 
 namespace sluice {
 
@@ -28,7 +30,7 @@ struct Address {
     std::string path; ///< unix: the socket path (absolute after loading)
 
     /** The address as written in a config file: "1.2.3.4:5", "[::1]:5" or "unix:/p". */
-    std::string text() const;
+    SLUICE_API std::string text() const;
 };
 
 struct ClientAuth;
@@ -271,23 +273,24 @@ struct Config {
     std::vector<BackendConfig> backends;
 
     /** The backend named `name`, or null. */
-    const BackendConfig *findBackend(std::string_view name) const;
+    SLUICE_API const BackendConfig *findBackend(std::string_view name) const;
 };
 
 /** A configuration error: what() is "FILE:LINE:COLUMN: KEY: what was expected". */
-class ConfigError : public std::runtime_error {
+class SLUICE_API ConfigError : public Error {
 public:
-    using std::runtime_error::runtime_error;
+    using Error::Error;
+    ~ConfigError() override;
 };
 
 /** Reads and validates `path`. Relative paths inside it are taken from the file's folder. */
-Config loadConfig(const std::string &path);
+SLUICE_API Config loadConfig(const std::string &path);
 
 /** Parses TOML text; `path` names it in errors and anchors relative paths. */
-Config parseConfig(std::string_view text, const std::string &path);
+SLUICE_API Config parseConfig(std::string_view text, const std::string &path);
 
 /** Parses "host:port", "[v6]:port" or "unix:/path"; throws std::invalid_argument. */
-Address parseAddress(std::string_view text);
+SLUICE_API Address parseAddress(std::string_view text);
 
 /** An IP network: an address and a prefix length ("10.0.0.0/8", "::1/128", "192.0.2.7"). */
 struct Network {
@@ -298,12 +301,12 @@ struct Network {
 
 /** Parses "ADDRESS/PREFIX" or a bare address (a full-length prefix); host bits must be zero.
  * Throws std::invalid_argument. */
-Network parseNetwork(std::string_view text);
+SLUICE_API Network parseNetwork(std::string_view text);
 
 /** Parses "250ms", "10s", "5m", "1h" (or a bare integer of seconds); throws invalid_argument. */
-Duration parseDuration(std::string_view text);
+SLUICE_API Duration parseDuration(std::string_view text);
 
 /** Parses "64KiB", "1MiB", "512" (bytes); throws std::invalid_argument. */
-std::size_t parseSize(std::string_view text);
+SLUICE_API std::size_t parseSize(std::string_view text);
 
 } // namespace sluice

@@ -41,6 +41,8 @@
 #include <string>
 #include <string_view>
 
+#include <sluice/export.hpp>
+
 struct ssl_ctx_st;
 struct ssl_st;
 struct bio_st;
@@ -114,7 +116,7 @@ struct EngineStatus {
  * until the Engine is destroyed, so a caller may hand them to an asynchronous write and consume
  * only when the write completes. No other call invalidates them.
  */
-class Engine {
+class SLUICE_API Engine {
 public:
     /**
      * Builds an engine over `ctx` (its reference count is taken; the caller keeps its own).

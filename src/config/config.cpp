@@ -1593,6 +1593,8 @@ struct FileCloser {
 } // namespace
 } // namespace config
 
+ConfigError::~ConfigError() = default;
+
 const BackendConfig *Config::findBackend(std::string_view name) const {
     for (const BackendConfig &backend : backends) {
         if (backend.name == name) {
