@@ -127,13 +127,18 @@ std::vector<std::vector<ListenSocket>> openSockets(const std::vector<PlannedSock
                     // socket. The dups share the socket's single accept queue.
                     const int fd = ::fcntl(planned.inheritedFd, F_DUPFD_CLOEXEC, 0);
                     if (fd < 0) {
-                        throw std::runtime_error("listen " + planned.key +
-                                                 ": dup: " + std::strerror(errno));
+                        throw std::runtime_error("listener " + planned.name + ": listen " +
+                                                 planned.text + ": dup: " + std::strerror(errno));
                     }
                     byWorker[w].push_back({planned.key, planned.name, fd});
                     continue;
                 }
-                const int fd = net::openListenSocket(address, planned.text, planned.backlog);
+                int fd = -1;
+                try {
+                    fd = net::openListenSocket(address, planned.text, planned.backlog);
+                } catch (const std::exception &e) {
+                    throw std::runtime_error("listener " + planned.name + ": " + e.what());
+                }
                 byWorker[w].push_back({planned.key, planned.name, fd});
                 if (w == 0) {
                     address = net::withPort(address, net::boundPort(fd));

@@ -52,7 +52,8 @@ std::vector<PlannedSocket> planSockets(const Config &config,
 /**
  * Opens one socket per worker for each planned address (SO_REUSEPORT), or dups the inherited one.
  * For port 0 the first socket's port is reused by the others, so all workers share one port.
- * Returns the sockets by worker; on failure closes what it opened and throws std::runtime_error.
+ * Returns the sockets by worker; on failure closes what it opened and throws std::runtime_error
+ * naming the listener and the address.
  */
 std::vector<std::vector<ListenSocket>> openSockets(const std::vector<PlannedSocket> &plan,
                                                    unsigned workers);

@@ -128,7 +128,8 @@ public:
     /**
      * Stops accepting, lets live connections finish for up to the drain timeout, then closes
      * what is left. `done(forced)` runs once on the loop, after every handle is closed;
-     * `forced` is true when the deadline cut connections. Never called re-entrantly.
+     * `forced` is true when the deadline cut connections. Never called re-entrantly. `done` may
+     * destroy the Server: nothing touches it after `done` returns (sluice::Server relies on it).
      */
     void drain(std::function<void(bool forced)> done);
 
