@@ -1,0 +1,690 @@
+// sluice::Server through libsluice.so, as an embedding program uses it: only the public headers,
+// a loop owned by the test, configurations built in code, real sockets on 127.0.0.1 port 0. A
+// blocking OpenSSL client and a blocking echo backend run on threads; the loop runs on the test's
+// thread. Every test ends by running the loop dry and closing it: nothing may be left open.
+
+#include <arpa/inet.h>
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <netinet/in.h>
+#include <random>
+#include <string>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+#include <doctest/doctest.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <uv.h>
+
+#include <sluice/server.hpp>
+
+#include "tls_fixture.hpp"
+
+namespace {
+
+using namespace std::chrono_literals;
+
+// --- Certificates on disk: a CA, leaf A ("server-a") and leaf B ("server-b") -------------------
+
+struct Certificates {
+    std::string dir;
+    std::string ca, certA, keyA, certB, keyB;
+};
+
+void writePem(const std::string &path, X509 *cert, EVP_PKEY *key) {
+    std::FILE *file = std::fopen(path.c_str(), "w");
+    REQUIRE(file != nullptr);
+    const int ok = cert != nullptr
+                       ? PEM_write_X509(file, cert)
+                       : PEM_write_PrivateKey(file, key, nullptr, nullptr, 0, nullptr, nullptr);
+    std::fclose(file);
+    REQUIRE(ok == 1);
+}
+
+/** Written once per test binary into a fresh folder under $TMPDIR (removed at exit). */
+const Certificates &certificates() {
+    static const Certificates instance = [] {
+        Certificates c;
+        const char *tmp = std::getenv("TMPDIR");
+        std::string pattern = std::string(tmp != nullptr ? tmp : "/tmp") + "/sluice-server-XXXXXX";
+        REQUIRE(::mkdtemp(pattern.data()) != nullptr);
+        c.dir = pattern;
+        const auto &pki = sluice::test::pki();
+        auto leafKeyB = sluice::test::makeKey();
+        auto leafA =
+            sluice::test::makeCertificate(pki.leafKey.get(), "server-a", pki.caCert.get(),
+                                          pki.caKey.get(), 10, false, "DNS:localhost,IP:127.0.0.1");
+        auto leafB =
+            sluice::test::makeCertificate(leafKeyB.get(), "server-b", pki.caCert.get(),
+                                          pki.caKey.get(), 11, false, "DNS:localhost,IP:127.0.0.1");
+        c.ca = c.dir + "/ca.crt";
+        c.certA = c.dir + "/a.crt";
+        c.keyA = c.dir + "/a.key";
+        c.certB = c.dir + "/b.crt";
+        c.keyB = c.dir + "/b.key";
+        writePem(c.ca, pki.caCert.get(), nullptr);
+        writePem(c.certA, leafA.get(), nullptr);
+        writePem(c.keyA, nullptr, pki.leafKey.get());
+        writePem(c.certB, leafB.get(), nullptr);
+        writePem(c.keyB, nullptr, leafKeyB.get());
+        static std::string removeAtExit;
+        removeAtExit = c.dir;
+        std::atexit([] {
+            for (const char *name : {"ca.crt", "a.crt", "a.key", "b.crt", "b.key"}) {
+                ::unlink((removeAtExit + "/" + name).c_str());
+            }
+            ::rmdir(removeAtExit.c_str());
+        });
+        return c;
+    }();
+    return instance;
+}
+
+// --- A blocking plain echo backend --------------------------------------------------------------
+
+int listenLoopback(int &port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE(::bind(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0);
+    REQUIRE(::listen(fd, 64) == 0);
+    socklen_t length = sizeof address;
+    REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr *>(&address), &length) == 0);
+    port = ntohs(address.sin_port);
+    return fd;
+}
+
+/** Echoes every connection until its EOF, then closes it; one thread per connection. */
+class EchoBackend {
+public:
+    EchoBackend() {
+        fd_ = listenLoopback(port_);
+        acceptor_ = std::thread([this] {
+            for (;;) {
+                const int client = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+                if (client < 0) {
+                    return; // shutdown() in the destructor
+                }
+                std::lock_guard lock(mutex_);
+                connections_.emplace_back([client] {
+                    char buffer[16384];
+                    for (;;) {
+                        const ssize_t n = ::read(client, buffer, sizeof buffer);
+                        if (n <= 0) {
+                            break;
+                        }
+                        for (ssize_t done = 0; done < n;) {
+                            const ssize_t w =
+                                ::write(client, buffer + done, static_cast<std::size_t>(n - done));
+                            if (w <= 0) {
+                                ::close(client);
+                                return;
+                            }
+                            done += w;
+                        }
+                    }
+                    ::close(client);
+                });
+            }
+        });
+    }
+    ~EchoBackend() {
+        ::shutdown(fd_, SHUT_RDWR);
+        acceptor_.join();
+        ::close(fd_);
+        std::lock_guard lock(mutex_);
+        for (auto &thread : connections_) {
+            thread.join();
+        }
+    }
+    EchoBackend(const EchoBackend &) = delete;
+    EchoBackend &operator=(const EchoBackend &) = delete;
+
+    std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+private:
+    int fd_ = -1;
+    int port_ = 0;
+    std::thread acceptor_;
+    std::mutex mutex_;
+    std::vector<std::thread> connections_;
+};
+
+// --- A blocking OpenSSL client ------------------------------------------------------------------
+
+int portOf(const std::string &address) {
+    return std::stoi(address.substr(address.rfind(':') + 1));
+}
+
+/** One TLS connection to an IPv4 "host:port" that verifies the server against the test CA. */
+class TlsClient {
+public:
+    explicit TlsClient(const std::string &hostPort) {
+        ctx_ = SSL_CTX_new(TLS_client_method());
+        SSL_CTX_load_verify_locations(ctx_, certificates().ca.c_str(), nullptr);
+        SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
+        fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        timeval timeout{10, 0}; // a hung test fails instead of waiting forever
+        ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+        ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
+        sockaddr_in address{};
+        address.sin_family = AF_INET;
+        const std::string host = hostPort.substr(0, hostPort.rfind(':'));
+        address.sin_port = htons(static_cast<std::uint16_t>(portOf(hostPort)));
+        connected_ = ::inet_pton(AF_INET, host.c_str(), &address.sin_addr) == 1 &&
+                     ::connect(fd_, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0;
+        ssl_ = SSL_new(ctx_);
+        SSL_set_fd(ssl_, fd_);
+        SSL_set_tlsext_host_name(ssl_, "localhost");
+        SSL_set1_host(ssl_, "localhost");
+        handshake_ = connected_ && SSL_connect(ssl_) == 1;
+    }
+    ~TlsClient() {
+        SSL_free(ssl_);
+        SSL_CTX_free(ctx_);
+        ::close(fd_);
+    }
+    TlsClient(const TlsClient &) = delete;
+    TlsClient &operator=(const TlsClient &) = delete;
+
+    bool ok() const { return handshake_; }
+
+    /** The server certificate's subject CN. */
+    std::string peerName() const {
+        X509 *peer = SSL_get1_peer_certificate(ssl_);
+        if (peer == nullptr) {
+            return {};
+        }
+        char name[256] = {};
+        X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, name, sizeof name);
+        X509_free(peer);
+        return name;
+    }
+
+    /** Sends `data` in chunks, each echoed back before the next: true if it all came back. */
+    bool echo(const std::string &data, std::size_t chunk = 16384) {
+        std::string back;
+        for (std::size_t at = 0; at < data.size(); at += chunk) {
+            const std::size_t n = std::min(chunk, data.size() - at);
+            if (SSL_write(ssl_, data.data() + at, static_cast<int>(n)) != static_cast<int>(n)) {
+                return false;
+            }
+            const std::size_t want = back.size() + n;
+            while (back.size() < want) {
+                char buffer[16384];
+                const int r = SSL_read(ssl_, buffer, sizeof buffer);
+                if (r <= 0) {
+                    return false;
+                }
+                back.append(buffer, static_cast<std::size_t>(r));
+            }
+        }
+        return back == data;
+    }
+
+    /** Sends close_notify and reads until the server's: true for a clean end of the stream. */
+    bool closeCleanly() {
+        SSL_shutdown(ssl_);
+        char buffer[256];
+        const int r = SSL_read(ssl_, buffer, sizeof buffer);
+        return r == 0 && SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN;
+    }
+
+private:
+    SSL_CTX *ctx_ = nullptr;
+    SSL *ssl_ = nullptr;
+    int fd_ = -1;
+    bool connected_ = false;
+    bool handshake_ = false;
+};
+
+std::string randomBytes(std::size_t n) {
+    std::mt19937 random(20240601);
+    std::string out(n, '\0');
+    for (auto &c : out) {
+        c = static_cast<char>(random());
+    }
+    return out;
+}
+
+// --- The loop ---------------------------------------------------------------------------------
+
+/** A loop owned by the test; the destructor runs it dry and checks that nothing is left. */
+class Loop {
+public:
+    Loop() {
+        std::signal(SIGPIPE, SIG_IGN); // an embedding program's duty: writes report EPIPE
+        uv_loop_init(&loop_);
+    }
+    ~Loop() {
+        uv_run(&loop_, UV_RUN_DEFAULT);
+        CHECK(uv_loop_close(&loop_) == 0);
+    }
+    Loop(const Loop &) = delete;
+    Loop &operator=(const Loop &) = delete;
+
+    uv_loop_t *get() { return &loop_; }
+
+    /**
+     * Runs `work` on a thread and the loop on this one until `work` returns. The loop's other
+     * handles may keep running afterwards; this call's own handle is closed before it returns.
+     */
+    void runWhile(const std::function<void()> &work) {
+        struct Wake {
+            uv_async_t async{};
+            std::atomic<bool> done{false};
+        };
+        auto *wake = new Wake;
+        uv_async_init(&loop_, &wake->async, [](uv_async_t *) {});
+        std::thread thread([&work, wake] {
+            work();
+            wake->done.store(true);
+            uv_async_send(&wake->async);
+        });
+        while (!wake->done.load()) {
+            uv_run(&loop_, UV_RUN_ONCE);
+        }
+        thread.join();
+        uv_close(reinterpret_cast<uv_handle_t *>(&wake->async),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<Wake *>(handle); });
+        uv_run(&loop_, UV_RUN_NOWAIT);
+    }
+
+private:
+    uv_loop_t loop_{};
+};
+
+sluice::Config configFor(const std::string &backend, const std::string &cert,
+                         const std::string &key, const std::string &listen = "127.0.0.1:0") {
+    sluice::Config config;
+    config.global.logLevel = sluice::LogLevel::error;
+    config.global.drainTimeout = 5s;
+    sluice::ListenerConfig listener;
+    listener.name = "test";
+    listener.listen.push_back(sluice::parseAddress(listen));
+    sluice::CertificateFiles files;
+    files.cert = cert;
+    files.key = key;
+    listener.certificates.push_back(files);
+    listener.backend = backend; // an address: Server makes it a backend of its own
+    config.listeners.push_back(listener);
+    return config;
+}
+
+std::uint64_t closedBy(const sluice::ServerStats &stats, const std::string &reason) {
+    for (const auto &[name, count] : stats.closed) {
+        if (name == reason) {
+            return count;
+        }
+    }
+    return 0;
+}
+
+} // namespace
+
+TEST_CASE("a Server on the caller's loop terminates TLS and echoes bytes exactly") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    CHECK_FALSE(server.running());
+    CHECK(server.addresses().empty());
+    server.start();
+    CHECK(server.running());
+    const auto addresses = server.addresses();
+    REQUIRE(addresses.size() == 1);
+    CHECK(addresses[0].first == "test");
+    CHECK(addresses[0].second.rfind("127.0.0.1:", 0) == 0);
+    CHECK(portOf(addresses[0].second) > 0); // the kernel's port, not 0
+
+    const auto before = server.stats();
+    const std::string data = randomBytes(1024 * 1024 + 7);
+    bool handshake = false, echoed = false, clean = false;
+    std::string peer;
+    loop.runWhile([&] {
+        TlsClient client(addresses[0].second);
+        handshake = client.ok();
+        peer = client.peerName();
+        echoed = handshake && client.echo(data);
+        clean = echoed && client.closeCleanly();
+    });
+    CHECK(handshake);
+    CHECK(peer == "server-a");
+    CHECK(echoed);
+    CHECK(clean);
+
+    int calls = 0;
+    bool forced = true;
+    REQUIRE(server.drain([&](bool f) {
+        ++calls;
+        forced = f;
+    }));
+    CHECK(calls == 0); // never inside the call that started it
+    CHECK_FALSE(server.running());
+    CHECK(server.addresses().empty());
+    uv_run(loop.get(), UV_RUN_DEFAULT);
+    CHECK(calls == 1);
+    CHECK_FALSE(forced);
+
+    const auto after = server.stats();
+    CHECK(after.accepted - before.accepted == 1);
+    CHECK(after.handshakesOk - before.handshakesOk == 1);
+    CHECK(after.bytesClientToBackend - before.bytesClientToBackend == data.size());
+    CHECK(after.bytesBackendToClient - before.bytesBackendToClient == data.size());
+    CHECK(closedBy(after, "done") - closedBy(before, "done") == 1);
+}
+
+TEST_CASE("reload: a bad configuration is refused and reported, a good one swaps the "
+          "certificate, and a connection opened before it keeps working") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    server.start();
+    const std::string address = server.addresses().at(0).second;
+
+    // A client that connects before the reloads and uses its connection after them.
+    std::atomic<int> phase{0};
+    std::atomic<bool> proceed{false};
+    bool earlyOk = false, earlyLater = false;
+    std::string earlyPeer;
+    std::thread early;
+    loop.runWhile([&] {
+        early = std::thread([&] {
+            TlsClient client(address);
+            earlyOk = client.ok() && client.echo("before the reload");
+            earlyPeer = client.peerName();
+            phase.store(1);
+            while (!proceed.load()) {
+                std::this_thread::sleep_for(1ms); // pacing the wait for the test thread only
+            }
+            earlyLater = client.echo(randomBytes(200000)) && client.closeCleanly();
+        });
+        while (phase.load() == 0) {
+            std::this_thread::sleep_for(1ms);
+        }
+    });
+    CHECK(earlyOk);
+    CHECK(earlyPeer == "server-a");
+
+    const auto before = server.stats();
+    std::string error;
+    auto bad = configFor(backend.address(), certs.dir + "/missing.crt", certs.keyA);
+    CHECK_FALSE(server.reload(bad, &error));
+    CHECK(error.find("missing.crt") != std::string::npos);
+    CHECK(server.running());
+    CHECK(server.stats().reloadsFailed - before.reloadsFailed == 1);
+    CHECK_FALSE(server.stats().lastReloadOk);
+    CHECK(server.config().listeners.at(0).certificates.at(0).cert == certs.certA);
+
+    // Still serving the old configuration.
+    std::string peer;
+    loop.runWhile([&] {
+        TlsClient client(address);
+        peer = client.ok() && client.echo("after the failed reload") ? client.peerName() : "";
+    });
+    CHECK(peer == "server-a");
+
+    // The same listener and address with certificate B: the socket stays, B is served.
+    REQUIRE(server.reload(configFor(backend.address(), certs.certB, certs.keyB), &error));
+    CHECK(server.addresses().at(0).second == address);
+    CHECK(server.stats().reloadsOk - before.reloadsOk == 1);
+    CHECK(server.stats().lastReloadOk);
+    loop.runWhile([&] {
+        TlsClient client(address);
+        peer = client.ok() && client.echo("after the good reload") ? client.peerName() : "";
+    });
+    CHECK(peer == "server-b");
+
+    proceed.store(true);
+    loop.runWhile([&] { early.join(); });
+    CHECK(earlyLater);
+
+    int calls = 0;
+    REQUIRE(server.stop([&](bool) { ++calls; }));
+    uv_run(loop.get(), UV_RUN_DEFAULT);
+    CHECK(calls == 1);
+}
+
+TEST_CASE("reload can move a listener to a new address; the old one stops accepting") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    server.start();
+    const std::string first = server.addresses().at(0).second;
+    std::string error;
+    // Another key ("test 127.0.0.2:0"): a socket is added and the old one removed.
+    REQUIRE(server.reload(configFor(backend.address(), certs.certA, certs.keyA, "127.0.0.2:0"),
+                          &error));
+    REQUIRE(server.addresses().size() == 1);
+    const std::string second = server.addresses()[0].second;
+    CHECK(second.rfind("127.0.0.2:", 0) == 0);
+    bool served = false, refused = false;
+    loop.runWhile([&] {
+        TlsClient client(second);
+        served = client.ok() && client.echo("moved");
+        refused = !TlsClient(first).ok(); // closing a listener closes its socket at once
+    });
+    CHECK(served);
+    CHECK(refused);
+    REQUIRE(server.stop(nullptr));
+}
+
+TEST_CASE("drain and stop: each callback runs once, never re-entrantly; misuse returns false") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+
+    // Before start: nothing to drain, stop or reload; the callbacks are never called.
+    int neverCalled = 0;
+    std::string error;
+    CHECK_FALSE(server.drain([&](bool) { ++neverCalled; }));
+    CHECK_FALSE(server.stop([&](bool) { ++neverCalled; }));
+    CHECK_FALSE(server.reload(server.config(), &error));
+    CHECK(error.find("not started") != std::string::npos);
+
+    server.start();
+    CHECK_THROWS_AS(server.start(), sluice::Error); // start twice
+    CHECK(server.running());
+
+    int drained = 0, stopped = 0;
+    REQUIRE(server.drain([&](bool) { ++drained; }));
+    CHECK_FALSE(server.drain([&](bool) { ++neverCalled; })); // drain twice
+    CHECK_FALSE(server.reload(server.config(), &error));     // reload while closing
+    CHECK(error.find("stopping") != std::string::npos);
+    REQUIRE(server.stop([&](bool) { ++stopped; }));         // a stop may end a drain early
+    CHECK_FALSE(server.stop([&](bool) { ++neverCalled; })); // stop twice
+    CHECK(drained == 0);
+    CHECK(stopped == 0);
+    uv_run(loop.get(), UV_RUN_DEFAULT);
+    CHECK(drained == 1);
+    CHECK(stopped == 1);
+
+    // Closed: every call fails, start cannot bring it back.
+    CHECK_FALSE(server.drain([&](bool) { ++neverCalled; }));
+    CHECK_FALSE(server.stop([&](bool) { ++neverCalled; }));
+    CHECK_THROWS_AS(server.start(), sluice::Error);
+    uv_run(loop.get(), UV_RUN_DEFAULT);
+    CHECK(neverCalled == 0);
+}
+
+TEST_CASE("a drain with an open connection waits for it; its deadline cuts it (forced)") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    auto config = configFor(backend.address(), certs.certA, certs.keyA);
+    config.global.drainTimeout = 300ms;
+    sluice::Server server(loop.get(), config);
+    server.start();
+    const std::string address = server.addresses().at(0).second;
+
+    std::atomic<bool> connected{false};
+    std::atomic<bool> release{false};
+    bool cut = false;
+    std::thread holder([&] {
+        TlsClient client(address);
+        connected.store(client.ok() && client.echo("hold"));
+        while (!release.load()) {
+            std::this_thread::sleep_for(1ms);
+        }
+        cut = !client.echo("after the deadline");
+    });
+    while (!connected.load()) {
+        uv_run(loop.get(), UV_RUN_NOWAIT);
+        std::this_thread::sleep_for(1ms);
+    }
+    int calls = 0;
+    bool forced = false;
+    REQUIRE(server.drain([&](bool f) {
+        ++calls;
+        forced = f;
+    }));
+    uv_run(loop.get(), UV_RUN_DEFAULT); // returns when the deadline has cut the connection
+    CHECK(calls == 1);
+    CHECK(forced);
+    release.store(true);
+    holder.join();
+    CHECK(cut);
+}
+
+TEST_CASE("start reports what failed and leaves nothing open; it may be tried again") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+
+    SUBCASE("a missing certificate names the file") {
+        sluice::Server server(loop.get(),
+                              configFor(backend.address(), certs.dir + "/nope.crt", certs.keyA));
+        try {
+            server.start();
+            FAIL("start() did not throw");
+        } catch (const sluice::Error &e) {
+            CHECK(std::string(e.what()).find("nope.crt") != std::string::npos);
+        }
+        CHECK_FALSE(server.running());
+    }
+
+    SUBCASE("an address in use names the listener, and a retry succeeds once it is free") {
+        int port = 0;
+        const int taken = listenLoopback(port); // no SO_REUSEPORT: sluice cannot share it
+        sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA,
+                                                    "127.0.0.1:" + std::to_string(port)));
+        try {
+            server.start();
+            FAIL("start() did not throw");
+        } catch (const sluice::Error &e) {
+            const std::string what = e.what();
+            CHECK(what.find("listener test") != std::string::npos);
+            CHECK(what.find(std::to_string(port)) != std::string::npos);
+        }
+        CHECK_FALSE(server.running());
+        ::close(taken);
+        server.start();
+        CHECK(server.running());
+        CHECK(server.stop(nullptr));
+    }
+
+    SUBCASE("a configuration built in code without a listener, address or certificate") {
+        sluice::Config empty;
+        CHECK_THROWS_AS(sluice::Server(loop.get(), empty).start(), sluice::Error);
+        auto noCert = configFor(backend.address(), certs.certA, certs.keyA);
+        noCert.listeners[0].certificates.clear();
+        try {
+            sluice::Server(loop.get(), noCert).start();
+            FAIL("start() did not throw");
+        } catch (const sluice::Error &e) {
+            CHECK(std::string(e.what()) == "listener test: no certificate");
+        }
+        auto noBackend = configFor("nonesuch", certs.certA, certs.keyA);
+        CHECK_THROWS_AS(sluice::Server(loop.get(), noBackend).start(), sluice::Error);
+    }
+}
+
+TEST_CASE("destroying a running Server cuts its connections and closes its handles") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    std::atomic<bool> connected{false};
+    std::atomic<bool> release{false};
+    bool cut = false;
+    auto server = std::make_unique<sluice::Server>(
+        loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    server->start();
+    const std::string address = server->addresses().at(0).second;
+    std::thread holder([&] {
+        TlsClient client(address);
+        connected.store(client.ok() && client.echo("hold"));
+        while (!release.load()) {
+            std::this_thread::sleep_for(1ms);
+        }
+        cut = !client.echo("after the end");
+    });
+    while (!connected.load()) {
+        uv_run(loop.get(), UV_RUN_NOWAIT);
+        std::this_thread::sleep_for(1ms);
+    }
+    // A pending drain's callback is dropped with the Server.
+    REQUIRE(server->drain([](bool) { FAIL("a destroyed Server's callback ran"); }));
+    server.reset();
+    uv_run(loop.get(), UV_RUN_DEFAULT); // the Loop destructor checks that nothing is left
+    release.store(true);
+    holder.join();
+    CHECK(cut);
+}
+
+TEST_CASE("a moved Server keeps running; the moved-from one is empty") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    sluice::Server first(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    first.start();
+    sluice::Server second(std::move(first));
+    CHECK(second.running());
+    CHECK_FALSE(first.running()); // NOLINT(bugprone-use-after-move): the documented state
+    CHECK(first.addresses().empty());
+    CHECK(first.loop() == nullptr);
+    CHECK_FALSE(first.stop(nullptr));
+    CHECK_THROWS_AS(first.start(), sluice::Error);
+    bool served = false;
+    const std::string address = second.addresses().at(0).second;
+    loop.runWhile([&] {
+        TlsClient client(address);
+        served = client.ok() && client.echo("moved");
+    });
+    CHECK(served);
+    // Assigning over a running Server stops the one it held.
+    second = sluice::Server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    CHECK_FALSE(second.running());
+}
+
+TEST_CASE("a callback may destroy the Server that called it") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    auto server = std::make_unique<sluice::Server>(
+        loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+    server->start();
+    int calls = 0;
+    REQUIRE(server->stop([&](bool) {
+        ++calls;
+        server.reset();
+    }));
+    uv_run(loop.get(), UV_RUN_DEFAULT);
+    CHECK(calls == 1);
+    CHECK(server == nullptr);
+}
