@@ -2,36 +2,58 @@
 // detached from any socket; the caller moves ciphertext between the pair and its transport and
 // plaintext between the engine and its application. The engine never touches a socket, never
 // blocks and never calls out: every "would block" is a queue that is full (drain it) or empty
-// (feed it).
+// (feed it). It works with any transport and any event loop, or none.
 //
-// A driving loop, for any transport:
+// The contract, call by call (each declaration below says the rest):
+//   - Ciphertext in: write into cipherInSpace(), then commitCipherIn(n) (the engine now owns those
+//     n bytes), or cipherInEof() when the transport ended. An empty space means "drain first"
+//     (or that the transport already ended).
+//   - Ciphertext out: send from cipherOut(), then consumeCipherOut(n) with exactly what the
+//     transport took. Always flush it before closing the transport, also after a fatal error (it
+//     may carry the alert) and after shutdown() (it carries close_notify).
+//   - Plaintext out: plainOut() is decrypted data in order; consumePlainOut(n) drops what the
+//     application took. Until it is consumed the engine stops decrypting (plaintextBudget).
+//   - Plaintext in: write(data) returns how many bytes it took; 0 is "not now" (the handshake is
+//     not done or the ciphertext queue is full), never an error: flush, then offer the same bytes.
+//   - Every call is valid in every state, runs OpenSSL as far as it can go and leaves the outcome
+//     in status(); bytes already decrypted are delivered when the consumer resumes, with no new
+//     ciphertext needed. Errors are sticky: after one, calls that would move data move nothing.
+//     errorSource() tells the peer's fault (bad bytes, alerts) from the caller's (misuse,
+//     resources); errorReason() says why in one line. No call throws.
 //
-//     auto engine = sluice::Engine::create(ctx, sluice::Role::server).value();
-//     for (;;) {
-//         // 1. Feed ciphertext the transport delivered (zero copy: read straight into it).
-//         auto space = engine->cipherInSpace();
-//         size_t n = transport.read(space.data(), space.size());   // 0 -> EOF
-//         n ? engine->commitCipherIn(n) : engine->cipherInEof();
-//         // 2. Hand plaintext to the application; consume what it took.
-//         auto plain = engine->plainOut();
-//         engine->consumePlainOut(app.take(plain));
-//         // 3. Offer application bytes; whatever was not accepted is offered again later.
-//         pending.erase(0, engine->write(pending));
-//         // 4. Send ciphertext, even after an error (it may hold an alert).
-//         auto out = engine->cipherOut();
-//         engine->consumeCipherOut(transport.write(out.data(), out.size()));
-//         if (engine->finished()) break;
-//     }
-//
-// Every call is valid in every state: after a fatal error, calls that would move data return
-// nothing and the error stays readable. The engine runs OpenSSL again after any call that frees
-// or fills a queue, so bytes already decrypted are delivered when a consumer resumes even if no
-// new ciphertext arrives.
-//
-// The three ends of a stream, as reported by status():
+// The three ends of a stream, as status() reports them:
 //   - closeNotifyReceived: the peer closed cleanly; every byte before it was delivered.
 //   - truncated:           the transport ended without close_notify (possible truncation).
-//   - neither:             no end yet; more data may come.
+//   - neither:             no end yet: an empty plainOut() only means no data has arrived yet.
+//
+// A driving loop over a blocking socket (examples/engine_socketpair.cpp is the whole program):
+//
+//     std::string error;
+//     auto engine = sluice::Engine::create(ctx, sluice::Role::client, options, &error);
+//     if (!engine) { /* `error` says why */ }
+//     std::string outbox = request;                          // bytes not yet taken
+//     while (!engine->finished()) {
+//         // 1. Ciphertext out first, even after an error: it may carry the alert.
+//         for (auto out = engine->cipherOut(); !out.empty(); out = engine->cipherOut())
+//             engine->consumeCipherOut(send(fd, out.data(), out.size(), MSG_NOSIGNAL));
+//         // 2. Plaintext to the application; decryption resumes once it is consumed.
+//         if (auto plain = engine->plainOut(); !plain.empty()) {
+//             engine->consumePlainOut(app.take(plain));
+//             continue;
+//         }
+//         // 3. Plaintext in; what was not taken is offered again on a later turn.
+//         if (!outbox.empty()) outbox.erase(0, engine->write(asBytes(outbox)));
+//         else if (app.done() && !engine->status().closeNotifySent) engine->shutdown();
+//         if (engine->status().ciphertextPending) continue;     // flush before blocking
+//         // 4. Ciphertext in, read by the socket straight into the engine's buffer.
+//         auto space = engine->cipherInSpace();
+//         if (space.empty()) continue;                          // full, or after EOF
+//         ssize_t n = recv(fd, space.data(), space.size(), 0);
+//         n > 0 ? engine->commitCipherIn(n) : engine->cipherInEof(); // (check n < 0 too)
+//     }
+//
+// Threads: an Engine is used by one thread at a time. The SSL_CTX it is built over may be shared
+// by any number of engines on any threads (OpenSSL makes that safe); configure it before.
 #pragma once
 
 #include <cstddef>
