@@ -148,8 +148,9 @@ public:
     /** A snapshot of the process's counters (see ServerStats). Any state. */
     ServerStats stats() const;
 
-    // Later versions add in-process stream handlers here: routes that hand decrypted streams to
-    // an object in the program instead of a backend socket, registered before start().
+    // Reserved: setHandler(name, factory) registers an in-process stream handler
+    // (<sluice/stream.hpp>) for backends whose `handler` names it; Impl keeps the map and passes
+    // it to every generation it builds.
 
 private:
     struct Impl;

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <exception>
+#include <map>
 #include <unistd.h>
 
 #include <uv.h>
@@ -117,6 +118,11 @@ struct __attribute__((visibility("hidden"))) Server::Impl {
         : loop(l)
         , config(std::move(c)) {}
 
+    // In-process stream handlers by name, for backends with a `handler`; every generation is
+    // built with them. Empty until a public setHandler() fills it.
+    std::map<std::string, HandlerFactory> handlerFactories;
+    const std::map<std::string, HandlerFactory> *handlers() const { return &handlerFactories; }
+
     void start();
     bool reload(Config next, std::string *error);
     bool close(bool now, std::function<void(bool)> callback);
@@ -131,8 +137,8 @@ void Server::Impl::start() {
     Config completed = config;
     complete(completed);
     log::setLevel(completed.global.logLevel);
-    proxy::Generation generation =
-        asError([&] { return proxy::buildGeneration(completed, 1, proxy::ListenState{}); });
+    proxy::Generation generation = asError(
+        [&] { return proxy::buildGeneration(completed, 1, proxy::ListenState{}, {}, handlers()); });
     auto built = std::make_unique<proxy::Server>(loop, generation.runtime);
     std::vector<proxy::ListenSocket> &sockets = generation.added.front();
     for (std::size_t i = 0; i < sockets.size(); ++i) {
@@ -174,7 +180,7 @@ bool Server::Impl::reload(Config next, std::string *error) {
     proxy::Generation generation;
     try {
         complete(next);
-        generation = proxy::buildGeneration(next, 1, listening);
+        generation = proxy::buildGeneration(next, 1, listening, {}, handlers());
     } catch (const std::exception &e) {
         proxy::stats().recordReload(false, e.what());
         log::error("reload-failed reason=\"" + quoted(e.what()) +

@@ -169,10 +169,11 @@ ListenState listenStateOf(const std::vector<ListenSocket> &sockets) {
 }
 
 Generation buildGeneration(const Config &config, unsigned workers, const ListenState &running,
-                           const std::vector<InheritedSocket> &inherited) {
+                           const std::vector<InheritedSocket> &inherited,
+                           const std::map<std::string, HandlerFactory> *handlers) {
     workers = std::max(1U, workers);
     Generation next;
-    next.runtime = buildRuntime(config, workers);
+    next.runtime = buildRuntime(config, workers, handlers);
     const std::vector<PlannedSocket> plan = planSockets(config, inherited);
     auto runningSocket = [&running](const std::string &key) -> const BoundSocket * {
         for (const auto &socket : running.sockets) {

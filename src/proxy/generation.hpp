@@ -5,6 +5,7 @@
 // listener and address are unchanged stay open, so a reload never refuses a connection.
 #pragma once
 
+#include <map>
 #include <memory>
 #include <string>
 #include <utility>
@@ -94,11 +95,12 @@ struct Generation {
 
 /**
  * Builds a generation for `config` on `workers` workers, relative to `running` (empty at
- * startup: every socket is added): the runtime (TLS contexts, backend pools), the socket plan,
- * and the sockets to add. Throws std::runtime_error (or a subclass) with one message; nothing is
- * left open then.
+ * startup: every socket is added): the runtime (TLS contexts, backend pools, with `handlers`
+ * for backends served in-process, as buildRuntime()), the socket plan, and the sockets to add.
+ * Throws std::runtime_error (or a subclass) with one message; nothing is left open then.
  */
 Generation buildGeneration(const Config &config, unsigned workers, const ListenState &running,
-                           const std::vector<InheritedSocket> &inherited = {});
+                           const std::vector<InheritedSocket> &inherited = {},
+                           const std::map<std::string, HandlerFactory> *handlers = nullptr);
 
 } // namespace sluice::proxy

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from harness import REPO, SANITIZER_MARKERS, Skip, check, sluice_bin, timeout
 
-HEADERS = ["config.hpp", "engine.hpp", "error.hpp", "export.hpp", "server.hpp"]
+HEADERS = ["config.hpp", "engine.hpp", "error.hpp", "export.hpp", "server.hpp", "stream.hpp"]
 
 
 def build_dir():
