@@ -1,6 +1,8 @@
 // embed_server: an existing libuv program (a plain TCP echo service and a heartbeat timer) that
-// adds TLS by embedding sluice::Server on its own loop. The configuration is built in code: one
-// listener on 127.0.0.1 (a port the kernel picks) whose backend is the program's echo service.
+// adds TLS by embedding sluice::Server on its own loop. The configuration is built in code, with
+// two listeners on 127.0.0.1 (ports the kernel picks): "tls-echo", whose backend is the
+// program's echo service over TCP, and "tls-handler", whose connections never leave the process:
+// an in-process echo handler (sluice::StreamHandler) answers them, with backpressure.
 //
 //   embed_server CERT KEY                  serve until SIGINT or SIGTERM, then drain and exit
 //   embed_server --self-test CERT KEY CA   connect a TLS client through it, check the echo,
@@ -12,8 +14,11 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <memory>
+#include <span>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <uv.h>
 
@@ -52,6 +57,19 @@ struct Program {
     }
 };
 
+/** The in-process echo: what arrives goes back; while the client is slow to read, stop
+ * reading from it, so neither side's memory grows. */
+struct EchoHandler : sluice::StreamHandler {
+    void onData(sluice::Stream &stream, std::span<const std::uint8_t> data) override {
+        stream.write(data);
+        if (stream.writeQueued() >= stream.writeHighWater()) {
+            stream.pauseReading(true);
+        }
+    }
+    void onWritable(sluice::Stream &stream) override { stream.pauseReading(false); }
+    void onEnd(sluice::Stream &stream, bool) override { stream.shutdown(); }
+};
+
 sluice::Config tlsInFrontOf(const std::string &backend, const std::string &cert,
                             const std::string &key) {
     sluice::Config config;
@@ -65,6 +83,14 @@ sluice::Config tlsInFrontOf(const std::string &backend, const std::string &cert,
     files.key = key;
     listener.certificates.push_back(files);
     listener.backend = backend; // an address: it becomes a backend of its own
+    config.listeners.push_back(listener);
+
+    sluice::BackendConfig inProcess;
+    inProcess.name = "in-process";
+    inProcess.handler = "echo"; // registered with Server::setHandler
+    config.backends.push_back(inProcess);
+    listener.name = "tls-handler";
+    listener.backend = inProcess.name;
     config.listeners.push_back(listener);
     return config;
 }
@@ -102,6 +128,8 @@ int main(int argc, char **argv) {
 
     // The addition: TLS in front of the echo service, on the same loop.
     sluice::Server server(loop, tlsInFrontOf(backend, cert, key));
+    server.setHandler("echo",
+                      [](const sluice::StreamInfo &) { return std::make_unique<EchoHandler>(); });
     program.server = &server;
     try {
         server.start();
@@ -135,14 +163,21 @@ int main(int argc, char **argv) {
     // The self-test plays a remote client on a thread; the loop stays on this one.
     std::thread client;
     if (selfTest) {
-        const std::string address = server.addresses().at(0).second;
-        client = std::thread([&program, address, ca] {
+        std::vector<std::string> addresses;
+        for (const auto &[name, address] : server.addresses()) {
+            addresses.push_back(address);
+        }
+        client = std::thread([&program, addresses, ca] {
             std::string message;
             for (int i = 0; i < 20000; ++i) {
                 message += "line " + std::to_string(i) + " through sluice\n";
             }
-            example::TlsClient tls(address, ca);
-            program.selfTestOk = tls.ok() && tls.echo(message) && tls.closeCleanly();
+            bool ok = addresses.size() == 2;
+            for (const auto &address : addresses) { // the TCP echo, then the in-process one
+                example::TlsClient tls(address, ca);
+                ok = ok && tls.ok() && tls.echo(message) && tls.closeCleanly();
+            }
+            program.selfTestOk = ok;
             uv_async_send(&program.selfTestDone);
         });
     }

@@ -38,6 +38,7 @@
 #include <sluice/config.hpp>
 #include <sluice/error.hpp>
 #include <sluice/export.hpp>
+#include <sluice/stream.hpp>
 
 // libuv's loop, declared here so this header does not need <uv.h>.
 typedef struct uv_loop_s uv_loop_t;
@@ -148,9 +149,14 @@ public:
     /** A snapshot of the process's counters (see ServerStats). Any state. */
     ServerStats stats() const;
 
-    // Reserved: setHandler(name, factory) registers an in-process stream handler
-    // (<sluice/stream.hpp>) for backends whose `handler` names it; Impl keeps the map and passes
-    // it to every generation it builds.
+    /**
+     * Registers an in-process stream handler (<sluice/stream.hpp>) under `name`: a backend whose
+     * `handler` is `name` hands each connection routed to it to a handler made by `factory`,
+     * instead of a backend socket. Register before start() (or before the reload() that first
+     * names it): a configuration naming an unregistered handler fails to start or to reload.
+     * A null `factory` removes the name. Connections already open keep their handler.
+     */
+    void setHandler(const std::string &name, HandlerFactory factory);
 
 private:
     struct Impl;

@@ -118,8 +118,8 @@ struct __attribute__((visibility("hidden"))) Server::Impl {
         : loop(l)
         , config(std::move(c)) {}
 
-    // In-process stream handlers by name, for backends with a `handler`; every generation is
-    // built with them. Empty until a public setHandler() fills it.
+    // In-process stream handlers by name (setHandler), for backends with a `handler`; every
+    // generation is built with them.
     std::map<std::string, HandlerFactory> handlerFactories;
     const std::map<std::string, HandlerFactory> *handlers() const { return &handlerFactories; }
 
@@ -307,6 +307,17 @@ bool Server::drain(std::function<void(bool forced)> done) {
 
 bool Server::stop(std::function<void(bool forced)> done) {
     return impl_ && impl_->close(true, std::move(done));
+}
+
+void Server::setHandler(const std::string &name, HandlerFactory factory) {
+    if (!impl_) {
+        return;
+    }
+    if (factory) {
+        impl_->handlerFactories[name] = std::move(factory);
+    } else {
+        impl_->handlerFactories.erase(name);
+    }
 }
 
 bool Server::running() const {

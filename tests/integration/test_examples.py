@@ -16,6 +16,7 @@ from harness import (
     check,
     parse_address,
     pattern_bytes,
+    pattern_sha256,
     sluice_bin,
     tls_roundtrip,
     wait_until,
@@ -162,6 +163,26 @@ def test_embed_server_serves_a_real_client_and_drains_on_sigterm(t):
     code, rest, log = p.stop(None)
     check(code == 0, f"exit status {code}:\n{rest}\n{log}")
     check("forced=no" in rest, f"the drain was forced:\n{rest}")
+
+
+def test_embed_server_in_process_handler_echoes_with_backpressure(t):
+    # The "tls-handler" listener's connections go to an EchoHandler in the program: no backend
+    # socket. 8 MiB sent in one go goes through the handler's pauseReading()/onWritable()
+    # backpressure and comes back byte for byte, then a clean close.
+    p = Program(t, [example("embed_server"), cert(t, "server-ecdsa.crt"), cert(t, "server-ecdsa.key")])
+    addr = p.listening["tls-handler"]
+    tls_roundtrip(addr, pattern_bytes(2 * 1024 * 1024 + 3))
+    c = t.client(addr, keep=False)
+    c.handshake()
+    total = 8 * 1024 * 1024
+    c.send(pattern_bytes(total))
+    c.close_write_tls()
+    c.recv_until_closed(timeout=60)
+    check(c.nrecv == total and c.hash.hexdigest() == pattern_sha256(total), f"echo lost bytes: {c.ending()}")
+    check(c.close_notify, f"the handler's shutdown() did not reach the client as close_notify: {c.ending()}")
+    p.proc.send_signal(signal.SIGTERM)
+    code, rest, log = p.stop(None)
+    check(code == 0, f"exit status {code}:\n{rest}\n{log}")
 
 
 def test_reload_certificates_switches_on_sighup(t):

@@ -3,6 +3,7 @@
 // blocking OpenSSL client and a blocking echo backend run on threads; the loop runs on the test's
 // thread. Every test ends by running the loop dry and closing it: nothing may be left open.
 
+#include <algorithm>
 #include <arpa/inet.h>
 #include <atomic>
 #include <chrono>
@@ -15,6 +16,7 @@
 #include <mutex>
 #include <netinet/in.h>
 #include <random>
+#include <span>
 #include <string>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -233,6 +235,27 @@ public:
             }
         }
         return back == data;
+    }
+
+    /** Sends `data`, then close_notify; returns the reply read until the stream ended, and
+     * sets `clean` when it ended with the server's close_notify. */
+    std::string sendThenClose(const std::string &data, bool &clean) {
+        clean = false;
+        if (SSL_write(ssl_, data.data(), static_cast<int>(data.size())) !=
+            static_cast<int>(data.size())) {
+            return {};
+        }
+        SSL_shutdown(ssl_);
+        std::string reply;
+        char buffer[16384];
+        for (;;) {
+            const int r = SSL_read(ssl_, buffer, sizeof buffer);
+            if (r <= 0) {
+                clean = SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN;
+                return reply;
+            }
+            reply.append(buffer, static_cast<std::size_t>(r));
+        }
     }
 
     /** Sends close_notify and reads until the server's: true for a clean end of the stream. */
@@ -687,4 +710,55 @@ TEST_CASE("a callback may destroy the Server that called it") {
     uv_run(loop.get(), UV_RUN_DEFAULT);
     CHECK(calls == 1);
     CHECK(server == nullptr);
+}
+
+TEST_CASE("setHandler: connections to a handler backend stay in the process; an unknown one "
+          "fails start") {
+    const auto &certs = certificates();
+    Loop loop;
+    sluice::Config config = configFor("in-process", certs.certA, certs.keyA);
+    sluice::BackendConfig backend;
+    backend.name = "in-process";
+    backend.handler = "reverse";
+    config.backends.push_back(backend);
+
+    struct Reverse : sluice::StreamHandler {
+        std::string received;
+        void onData(sluice::Stream &, std::span<const std::uint8_t> data) override {
+            received.append(reinterpret_cast<const char *>(data.data()), data.size());
+        }
+        void onEnd(sluice::Stream &stream, bool truncated) override {
+            std::string reply = truncated ? "truncated" : received;
+            std::reverse(reply.begin(), reply.end());
+            stream.write({reinterpret_cast<const std::uint8_t *>(reply.data()), reply.size()});
+            stream.shutdown();
+        }
+    };
+
+    {
+        sluice::Server unknown(loop.get(), config);
+        CHECK_THROWS_WITH_AS(unknown.start(), doctest::Contains("no handler registered as reverse"),
+                             sluice::Error);
+    }
+
+    sluice::Server server(loop.get(), config);
+    std::string seenListener;
+    server.setHandler("reverse", [&](const sluice::StreamInfo &info) {
+        seenListener = info.listener;
+        return std::make_unique<Reverse>();
+    });
+    server.start();
+    const std::string address = server.addresses().at(0).second;
+    std::string reply;
+    bool clean = false;
+    loop.runWhile([&] {
+        TlsClient client(address);
+        REQUIRE(client.ok());
+        reply = client.sendThenClose("stressed", clean);
+    });
+    CHECK(reply == "desserts");
+    CHECK(clean);
+    CHECK(seenListener == "test");
+    REQUIRE(server.stop([](bool) {}));
+    uv_run(loop.get(), UV_RUN_DEFAULT);
 }
