@@ -10,6 +10,7 @@ Every backend is a PoolBackend (backends.py) that records what it saw: the PROXY
 with proxyproto, the TLS facts of its own ssl server socket, the bytes."""
 
 import hashlib
+import os
 import re
 import socket
 import ssl
@@ -20,6 +21,7 @@ import time
 import proxyproto
 from backends import (
     BlackholeBackend,
+    EchoBackend,
     PoolBackend,
     SilentBackend,
     TlsHalfCloseFirstBackend,
@@ -1137,3 +1139,91 @@ def test_tls_backend_half_close_both_ways(t):
           f"plaintext client: {n} of {len(reply)} reply bytes after its half-close, then {end}")
     conn = late.wait_done(1)
     check(conn.received == size and conn.tls_close == "close_notify", f"backend: {conn.received}, {conn.tls_close}")
+
+
+def sockets_of(pid):
+    """Duplicates of every TCP socket the process holds (pidfd_getfd; needs ptrace rights over
+    it, which the test has as its parent or as root), as socket objects the caller closes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    out = []
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            dup = libc.syscall(438, pidfd, int(fd), 0)  # SYS_pidfd_getfd on x86-64 and arm64
+            if dup < 0:
+                raise OSError(ctypes.get_errno(), "pidfd_getfd")
+            s = socket.socket(fileno=dup)
+            if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_STREAM:
+                out.append(s)
+            else:
+                s.close()
+    finally:
+        os.close(pidfd)
+    return out
+
+
+def test_socket_options_applied_to_both_sides(t):
+    # The options are read back from sluice's own sockets: the accepted client socket, the
+    # backend socket and the listening socket, with the defaults and with explicit values.
+    echo = t.backend(EchoBackend())
+    echo_port = int(echo.address.rsplit(":", 1)[1])
+    listener = t.listener("app", backlog=77,
+                          socket={"no_delay": True, "keep_alive": "17s", "send_buffer": "256KiB",
+                                  "receive_buffer": "128KiB"})
+    d = start(t, listener, {"app": {"servers": [echo.address],
+                                   "socket": {"no_delay": False, "keep_alive": "0s", "send_buffer": "64KiB"}}})
+    defaults = start(t, t.listener(echo))
+
+    def check_sockets(daemon, client_want, backend_want, backlog=None):
+        addr = daemon.addr()
+        c = t.client(addr).handshake()
+        c.sendall(b"ping")
+        check(c.recv_exact(4) == b"ping", "no echo")
+        client_port = c.sock.getsockname()[1]
+        seen = {"client": False, "backend": False, "listen": False}
+        for s in sockets_of(daemon.pid):
+            with s:
+                local, peer = s.getsockname(), None
+                try:
+                    peer = s.getpeername()
+                except OSError:
+                    pass
+                if peer is None:
+                    if local[1] == addr[1]:
+                        seen["listen"] = True
+                        check(s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1, "no SO_REUSEPORT")
+                    continue
+                want = client_want if peer[1] == client_port else backend_want if peer[1] == echo_port else None
+                if want is None:
+                    continue
+                side = "client" if want is client_want else "backend"
+                seen[side] = True
+                got = {
+                    "no_delay": s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+                    "keep_alive": s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+                }
+                if got["keep_alive"]:
+                    got["idle"] = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                # Linux doubles the size it is given, for its bookkeeping.
+                got["sndbuf"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                got["rcvbuf"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                for key, value in want.items():
+                    check(got.get(key) == value, f"{side} socket: {key} is {got.get(key)}, expected {value} ({got})")
+        check(all(seen.values()), f"sockets not found: {seen}")
+        if backlog is not None:
+            out = subprocess.run(["ss", "-ltnH", f"sport = :{addr[1]}"], capture_output=True, text=True).stdout
+            check(out.split()[2] == str(backlog), f"listen backlog: {out!r}")
+        c.close()
+
+    check_sockets(d, {"no_delay": True, "keep_alive": True, "idle": 17, "sndbuf": 2 * 256 * 1024,
+                      "rcvbuf": 2 * 128 * 1024},
+                  {"no_delay": False, "keep_alive": False, "sndbuf": 2 * 64 * 1024}, backlog=77)
+    check_sockets(defaults, {"no_delay": True, "keep_alive": True, "idle": 60},
+                  {"no_delay": True, "keep_alive": True, "idle": 60}, backlog=511)
