@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cstring>
 #include <netinet/in.h>
 #include <stdexcept>
 #include <sys/socket.h>
@@ -205,14 +206,17 @@ std::string clientIpKey(int fd) {
 }
 
 std::string clientIpKey(const sockaddr *address) {
-    const auto &storage = *reinterpret_cast<const sockaddr_storage *>(address);
-    if (storage.ss_family == AF_INET) {
-        const auto &in = reinterpret_cast<const sockaddr_in &>(storage);
+    // Only sa_family is read through the generic type; the address is copied out of its own
+    // type (the caller's storage may be a smaller, less aligned union).
+    if (address->sa_family == AF_INET) {
+        sockaddr_in in{};
+        std::memcpy(&in, address, sizeof in);
         return std::string("4") +
                std::string(reinterpret_cast<const char *>(&in.sin_addr), sizeof in.sin_addr);
     }
-    if (storage.ss_family == AF_INET6) {
-        const auto &in6 = reinterpret_cast<const sockaddr_in6 &>(storage);
+    if (address->sa_family == AF_INET6) {
+        sockaddr_in6 in6{};
+        std::memcpy(&in6, address, sizeof in6);
         return std::string("6") +
                std::string(reinterpret_cast<const char *>(&in6.sin6_addr), sizeof in6.sin6_addr);
     }

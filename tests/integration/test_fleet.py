@@ -327,15 +327,23 @@ class Fleet:
             return []
         return [dict(logfmt_fields(line)) for line in text.splitlines()]
 
-    def served_by(self, client_port, timeout=10):
+    def log_marks(self):
+        """How many access-log lines every process has written so far, for served_by(since=)."""
+        return {(i, g): len(self.access_lines(i, g))
+                for i in range(INSTANCES) for g in range(self.generation[i] + 1)}
+
+    def served_by(self, client_port, timeout=10, since=None):
         """(instance, access-log fields) of the connection from 127.0.0.1:client_port, once its
-        line is written (at close). Searches every process, restarted ones included."""
+        line is written (at close). Searches every process, restarted ones included; with
+        `since` (log_marks() taken before the connection), only lines written after it, since
+        the load's many connections reuse client ports."""
         want = f"127.0.0.1:{client_port}"
 
         def find():
             for i in range(INSTANCES):
                 for g in range(self.generation[i] + 1):
-                    for f in reversed(self.access_lines(i, g)):
+                    lines = self.access_lines(i, g)[(since or {}).get((i, g), 0):]
+                    for f in reversed(lines):
                         if f.get("client") == want:
                             return i, f
             return None
@@ -566,9 +574,10 @@ def resume_everywhere(fleet, session, ctx, version, label):
     Returns {instance: resumed?}."""
     out = {}
     for i in range(INSTANCES):
+        marks = fleet.log_marks()
         port, reused, _, got_version = roundtrip(fleet.pins[i], payload_for(i), ctx, session)
         check(got_version == ("TLSv1.3" if version == TLS13 else "TLSv1.2"), f"{label}: {got_version}")
-        served, f = fleet.served_by(port)
+        served, f = fleet.served_by(port, since=marks)
         check(served == i, f"{label}: the connection pinned to edge{i} was served by edge{served}")
         check(f["resumed"] == ("true" if reused else "false"),
               f"{label}: the client says reused={reused}, edge{i}'s access log says {f['resumed']}")
@@ -581,9 +590,10 @@ def test_fleet_session_resumes_on_every_instance(t):
     fleet = Fleet(t)
     for version in (TLS13, TLS12):
         ctx = ctx_for(version)
+        marks = fleet.log_marks()
         port, reused, session, _ = roundtrip(fleet.front, b"first", ctx)
         check(not reused and session is not None, f"{version.name}: the first connection resumed")
-        origin, _ = fleet.served_by(port)
+        origin, _ = fleet.served_by(port, since=marks)
         before = [metrics(fleet.daemons[i].admin)["sluice_handshakes_resumed_total"] for i in range(INSTANCES)]
         resumed = resume_everywhere(fleet, session, ctx, version, f"{version.name} ticket from edge{origin}")
         check(all(resumed.values()), f"{version.name}: the ticket from edge{origin} resumed only on {resumed}")
