@@ -1,6 +1,7 @@
 #include "daemon/worker.hpp"
 
 #include <future>
+#include <pthread.h>
 
 #include "daemon/privileges.hpp"
 #include "util/log.hpp"
@@ -41,6 +42,9 @@ void Worker::start() {
     std::promise<void> dropped;
     std::future<void> ready = dropped.get_future();
     thread_ = std::thread([this, &dropped] {
+        // Named for ps/top and for the tests that look at each worker's capabilities.
+        const std::string name = "sluice-w" + std::to_string(index_);
+        pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
         dropThreadCapabilities();
         dropped.set_value();
         uv_run(&loop_, UV_RUN_DEFAULT);
