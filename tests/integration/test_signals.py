@@ -13,6 +13,8 @@ def refuses_connections(addr):
         s = raw_connect(addr, timeout=2)
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False  # it sat in the backlog as the listener closed: ask again
     s.close()
     return False
 
