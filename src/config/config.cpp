@@ -630,6 +630,24 @@ private:
         return text;
     }
 
+    /** The value of the one of `options` that the string at `node` names; anything else fails
+     * with "expected "a", "b" or "c", got "x"". */
+    template <typename T>
+    T choice(const toml::node &node, const std::string &key,
+             std::initializer_list<std::pair<std::string_view, T>> options) const {
+        const std::string text = string(node, key);
+        std::string expected;
+        std::size_t i = 0;
+        for (const auto &[name, value] : options) {
+            if (text == name) {
+                return value;
+            }
+            expected += (i == 0 ? "" : i + 1 == options.size() ? " or " : ", ") + inQuotes(name);
+            ++i;
+        }
+        fail(node.source(), key, "expected " + expected + ", got " + inQuotes(text));
+    }
+
     std::string path(const toml::node &node, const std::string &key) const {
         std::string text = string(node, key);
         if (text.find('\0') != std::string::npos) {
@@ -705,15 +723,9 @@ private:
             log.access = access == "stderr" || access == "off" ? access : path(*node, "log.access");
         }
         if (const toml::node *node = table.get("format")) {
-            const std::string format = string(*node, "log.format");
-            if (format == "logfmt") {
-                log.format = AccessLogFormat::logfmt;
-            } else if (format == "json") {
-                log.format = AccessLogFormat::json;
-            } else {
-                fail(node->source(), "log.format",
-                     "expected \"logfmt\" or \"json\", got " + inQuotes(format));
-            }
+            log.format = choice<AccessLogFormat>(
+                *node, "log.format",
+                {{"logfmt", AccessLogFormat::logfmt}, {"json", AccessLogFormat::json}});
         }
     }
 
@@ -753,19 +765,11 @@ private:
             global.drainDelay = duration(*node, "global.drain_delay");
         }
         if (const toml::node *node = table.get("log_level")) {
-            std::string level = string(*node, "global.log_level");
-            if (level == "error") {
-                global.logLevel = LogLevel::error;
-            } else if (level == "warn") {
-                global.logLevel = LogLevel::warn;
-            } else if (level == "info") {
-                global.logLevel = LogLevel::info;
-            } else if (level == "debug") {
-                global.logLevel = LogLevel::debug;
-            } else {
-                fail(node->source(), "global.log_level",
-                     "expected \"error\", \"warn\", \"info\" or \"debug\", got " + inQuotes(level));
-            }
+            global.logLevel = choice<LogLevel>(*node, "global.log_level",
+                                               {{"error", LogLevel::error},
+                                                {"warn", LogLevel::warn},
+                                                {"info", LogLevel::info},
+                                                {"debug", LogLevel::debug}});
         }
         if (const toml::node *node = table.get("buffers")) {
             const toml::table &buffers = asTable(*node, "global.buffers");
@@ -909,17 +913,10 @@ private:
                   {"mode", "ca", "crl", "verify_depth", "allow_cn", "allow_dns", "allow_uri",
                    "allow_spki_sha256"});
         if (const toml::node *node = table.get("mode")) {
-            std::string mode = string(*node, child(path, "mode"));
-            if (mode == "none") {
-                auth.mode = ClientAuthMode::none;
-            } else if (mode == "optional") {
-                auth.mode = ClientAuthMode::optional;
-            } else if (mode == "required") {
-                auth.mode = ClientAuthMode::required;
-            } else {
-                fail(node->source(), child(path, "mode"),
-                     "expected \"none\", \"optional\" or \"required\", got " + inQuotes(mode));
-            }
+            auth.mode = choice<ClientAuthMode>(*node, child(path, "mode"),
+                                               {{"none", ClientAuthMode::none},
+                                                {"optional", ClientAuthMode::optional},
+                                                {"required", ClientAuthMode::required}});
         }
         if (const toml::node *node = table.get("ca")) {
             auth.ca = this->path(*node, child(path, "ca"));
@@ -1096,19 +1093,10 @@ private:
         }
 
         if (const toml::node *node = table.get("balance")) {
-            const std::string key = child(path, "balance");
-            std::string balance = string(*node, key);
-            if (balance == "round-robin") {
-                backend.balance = Balance::roundRobin;
-            } else if (balance == "least-connections") {
-                backend.balance = Balance::leastConnections;
-            } else if (balance == "first") {
-                backend.balance = Balance::first;
-            } else {
-                fail(node->source(), key,
-                     "expected \"round-robin\", \"least-connections\" or \"first\", got " +
-                         inQuotes(balance));
-            }
+            backend.balance = choice<Balance>(*node, child(path, "balance"),
+                                              {{"round-robin", Balance::roundRobin},
+                                               {"least-connections", Balance::leastConnections},
+                                               {"first", Balance::first}});
         }
         if (const toml::node *node = table.get("connect_timeout")) {
             backend.connectTimeout = duration(*node, child(path, "connect_timeout"));
@@ -1134,18 +1122,10 @@ private:
             }
         }
         if (const toml::node *node = table.get("proxy_protocol")) {
-            const std::string key = child(path, "proxy_protocol");
-            std::string version = string(*node, key);
-            if (version == "off") {
-                backend.proxyProtocol = ProxyProtocol::off;
-            } else if (version == "v1") {
-                backend.proxyProtocol = ProxyProtocol::v1;
-            } else if (version == "v2") {
-                backend.proxyProtocol = ProxyProtocol::v2;
-            } else {
-                fail(node->source(), key,
-                     "expected \"off\", \"v1\" or \"v2\", got " + inQuotes(version));
-            }
+            backend.proxyProtocol = choice<ProxyProtocol>(*node, child(path, "proxy_protocol"),
+                                                          {{"off", ProxyProtocol::off},
+                                                           {"v1", ProxyProtocol::v1},
+                                                           {"v2", ProxyProtocol::v2}});
         }
         if (const toml::node *node = table.get("proxy_client_cert_max")) {
             const std::string key = child(path, "proxy_client_cert_max");
@@ -1509,16 +1489,9 @@ private:
             listener.alpn = alpnNames(*node, child(path, "alpn"));
         }
         if (const toml::node *node = table.get("alpn_mismatch")) {
-            const std::string key = child(path, "alpn_mismatch");
-            std::string policy = string(*node, key);
-            if (policy == "proceed") {
-                listener.alpnMismatch = AlpnMismatch::proceed;
-            } else if (policy == "fail") {
-                listener.alpnMismatch = AlpnMismatch::fail;
-            } else {
-                fail(node->source(), key,
-                     "expected \"proceed\" or \"fail\", got " + inQuotes(policy));
-            }
+            listener.alpnMismatch = choice<AlpnMismatch>(
+                *node, child(path, "alpn_mismatch"),
+                {{"proceed", AlpnMismatch::proceed}, {"fail", AlpnMismatch::fail}});
         }
         if (const toml::node *node = table.get("client_auth")) {
             const std::string key = child(path, "client_auth");
