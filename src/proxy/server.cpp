@@ -1,7 +1,6 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
-#include <cctype>
 #include <cstring>
 #include <netinet/in.h>
 #include <stdexcept>
@@ -11,6 +10,7 @@
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/proxy_protocol.hpp"
+#include "tls/names.hpp"
 #include "util/log.hpp"
 
 namespace sluice::proxy {
@@ -24,35 +24,9 @@ std::shared_ptr<const ListenerSettings> Runtime::find(const std::string &name) c
     return nullptr;
 }
 
-namespace {
-
-/** "*.example.com" matches one more label in front of ".example.com"; names are compared
- * without regard to case (SNI is ASCII). */
-bool sniMatches(std::string_view pattern, std::string_view name) {
-    auto equal = [](std::string_view a, std::string_view b) {
-        return a.size() == b.size() &&
-               std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
-                   return std::tolower(static_cast<unsigned char>(x)) ==
-                          std::tolower(static_cast<unsigned char>(y));
-               });
-    };
-    if (pattern.starts_with("*.")) {
-        const std::string_view suffix = pattern.substr(1);
-        if (name.size() <= suffix.size()) {
-            return false;
-        }
-        const std::string_view label = name.substr(0, name.size() - suffix.size());
-        return label.find('.') == std::string_view::npos &&
-               equal(name.substr(label.size()), suffix);
-    }
-    return equal(pattern, name);
-}
-
-} // namespace
-
 const PoolPtr &ListenerSettings::route(std::string_view sni, std::string_view alpn) const {
     for (const auto &entry : routes) {
-        if ((entry.sni.empty() || sniMatches(entry.sni, sni)) &&
+        if ((entry.sni.empty() || tls::matchDnsName(entry.sni, sni)) &&
             (entry.alpn.empty() || entry.alpn == alpn)) {
             return entry.pool;
         }

@@ -604,11 +604,11 @@ TEST_CASE("v2: TLVs must fit the block, detected as soon as their header arrives
     const std::string over = withTlvBytes(base, bytes({0x02, 0x00, 0x0A, 'a', 'b', 'c', 'd', 'e'}));
     checkInvalidAt(over, 28 + 3, "v2 TLV exceeds length");
     // Two bytes left over: not even a TLV header.
-    const std::string stub = withTlvBytes(base, bytes({0x04, 0x00}));
-    checkInvalidAt(stub, 16, "v2 TLV exceeds length");
-    const std::string stubAfter = withTlvBytes(base, bytes({0x02, 0x00, 0x01, 'x', 0x04, 0x00}));
+    const std::string cutHeader = withTlvBytes(base, bytes({0x04, 0x00}));
+    checkInvalidAt(cutHeader, 16, "v2 TLV exceeds length");
+    const std::string cutAfterOne = withTlvBytes(base, bytes({0x02, 0x00, 0x01, 'x', 0x04, 0x00}));
     // Known once the TLV before it has arrived.
-    checkInvalidAt(stubAfter, 32, "v2 TLV exceeds length");
+    checkInvalidAt(cutAfterOne, 32, "v2 TLV exceeds length");
     // SSL: at least the client byte and verify; sub-TLVs within it.
     checkInvalidAt(withTlvBytes(base, bytes({0x20, 0x00, 0x04, 1, 0, 0, 0})), 31, "bad v2 SSL TLV");
     checkInvalidAt(
