@@ -913,8 +913,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
                       " failures=" + std::to_string(pool_->server(index).failures.load()) +
                       " for=" + std::to_string(pool_->config().failTimeout.count()) + "ms");
         }
-        retry = attempts_ < pool_->attemptLimit() &&
-                std::find(tried_.begin(), tried_.end(), false) != tried_.end();
+        retry = canRetry();
     }
     log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peer_ +
               " backend=" + (pool_ ? pool_->name() : settings_->backendText) +
@@ -940,6 +939,11 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
         backendReading_ = false;
     }
     pump();
+}
+
+bool Connection::canRetry() const {
+    return attempts_ < pool_->attemptLimit() &&
+           std::find(tried_.begin(), tried_.end(), false) != tried_.end();
 }
 
 void Connection::onBackendClosed(uv_handle_t *handle) {
@@ -1121,21 +1125,36 @@ void Connection::pauseReading(bool paused) {
 
 // --- Timeouts ----------------------------------------------------------------------------------
 
-const char *Connection::phase() const {
+Connection::Phase Connection::phase() const {
     if (flushing_) {
-        return "flush";
+        return Phase::flush;
     }
     if (!clientReady()) {
-        return "handshake";
+        return Phase::handshake;
     }
     if (backendStarted_ && !backendReady_ && !backendGone_) {
-        return "connect";
+        return Phase::connect;
     }
-    const bool clientEnded =
-        engine_ ? (engine_->status().closeNotifyReceived || engine_->status().truncated)
-                : clientEof_;
+    const EngineStatus status = engine_ ? engine_->status() : EngineStatus{};
+    const bool clientEnded = engine_ ? status.closeNotifyReceived || status.truncated : clientEof_;
     if (clientEnded || backendEof_ || backendGone_ || clientShutdown_ || backendShutdown_) {
+        return Phase::halfClose;
+    }
+    return Phase::idle;
+}
+
+const char *Connection::phaseName(Phase phase) {
+    switch (phase) {
+    case Phase::flush:
+        return "flush";
+    case Phase::handshake:
+        return "handshake";
+    case Phase::connect:
+        return "connect";
+    case Phase::halfClose:
         return "half-close";
+    case Phase::idle:
+        break;
     }
     return "idle";
 }
@@ -1145,21 +1164,19 @@ std::uint64_t Connection::deadline() const {
     auto at = [](std::uint64_t from, Duration limit) -> std::uint64_t {
         return limit.count() > 0 ? from + static_cast<std::uint64_t>(limit.count()) : 0;
     };
-    const std::string_view current = phase();
-    if (current == "flush") {
+    switch (phase()) {
+    case Phase::flush:
         return at(phaseStart_, t.flush);
-    }
-    if (current == "handshake") {
+    case Phase::handshake:
         return at(acceptedAt_, t.handshake);
-    }
-    if (current == "connect") {
-        const Duration limit = pool_ && pool_->config().connectTimeout.count() > 0
+    case Phase::connect:
+        return at(phaseStart_, pool_ && pool_->config().connectTimeout.count() > 0
                                    ? pool_->config().connectTimeout
-                                   : t.connect;
-        return at(phaseStart_, limit);
-    }
-    if (current == "half-close") {
+                                   : t.connect);
+    case Phase::halfClose:
         return at(lastActivity_, t.halfClose);
+    case Phase::idle:
+        break;
     }
     return at(lastActivity_, t.idle);
 }
@@ -1191,8 +1208,8 @@ void Connection::onTimer(uv_timer_t *timer) {
         self->armTimer(); // activity moved the deadline; wait for the new one
         return;
     }
-    const std::string_view phase = self->phase();
-    if (phase == "connect") {
+    const Phase phase = self->phase();
+    if (phase == Phase::connect) {
         // A server that does not answer counts against it, and the next one may take over.
         if (self->backendClosing_) {
             self->armTimer();
@@ -1201,23 +1218,23 @@ void Connection::onTimer(uv_timer_t *timer) {
         self->server_.counters().timeouts++;
         log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
                   " phase=connect");
-        if (self->attempts_ >= self->pool_->attemptLimit() ||
-            std::find(self->tried_.begin(), self->tried_.end(), false) == self->tried_.end()) {
+        if (!self->canRetry()) {
             self->noteClose(CloseReason::timeoutConnect);
         }
         self->backendFailed("connect", UV_ETIMEDOUT);
         return;
     }
     self->server_.counters().timeouts++;
-    self->noteClose(phase == "flush"       ? CloseReason::timeoutFlush
-                    : phase == "handshake" ? (self->awaitingProxy_ ? CloseReason::proxyHeader
-                                                                   : CloseReason::timeoutHandshake)
-                    : phase == "idle"      ? CloseReason::timeoutIdle
-                                           : CloseReason::timeoutHalfClose,
-                    phase == "handshake" && self->awaitingProxy_ ? "no PROXY header in time" : "");
+    const bool noHeader = phase == Phase::handshake && self->awaitingProxy_;
+    self->noteClose(phase == Phase::flush       ? CloseReason::timeoutFlush
+                    : noHeader                  ? CloseReason::proxyHeader
+                    : phase == Phase::handshake ? CloseReason::timeoutHandshake
+                    : phase == Phase::idle      ? CloseReason::timeoutIdle
+                                                : CloseReason::timeoutHalfClose,
+                    noHeader ? "no PROXY header in time" : "");
     log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
-              " phase=" + std::string(phase));
-    self->abort(std::string(phase).c_str());
+              " phase=" + phaseName(phase));
+    self->abort(phaseName(phase));
 }
 
 // --- Closing -----------------------------------------------------------------------------------

@@ -106,7 +106,12 @@ private:
     void releaseServer();
     void armTimer();
     std::uint64_t deadline() const;
-    const char *phase() const;
+    /** What the connection waits for, which picks the timeout that applies. */
+    enum class Phase : std::uint8_t { flush, handshake, connect, halfClose, idle };
+    Phase phase() const;
+    static const char *phaseName(Phase phase);
+    /** Another server of the pool may still take the connection. */
+    bool canRetry() const;
     void touch();
     void closeAll();
     void handleClosed();
