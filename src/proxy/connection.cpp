@@ -443,49 +443,52 @@ bool Connection::moveUp() {
     return progress;
 }
 
+template <typename Next, typename Consume>
+int Connection::writeFrom(uv_stream_t *stream, uv_write_t *req, uv_write_cb done,
+                          std::size_t &inFlight, Pinned &pinned, Pinned what, Next next,
+                          Consume consume) {
+    // Straight from where the bytes wait: what the socket does not take now leaves in one
+    // write that pins them until its callback consumes them.
+    int result = 0;
+    for (auto bytes = next(); !bytes.empty(); bytes = next()) {
+        const int sent = writeSome(stream, bytes, req, done, inFlight);
+        if (sent < 0) {
+            return sent;
+        }
+        if (sent == 0) {
+            pinned = what;
+            break;
+        }
+        consume(static_cast<std::size_t>(sent));
+        touch();
+        result = 1;
+    }
+    return result;
+}
+
 bool Connection::flushClient() {
     if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_) {
         return false;
     }
-    bool progress = false;
-    if (engine_) {
-        // Straight from the pair: what the socket does not take now leaves in one pinned write.
-        for (auto out = engine_->cipherOut(); !out.empty(); out = engine_->cipherOut()) {
-            const int sent = writeSome(clientStream(), out, &clientWriteReq_, onClientWrite,
-                                       clientWriteInFlight_);
-            if (sent < 0) {
-                clientGone_ = true;
-                abort("client write failed");
-            }
-            if (sent <= 0) {
-                clientPinned_ = sent == 0 ? Pinned::cipher : Pinned::none;
-                break;
-            }
-            engine_->consumeCipherOut(static_cast<std::size_t>(sent));
-            touch();
-            progress = true;
-        }
-        return progress;
+    // TLS from the client engine's pair; to a plaintext client, the backend's plaintext.
+    const int sent =
+        engine_ ? writeFrom(
+                      clientStream(), &clientWriteReq_, onClientWrite, clientWriteInFlight_,
+                      clientPinned_, Pinned::cipher, [this] { return engine_->cipherOut(); },
+                      [this](std::size_t n) { engine_->consumeCipherOut(n); })
+                : writeFrom(
+                      clientStream(), &clientWriteReq_, onClientWrite, clientWriteInFlight_,
+                      clientPinned_, Pinned::plain, [this] { return downSource(); },
+                      [this](std::size_t n) {
+                          downConsume(n);
+                          bytesDown_ += n;
+                          stats().bytesBackendToClient(n);
+                      });
+    if (sent < 0) {
+        clientGone_ = true;
+        abort("client write failed");
     }
-    // A plaintext client: straight from the backend's plaintext, the same way.
-    for (auto down = downSource(); !down.empty(); down = downSource()) {
-        const int sent =
-            writeSome(clientStream(), down, &clientWriteReq_, onClientWrite, clientWriteInFlight_);
-        if (sent < 0) {
-            clientGone_ = true;
-            abort("client write failed");
-        }
-        if (sent <= 0) {
-            clientPinned_ = sent == 0 ? Pinned::plain : Pinned::none;
-            break;
-        }
-        downConsume(static_cast<std::size_t>(sent));
-        bytesDown_ += static_cast<std::uint64_t>(sent);
-        stats().bytesBackendToClient(static_cast<std::uint64_t>(sent));
-        touch();
-        progress = true;
-    }
-    return progress;
+    return sent != 0;
 }
 
 bool Connection::flushBackend() {
@@ -493,65 +496,40 @@ bool Connection::flushBackend() {
         backendWriteInFlight_ > 0 || closing_ || backendShutdown_) {
         return false;
     }
-    bool progress = false;
+    auto write = [this](Pinned what, auto next, auto consume) {
+        return writeFrom(backendStream(), &backendWriteReq_, onBackendWrite, backendWriteInFlight_,
+                         backendPinned_, what, next, consume);
+    };
     // The PROXY header goes before any other byte, TLS included.
-    while (proxyOutSent_ < proxyOut_.size()) {
-        const auto *header = reinterpret_cast<const std::uint8_t *>(proxyOut_.data());
-        const int sent =
-            writeSome(backendStream(), {header + proxyOutSent_, proxyOut_.size() - proxyOutSent_},
-                      &backendWriteReq_, onBackendWrite, backendWriteInFlight_);
-        if (sent < 0) {
-            backendFailed("write", sent);
-            return true;
+    int sent = write(
+        Pinned::header,
+        [this] {
+            const auto *header = reinterpret_cast<const std::uint8_t *>(proxyOut_.data());
+            return std::span<const std::uint8_t>(header + proxyOutSent_,
+                                                 proxyOut_.size() - proxyOutSent_);
+        },
+        [this](std::size_t n) { proxyOutSent_ += n; });
+    const bool headerMoved = sent > 0;
+    if (sent >= 0 && proxyOutSent_ == proxyOut_.size()) {
+        if (backendEngine_) {
+            sent = write(
+                Pinned::cipher, [this] { return backendEngine_->cipherOut(); },
+                [this](std::size_t n) { backendEngine_->consumeCipherOut(n); });
+        } else if (backendReady()) {
+            sent = write(
+                Pinned::plain, [this] { return upSource(); },
+                [this](std::size_t n) {
+                    upConsume(n);
+                    bytesUp_ += n;
+                    stats().bytesClientToBackend(n);
+                });
         }
-        if (sent == 0) {
-            backendPinned_ = Pinned::header;
-            return progress;
-        }
-        proxyOutSent_ += static_cast<std::size_t>(sent);
-        progress = true;
     }
-    if (backendEngine_) {
-        for (auto out = backendEngine_->cipherOut(); !out.empty();
-             out = backendEngine_->cipherOut()) {
-            const int sent = writeSome(backendStream(), out, &backendWriteReq_, onBackendWrite,
-                                       backendWriteInFlight_);
-            if (sent < 0) {
-                backendFailed("write", sent);
-                return true;
-            }
-            if (sent == 0) {
-                backendPinned_ = Pinned::cipher;
-                break;
-            }
-            backendEngine_->consumeCipherOut(static_cast<std::size_t>(sent));
-            touch();
-            progress = true;
-        }
-        return progress;
+    if (sent < 0) {
+        backendFailed("write", sent);
+        return true;
     }
-    if (!backendReady()) {
-        return progress;
-    }
-    // Straight from the client's plaintext, the same way.
-    for (auto up = upSource(); !up.empty(); up = upSource()) {
-        const int sent = writeSome(backendStream(), up, &backendWriteReq_, onBackendWrite,
-                                   backendWriteInFlight_);
-        if (sent < 0) {
-            backendFailed("write", sent);
-            return true;
-        }
-        if (sent == 0) {
-            backendPinned_ = Pinned::plain;
-            break;
-        }
-        upConsume(static_cast<std::size_t>(sent));
-        bytesUp_ += static_cast<std::uint64_t>(sent);
-        stats().bytesClientToBackend(static_cast<std::uint64_t>(sent));
-        touch();
-        progress = true;
-    }
-    return progress;
+    return headerMoved || sent > 0;
 }
 
 bool Connection::propagateCloses() {

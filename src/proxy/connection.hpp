@@ -74,11 +74,23 @@ private:
                const sockaddr_storage &peer);
     ~Connection();
 
+    /** What an in-flight write pinned: its bytes stay put until the write completes. */
+    enum class Pinned : std::uint8_t { none, cipher, plain, header };
+
     // The one place that moves bytes and decides what happens next.
     void pump();
     bool feedLeftover();
     bool checkEngines();
     bool flushClient();
+    /**
+     * Writes to `stream` the spans `next()` returns until it returns none or the socket is full;
+     * `consume(n)` takes what left. A write the socket did not take at once pins its bytes
+     * (recorded in `inFlight` and `pinned = what`). Returns 1 if bytes left, 0 if none did, or
+     * the libuv error.
+     */
+    template <typename Next, typename Consume>
+    int writeFrom(uv_stream_t *stream, uv_write_t *req, uv_write_cb done, std::size_t &inFlight,
+                  Pinned &pinned, Pinned what, Next next, Consume consume);
     bool flushBackend();
     bool moveDown();
     bool moveUp();
@@ -149,9 +161,6 @@ private:
 
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
     uv_stream_t *backendStream() { return reinterpret_cast<uv_stream_t *>(&backend_); }
-
-    /** What an in-flight write pinned: its bytes stay put until the write completes. */
-    enum class Pinned : std::uint8_t { none, cipher, plain, header };
 
     Server &server_;
     std::shared_ptr<const ListenerSettings> settings_;
