@@ -413,6 +413,8 @@ class Bench:
     def run_workloads(self, terms):
         live = [t for t in terms if t.proc is not None]
         for key, title, extra, unit in WORKLOADS:
+            if self.args.workloads and key not in self.args.workloads:
+                continue
             rounds = self.results["rounds"].setdefault(key, {})
             for r in range(self.args.rounds):
                 # Rotate the order each round so no terminator always goes first.
@@ -430,8 +432,9 @@ class Bench:
                         f"wall={self.figure(key, res):10.1f} "
                         f"per-cpu-s={self.figure(key, res, True):10.1f} cpu={res['cpu']:.2f}s "
                         f"errors={res['errors']}")
+        wanted = lambda key: not self.args.workloads or key in self.args.workloads
         proxy = next((t for t in live if "plain" in t.ports), None)
-        if proxy is not None:
+        if proxy is not None and wanted("tcp_conn"):
             # The cost of the connections alone: HAProxy proxying the same exchange without TLS.
             tcp = self.results["rounds"].setdefault("tcp_conn", {})
             for r in range(self.args.rounds):
@@ -443,7 +446,7 @@ class Bench:
                     tcp.setdefault(proxy.key, []).append(res)
                     log(f"tcp_conn     r{r + 1} {proxy.name:8} wall={res['rate']:10.1f} "
                         f"per-cpu-s={self.figure('tcp_conn', res, True):10.1f}")
-        if self.args.rounds:
+        if self.args.rounds and wanted("rr_direct"):
             base = self.results["rounds"].setdefault("rr_direct", {})
             for r in range(self.args.rounds):
                 res = self.measure(self.backend_port,
@@ -865,8 +868,12 @@ def main():
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--duration", type=float)
     ap.add_argument("--warmup", type=float)
-    ap.add_argument("--idle", type=str, help="comma-separated idle connection counts")
+    ap.add_argument("--idle", type=str,
+                    help="comma-separated idle connection counts, or none")
     ap.add_argument("--only", type=str, help="comma-separated terminators (sluice,hitch,...)")
+    ap.add_argument("--workloads", type=str,
+                    help="comma-separated workload keys (" + ",".join(w[0] for w in WORKLOADS) +
+                    "); default all")
     ap.add_argument("--no-ceiling", action="store_true")
     ap.add_argument("--render", type=str, help="only re-render results.md from a results.json")
     ap.add_argument("--profile", action="store_true",
@@ -893,7 +900,9 @@ def main():
     # connections need a limit above 20,000; below that, the largest thousand that fits.
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     fits = min(10000, (limit - 200) // 2 // 1000 * 1000)
-    args.idle_counts = ([int(x) for x in args.idle.split(",") if x] if args.idle else
+    args.workloads = [w for w in (args.workloads or "").split(",") if w]
+    args.idle_counts = ([] if args.idle == "none" else
+                        [int(x) for x in args.idle.split(",") if x] if args.idle else
                         [1000] if quick else sorted({1000, max(1000, fits)}))
     args.fd_limit = limit
     if args.profile:

@@ -63,7 +63,7 @@ struct TlsPolicy {
                                       "rsa_pss_pss_sha256:rsa_pss_pss_sha384:rsa_pss_pss_sha512:"
                                       "RSA+SHA256:RSA+SHA384:RSA+SHA512";
     /** TLS 1.3 tickets sent after each full handshake; 0 disables tickets (1.2 and 1.3). */
-    int sessionTickets = 2;
+    int sessionTickets = 1;
     /** Ticket-key file (first key encrypts, all decrypt); empty: random keys per process. */
     std::string ticketKeys;
     /** Without a key file: how often the random ticket key is replaced. */
@@ -126,6 +126,8 @@ struct SocketOptions {
     Duration keepAlive = std::chrono::seconds(60); ///< TCP keepalive idle time; 0: off
     std::size_t sendBuffer = 0;                    ///< SO_SNDBUF; 0: the kernel's default
     std::size_t receiveBuffer = 0;                 ///< SO_RCVBUF; 0: the kernel's default
+
+    bool operator==(const SocketOptions &) const = default;
 };
 
 /** How a backend pool picks a server for a new connection. */

@@ -1,9 +1,12 @@
 #include "net/listen_socket.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <stdexcept>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -41,6 +44,32 @@ int openListenSocket(const SocketAddress &address, const std::string &text, int 
         failWith("listen");
     }
     return fd;
+}
+
+void setSocketOptions(int fd, const SocketOptions &options, bool fresh) {
+    auto set = [fd](int level, int name, int value) {
+        ::setsockopt(fd, level, name, &value, sizeof value);
+    };
+    if (options.noDelay || !fresh) {
+        set(IPPROTO_TCP, TCP_NODELAY, options.noDelay ? 1 : 0);
+    }
+    const auto idle = std::chrono::duration_cast<std::chrono::seconds>(options.keepAlive).count();
+    if (idle > 0) {
+        set(SOL_SOCKET, SO_KEEPALIVE, 1);
+        set(IPPROTO_TCP, TCP_KEEPIDLE, static_cast<int>(std::min<std::int64_t>(idle, 32767)));
+        set(IPPROTO_TCP, TCP_KEEPINTVL, 1);
+        set(IPPROTO_TCP, TCP_KEEPCNT, 10);
+    } else if (!fresh) {
+        set(SOL_SOCKET, SO_KEEPALIVE, 0);
+    }
+    if (options.sendBuffer > 0) {
+        set(SOL_SOCKET, SO_SNDBUF,
+            static_cast<int>(std::min<std::size_t>(options.sendBuffer, 1U << 30)));
+    }
+    if (options.receiveBuffer > 0) {
+        set(SOL_SOCKET, SO_RCVBUF,
+            static_cast<int>(std::min<std::size_t>(options.receiveBuffer, 1U << 30)));
+    }
 }
 
 int boundPort(int fd) {

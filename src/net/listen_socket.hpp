@@ -6,6 +6,7 @@
 #include <string>
 
 #include "net/address.hpp"
+#include "sluice/config.hpp"
 
 namespace sluice::net {
 
@@ -15,6 +16,17 @@ namespace sluice::net {
  * std::runtime_error naming `text` on failure (nothing is left open).
  */
 int openListenSocket(const SocketAddress &address, const std::string &text, int backlog);
+
+/**
+ * Sets TCP_NODELAY, keepalive (SO_KEEPALIVE; TCP_KEEPIDLE from `options`, probes every second,
+ * ten of them) and the buffer sizes on a TCP socket, best effort (the kernel clamps sizes).
+ * `fresh`: the socket is new, so options that are off by default are not set again. A socket
+ * accepted from a listening socket inherits all of these from it, which is how sluice applies a
+ * listener's options: once, on the listening socket, instead of on every accepted one (and
+ * SO_RCVBUF set before the handshake also sizes the window scale the client is offered).
+ * A size once set cannot be taken back to the kernel's automatic sizing.
+ */
+void setSocketOptions(int fd, const SocketOptions &options, bool fresh);
 
 /** The port a bound socket got from the kernel (for "port 0" addresses). */
 int boundPort(int fd);

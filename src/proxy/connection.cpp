@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 
 #include "net/address.hpp"
+#include "net/listen_socket.hpp"
 #include "proxy/proxy_protocol.hpp"
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
@@ -32,28 +33,6 @@ std::uint64_t monotonicMs() {
     return uv_hrtime() / 1000000;
 }
 
-/** Applies `options` to a TCP handle (after the socket exists). */
-void applySocketOptions(uv_tcp_t *tcp, const SocketOptions &options) {
-    uv_tcp_nodelay(tcp, options.noDelay ? 1 : 0);
-    const auto keepAlive =
-        std::chrono::duration_cast<std::chrono::seconds>(options.keepAlive).count();
-    uv_tcp_keepalive(tcp, keepAlive > 0 ? 1 : 0,
-                     static_cast<unsigned>(std::max<std::int64_t>(1, keepAlive)));
-    uv_os_fd_t fd = -1;
-    if (uv_fileno(reinterpret_cast<uv_handle_t *>(tcp), &fd) != 0) {
-        return;
-    }
-    // Best effort: the kernel clamps the sizes to its own limits.
-    if (options.sendBuffer > 0) {
-        const int size = static_cast<int>(options.sendBuffer);
-        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
-    }
-    if (options.receiveBuffer > 0) {
-        const int size = static_cast<int>(options.receiveBuffer);
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
-    }
-}
-
 /** The socket's pending error as a libuv code (SO_ERROR, cleared by reading it), or 0. */
 int pendingSocketError(uv_stream_t *stream) {
     uv_os_fd_t fd = -1;
@@ -73,7 +52,8 @@ int pendingSocketError(uv_stream_t *stream) {
  * because it is full, starts one uv_write of all of them (their memory stays pinned until
  * `done` runs), records the count in `inFlight` and returns 0; returns a libuv error otherwise.
  */
-int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, uv_write_t *req,
+template <typename Request>
+int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, Request request,
               uv_write_cb done, std::size_t &inFlight) {
     uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(bytes.data())),
                                static_cast<unsigned>(bytes.size()));
@@ -81,7 +61,7 @@ int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, uv_write
     if (sent != UV_EAGAIN && sent != 0) {
         return sent;
     }
-    const int err = uv_write(req, stream, &buf, 1, done);
+    const int err = uv_write(request(), stream, &buf, 1, done);
     if (err != 0) {
         return err;
     }
@@ -113,16 +93,12 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     uv_loop_t *loop = server_.loop();
     client_->data = this;
     timer_.data = this;
-    connectReq_.data = this;
-    clientWriteReq_.data = this;
-    backendWriteReq_.data = this;
-    clientShutdownReq_.data = this;
-    backendShutdownReq_.data = this;
     openHandles_ = 1;
     uv_timer_init(loop, &timer_);
     ++openHandles_;
     peer_ = net::format(&clientAddress_.any);
-    applySocketOptions(client_, settings_->socket);
+    // The client socket has the listener's socket options already: it inherits them from the
+    // listening socket, where the Listener set them.
     acceptedAt_ = lastActivity_ = uv_now(loop);
     acceptedHr_ = uv_hrtime();
     startUnixMicros_ = std::chrono::duration_cast<std::chrono::microseconds>(
@@ -215,7 +191,31 @@ void Connection::pump() {
         if (backendEngine_ && backendWriteInFlight_ == 0) {
             backendEngine_->releaseIdleBuffers();
         }
+        if (requestsInFlight_ == 0) {
+            requests_.reset();
+        }
     }
+}
+
+Connection::Requests &Connection::requests() {
+    if (!requests_) {
+        requests_ = std::make_unique<Requests>();
+        requests_->connect.data = this;
+        requests_->clientWrite.data = this;
+        requests_->backendWrite.data = this;
+        requests_->clientShutdown.data = this;
+        requests_->backendShutdown.data = this;
+    }
+    return *requests_;
+}
+
+bool Connection::startShutdown(uv_shutdown_t Requests::*req, uv_stream_t *stream,
+                               uv_shutdown_cb done) {
+    if (uv_shutdown(&(requests().*req), stream, done) != 0) {
+        return false;
+    }
+    ++requestsInFlight_;
+    return true;
 }
 
 bool Connection::clientReady() const {
@@ -444,18 +444,20 @@ bool Connection::moveUp() {
 }
 
 template <typename Next, typename Consume>
-int Connection::writeFrom(uv_stream_t *stream, uv_write_t *req, uv_write_cb done,
+int Connection::writeFrom(uv_stream_t *stream, uv_write_t Requests::*req, uv_write_cb done,
                           std::size_t &inFlight, Pinned &pinned, Pinned what, Next next,
                           Consume consume) {
     // Straight from where the bytes wait: what the socket does not take now leaves in one
     // write that pins them until its callback consumes them.
     int result = 0;
     for (auto bytes = next(); !bytes.empty(); bytes = next()) {
-        const int sent = writeSome(stream, bytes, req, done, inFlight);
+        const int sent = writeSome(
+            stream, bytes, [this, req] { return &(requests().*req); }, done, inFlight);
         if (sent < 0) {
             return sent;
         }
         if (sent == 0) {
+            ++requestsInFlight_;
             pinned = what;
             break;
         }
@@ -473,11 +475,11 @@ bool Connection::flushClient() {
     // TLS from the client engine's pair; to a plaintext client, the backend's plaintext.
     const int sent =
         engine_ ? writeFrom(
-                      clientStream(), &clientWriteReq_, onClientWrite, clientWriteInFlight_,
+                      clientStream(), &Requests::clientWrite, onClientWrite, clientWriteInFlight_,
                       clientPinned_, Pinned::cipher, [this] { return engine_->cipherOut(); },
                       [this](std::size_t n) { engine_->consumeCipherOut(n); })
                 : writeFrom(
-                      clientStream(), &clientWriteReq_, onClientWrite, clientWriteInFlight_,
+                      clientStream(), &Requests::clientWrite, onClientWrite, clientWriteInFlight_,
                       clientPinned_, Pinned::plain, [this] { return downSource(); },
                       [this](std::size_t n) {
                           downConsume(n);
@@ -497,8 +499,8 @@ bool Connection::flushBackend() {
         return false;
     }
     auto write = [this](Pinned what, auto next, auto consume) {
-        return writeFrom(backendStream(), &backendWriteReq_, onBackendWrite, backendWriteInFlight_,
-                         backendPinned_, what, next, consume);
+        return writeFrom(backendStream(), &Requests::backendWrite, onBackendWrite,
+                         backendWriteInFlight_, backendPinned_, what, next, consume);
     };
     // The PROXY header goes before any other byte, TLS included.
     int sent = write(
@@ -558,7 +560,7 @@ bool Connection::propagateCloses() {
         }
         if (finNow) {
             backendShutdown_ = true;
-            if (uv_shutdown(&backendShutdownReq_, backendStream(), onBackendShutdown) != 0) {
+            if (!startShutdown(&Requests::backendShutdown, backendStream(), onBackendShutdown)) {
                 backendShutdownDone_ = true;
             }
             armTimer();
@@ -599,7 +601,7 @@ bool Connection::propagateCloses() {
             }
         } else if (!clientShutdown_ && !clientGone_ && clientFlushed) {
             clientShutdown_ = true;
-            if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
+            if (!startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
                 clientShutdownDone_ = true;
             }
             armTimer();
@@ -609,7 +611,7 @@ bool Connection::propagateCloses() {
     if (engine_ && engine_->status().closeNotifySent && !clientShutdown_ && !clientGone_ &&
         engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
         clientShutdown_ = true;
-        if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
+        if (!startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
             clientShutdownDone_ = true;
         }
         armTimer();
@@ -702,7 +704,7 @@ void Connection::maybeFinish() {
             closeAll();
         } else if (!clientShutdown_) {
             clientShutdown_ = true;
-            if (uv_shutdown(&clientShutdownReq_, clientStream(), onClientShutdown) != 0) {
+            if (!startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
                 closeAll();
             }
         }
@@ -843,18 +845,24 @@ void Connection::connectNext() {
         backendInitialised_ = true;
         ++openHandles_;
         // uv_pipe_connect reports every outcome, failures included, through the callback.
-        uv_pipe_connect(&connectReq_, &backend_.pipe, target.path.c_str(), onBackendConnect);
+        uv_pipe_connect(&requests().connect, &backend_.pipe, target.path.c_str(), onBackendConnect);
+        ++requestsInFlight_;
     } else {
         uv_tcp_init_ex(loop, &backend_.tcp, target.storage.ss_family);
         backend_.tcp.data = this;
         backendInitialised_ = true;
         ++openHandles_;
-        applySocketOptions(&backend_.tcp, pool_->config().socket);
-        const int err = uv_tcp_connect(&connectReq_, &backend_.tcp, target.raw(), onBackendConnect);
+        uv_os_fd_t fd = -1;
+        if (uv_fileno(reinterpret_cast<uv_handle_t *>(&backend_.tcp), &fd) == 0) {
+            net::setSocketOptions(fd, pool_->config().socket, true);
+        }
+        const int err =
+            uv_tcp_connect(&requests().connect, &backend_.tcp, target.raw(), onBackendConnect);
         if (err != 0) {
             backendFailed("connect", err);
             return;
         }
+        ++requestsInFlight_;
     }
     armTimer();
 }
@@ -1413,6 +1421,7 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
 
 void Connection::onClientWrite(uv_write_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
+    --self->requestsInFlight_;
     const std::size_t written = self->clientWriteInFlight_;
     const Pinned pinned = self->clientPinned_;
     self->clientWriteInFlight_ = 0;
@@ -1438,6 +1447,7 @@ void Connection::onClientWrite(uv_write_t *req, int status) {
 
 void Connection::onClientShutdown(uv_shutdown_t *req, int) {
     auto *self = static_cast<Connection *>(req->data);
+    --self->requestsInFlight_;
     if (self->closing_) {
         return;
     }
@@ -1447,6 +1457,7 @@ void Connection::onClientShutdown(uv_shutdown_t *req, int) {
 
 void Connection::onBackendConnect(uv_connect_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
+    --self->requestsInFlight_;
     if (self->closing_ || self->backendClosing_) {
         return;
     }
@@ -1533,6 +1544,7 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
 
 void Connection::onBackendWrite(uv_write_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
+    --self->requestsInFlight_;
     const std::size_t written = self->backendWriteInFlight_;
     const Pinned pinned = self->backendPinned_;
     self->backendWriteInFlight_ = 0;
@@ -1559,6 +1571,7 @@ void Connection::onBackendWrite(uv_write_t *req, int status) {
 
 void Connection::onBackendShutdown(uv_shutdown_t *req, int) {
     auto *self = static_cast<Connection *>(req->data);
+    --self->requestsInFlight_;
     if (self->closing_ || self->backendClosing_) {
         return;
     }

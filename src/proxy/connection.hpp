@@ -77,6 +77,22 @@ private:
     /** What an in-flight write pinned: its bytes stay put until the write completes. */
     enum class Pinned : std::uint8_t { none, cipher, plain, header };
 
+    /**
+     * libuv's requests, 640 bytes that an idle connection does not need: allocated when one is
+     * started (a connect, a write the socket could not take at once, a shutdown) and freed
+     * after a pump once none is in flight. A request's memory must live until its callback.
+     */
+    struct Requests {
+        uv_connect_t connect{};
+        uv_write_t clientWrite{};
+        uv_write_t backendWrite{};
+        uv_shutdown_t clientShutdown{};
+        uv_shutdown_t backendShutdown{};
+    };
+    Requests &requests();
+    /** Starts a shutdown with one of the requests; false if libuv refused it (no callback). */
+    bool startShutdown(uv_shutdown_t Requests::*req, uv_stream_t *stream, uv_shutdown_cb done);
+
     // The one place that moves bytes and decides what happens next.
     void pump();
     bool feedLeftover();
@@ -89,8 +105,8 @@ private:
      * the libuv error.
      */
     template <typename Next, typename Consume>
-    int writeFrom(uv_stream_t *stream, uv_write_t *req, uv_write_cb done, std::size_t &inFlight,
-                  Pinned &pinned, Pinned what, Next next, Consume consume);
+    int writeFrom(uv_stream_t *stream, uv_write_t Requests::*req, uv_write_cb done,
+                  std::size_t &inFlight, Pinned &pinned, Pinned what, Next next, Consume consume);
     bool flushBackend();
     bool moveDown();
     bool moveUp();
@@ -201,11 +217,9 @@ private:
         uv_pipe_t pipe;
     } backend_{};
     uv_timer_t timer_{};
-    uv_connect_t connectReq_{};
-    uv_write_t clientWriteReq_{};
-    uv_write_t backendWriteReq_{};
-    uv_shutdown_t clientShutdownReq_{};
-    uv_shutdown_t backendShutdownReq_{};
+
+    std::unique_ptr<Requests> requests_;
+    int requestsInFlight_ = 0; // started and not yet called back
 
     /** The in-process handler's side, allocated only for a connection routed to one. */
     struct Local {

@@ -3,6 +3,7 @@
 #include <stdexcept>
 #include <unistd.h>
 
+#include "net/listen_socket.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
@@ -31,6 +32,26 @@ const std::string &Listener::name() const {
 
 void Listener::setSettings(std::shared_ptr<const ListenerSettings> settings) {
     settings_ = std::move(settings);
+    applySocketOptions();
+}
+
+void Listener::applySocketOptions() {
+    uv_os_fd_t fd = -1;
+    if (handle_ == nullptr || uv_fileno(reinterpret_cast<uv_handle_t *>(handle_), &fd) != 0 ||
+        (applied_ && *applied_ == settings_->socket)) {
+        return;
+    }
+    const SocketOptions &want = settings_->socket;
+    if (applied_ && ((applied_->sendBuffer > 0 && want.sendBuffer == 0) ||
+                     (applied_->receiveBuffer > 0 && want.receiveBuffer == 0))) {
+        log::warn("socket-buffer-kept listener=" + settings_->name +
+                  " detail=\"a buffer size set on a listening socket stays until it is reopened "
+                  "(restart)\"");
+    }
+    // Accepted sockets inherit these from the listening socket (Linux copies TCP_NODELAY,
+    // keepalive and buffer sizes to the child), so no accepted socket needs a call of its own.
+    net::setSocketOptions(fd, want, false);
+    applied_ = want;
 }
 
 void Listener::adopt(int fd) {
@@ -41,6 +62,7 @@ void Listener::adopt(int fd) {
     if (err != 0) {
         ::close(fd); // not owned by the handle: nothing else would close it
     } else {
+        applySocketOptions();
         err = uv_listen(reinterpret_cast<uv_stream_t *>(handle_), settings_->backlog, onConnection);
     }
     if (err != 0) {

@@ -3,6 +3,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include <uv.h>
@@ -48,12 +49,15 @@ public:
 private:
     static void onConnection(uv_stream_t *stream, int status);
     void acceptOne();
+    /** Sets the settings' socket options on the listening socket, for accepted ones to inherit. */
+    void applySocketOptions();
 
     Server &server_;
     std::string key_;
     std::shared_ptr<const ListenerSettings> settings_;
-    uv_tcp_t *handle_ = nullptr; // freed in the close callback
-    bool pending_ = false;       // a connection waits for a free slot
+    uv_tcp_t *handle_ = nullptr;           // freed in the close callback
+    std::optional<SocketOptions> applied_; // what the listening socket has now
+    bool pending_ = false;                 // a connection waits for a free slot
     bool closing_ = false;
     std::function<void()> closed_;
     std::uint64_t lastAcceptErrorLog_ = 0;

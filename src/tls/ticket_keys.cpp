@@ -158,15 +158,18 @@ std::size_t TicketKeyRing::size() const {
 int ticketKeyCallback(TicketKeyRing &ring, ssl_st * /*ssl*/, unsigned char *keyName,
                       unsigned char *iv, evp_cipher_ctx_st *cipher, evp_mac_ctx_st *mac,
                       int encrypt) {
+    // Fetched once: OpenSSL 3 looks a legacy EVP_aes_256_cbc() up in its provider store again on
+    // every init, which is once per ticket issued or opened.
+    static EVP_CIPHER *const aes = EVP_CIPHER_fetch(nullptr, "AES-256-CBC", nullptr);
     TicketKey key;
     int result = 1;
     if (encrypt != 0) {
         key = ring.encryptionKey();
         std::memcpy(keyName, key.name.data(), key.name.size());
-        if (RAND_bytes(iv, EVP_CIPHER_get_iv_length(EVP_aes_256_cbc())) != 1) {
+        if (aes == nullptr || RAND_bytes(iv, EVP_CIPHER_get_iv_length(aes)) != 1) {
             return -1;
         }
-        if (EVP_EncryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key.aes.data(), iv) != 1) {
+        if (EVP_EncryptInit_ex(cipher, aes, nullptr, key.aes.data(), iv) != 1) {
             return -1;
         }
     } else {
@@ -174,7 +177,7 @@ int ticketKeyCallback(TicketKeyRing &ring, ssl_st * /*ssl*/, unsigned char *keyN
         if (result == 0) {
             return 0; // unknown or retired key: a full handshake, and a fresh ticket
         }
-        if (EVP_DecryptInit_ex(cipher, EVP_aes_256_cbc(), nullptr, key.aes.data(), iv) != 1) {
+        if (aes == nullptr || EVP_DecryptInit_ex(cipher, aes, nullptr, key.aes.data(), iv) != 1) {
             return -1;
         }
     }

@@ -12,6 +12,7 @@ with proxyproto, the TLS facts of its own ssl server socket, the bytes."""
 import hashlib
 import os
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -1227,3 +1228,14 @@ def test_socket_options_applied_to_both_sides(t):
                   {"no_delay": False, "keep_alive": False, "sndbuf": 2 * 64 * 1024}, backlog=77)
     check_sockets(defaults, {"no_delay": True, "keep_alive": True, "idle": 60},
                   {"no_delay": True, "keep_alive": True, "idle": 60}, backlog=511)
+
+    # The listener's options live on its listening socket, which accepted sockets inherit and a
+    # reload keeps: a reload that changes them reaches the next accepted socket.
+    text = d.config_path.read_text()
+    check(text.count('"17s"') == 1, "the listener's keep_alive is not in the configuration")
+    d.config_path.write_text(text.replace('"17s"', '"23s"'))
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload-done", 10)
+    check_sockets(d, {"no_delay": True, "keep_alive": True, "idle": 23, "sndbuf": 2 * 256 * 1024,
+                      "rcvbuf": 2 * 128 * 1024},
+                  {"no_delay": False, "keep_alive": False, "sndbuf": 2 * 64 * 1024})

@@ -408,6 +408,8 @@ def count_tickets(addr):
 
 
 def test_tls13_ticket_count(t):
+    default = start(t)
+    check(count_tickets(default.addr()) == 1, "one ticket by default")
     d3 = start(t, session_tickets=3)
     check(count_tickets(d3.addr()) == 3, "session_tickets = 3")
     d1 = start(t, session_tickets=1)

@@ -756,7 +756,7 @@ client_auth = { mode = "required", ca = "ca.pem", crl = ["a.crl", "/b.crl"], ver
     CHECK(dirOnly.listeners.at(0).certificates.empty());
     CHECK(dirOnly.listeners.at(0).alpn.empty());
     CHECK(dirOnly.listeners.at(0).clientAuth.mode == sluice::ClientAuthMode::none);
-    CHECK(dirOnly.tls.sessionTickets == 2);
+    CHECK(dirOnly.tls.sessionTickets == 1);
     CHECK(dirOnly.tls.sessionCache == 20000);
     CHECK(dirOnly.tls.ocspRefresh == 1h);
 }
