@@ -189,12 +189,13 @@ TEST_CASE("a handler streams megabytes both ways with write backpressure and hal
         const Bytes &source;
         const Bytes &expected;
         std::size_t sent = 0;
-        std::size_t maxQueued = 0;
+        std::size_t *maxQueued; // the test's: the handler is gone when the test reads it
         Bytes received;
         std::string *closeReason;
-        Handler(const Bytes &s, const Bytes &e, std::string *reason)
+        Handler(const Bytes &s, const Bytes &e, std::size_t *most, std::string *reason)
             : source(s)
             , expected(e)
+            , maxQueued(most)
             , closeReason(reason) {}
         void pushMore(Stream &stream) {
             // Write in 10 KiB pieces until the queue reaches its high-water mark.
@@ -202,7 +203,7 @@ TEST_CASE("a handler streams megabytes both ways with write backpressure and hal
                 const std::size_t n = std::min<std::size_t>(10240, source.size() - sent);
                 REQUIRE(stream.write({source.data() + sent, n}));
                 sent += n;
-                maxQueued = std::max(maxQueued, stream.writeQueued());
+                *maxQueued = std::max(*maxQueued, stream.writeQueued());
             }
         }
         void onOpen(Stream &stream) override { pushMore(stream); }
@@ -222,18 +223,15 @@ TEST_CASE("a handler streams megabytes both ways with write backpressure and hal
         void onClose(Stream &, std::string_view reason) override { *closeReason = reason; }
     };
     std::string closeReason;
-    Handler *seen = nullptr;
     Rig rig;
-    std::size_t maxQueued = 0;
+    std::size_t maxQueued = 0; // the handler's figure, read once the loop has stopped
     rig.run(
         [&](const StreamInfo &info) {
             CHECK(info.listener == "web");
             CHECK(info.handler == "h");
             CHECK(info.serverName == "localhost");
             CHECK(info.protocol == "TLSv1.3");
-            auto handler = std::make_unique<Handler>(source, upload, &closeReason);
-            seen = handler.get();
-            return handler;
+            return std::make_unique<Handler>(source, upload, &maxQueued, &closeReason);
         },
         [&](std::uint16_t port) {
             Client client(port);
@@ -245,7 +243,6 @@ TEST_CASE("a handler streams megabytes both ways with write backpressure and hal
             const Bytes verdict = client.receive(1 << 20, &how);
             CHECK(std::string(verdict.begin(), verdict.end()) == "verdict:ok");
             CHECK(how == "close_notify");
-            maxQueued = seen != nullptr ? seen->maxQueued : 0;
         });
     CHECK(closeReason == "done");
     // The handler never queued much beyond the high-water mark (one piece at most).
