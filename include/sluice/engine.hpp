@@ -90,6 +90,12 @@ struct EngineOptions {
     std::size_t smallRecordBytes = 64 * 1024;
     /** Plaintext bytes per small record. */
     std::size_t smallRecordSize = 1400;
+    /**
+     * Server role, TLS 1.3: report the session tickets OpenSSL sends right after the handshake
+     * as held (ticketsHeld()), so a driver can keep them in the pair until the first
+     * application data joins them in one transport write instead of costing one of their own.
+     */
+    bool holdTickets = false;
 };
 
 /** Facts about a completed handshake. */
@@ -253,6 +259,17 @@ public:
     /** Bytes of ciphertext queued for the transport, across the pair's wrap point. */
     std::size_t cipherOutPending() const;
 
+    /**
+     * With EngineOptions::holdTickets: true while the ciphertext queued is exactly the TLS 1.3
+     * session tickets that ended the handshake. A driver may leave them in cipherOut() until
+     * write() adds application data (which ends the hold), or until it gives up waiting and
+     * calls releaseTickets(); anything else queued, shutdown() or an error also ends it.
+     */
+    bool ticketsHeld() const { return ticketsHeld_ > 0 && cipherOutPending() == ticketsHeld_; }
+
+    /** Ends the hold: the tickets are ordinary ciphertext to send. */
+    void releaseTickets() { ticketsHeld_ = 0; }
+
 private:
     Engine() = default;
     void run();
@@ -296,6 +313,8 @@ private:
     bool closeNotifyAlertSeen_ = false; // recorded by onInfo
     bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
+    bool holdTickets_ = false;
+    std::size_t ticketsHeld_ = 0; // bytes of held tickets at the front of the pair; 0: none
 };
 
 } // namespace sluice

@@ -52,6 +52,7 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
     engine->smallRecordBytes_ = options.smallRecordBytes;
     engine->smallRecordSize_ =
         std::clamp<std::size_t>(options.smallRecordSize, 1, maxRecordPlaintext);
+    engine->holdTickets_ = options.holdTickets && role == Role::server;
     engine->ssl_ = SSL_new(ctx);
     if (engine->ssl_ == nullptr) {
         return report("SSL_new: " + tls::drainErrors().reason);
@@ -204,6 +205,7 @@ std::span<const std::uint8_t> Engine::cipherOut() {
 }
 
 void Engine::consumeCipherOut(std::size_t n) {
+    ticketsHeld_ = 0; // once any of it is sent, nothing is held
     while (n > 0 && network_ != nullptr) {
         char *data = nullptr;
         const int taken =
@@ -258,6 +260,7 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
     std::size_t written = 0;
     const int ret = SSL_write_ex(ssl_, data.data(), offer, &written);
     if (ret == 1) {
+        ticketsHeld_ = 0;
         refusedLength_ = 0;
         plainWritten_ += written;
         return written;
@@ -277,6 +280,7 @@ void Engine::shutdown() {
         return;
     }
     shutdownWanted_ = true;
+    ticketsHeld_ = 0;
     run();
 }
 
@@ -342,6 +346,7 @@ void Engine::fail(ErrorSource source, std::string reason) {
     }
     errorSource_ = source;
     errorReason_ = reason.empty() ? "unknown TLS error" : std::move(reason);
+    ticketsHeld_ = 0;
     plain_.reset();
     plainHead_ = plainTail_ = 0;
 }
@@ -442,9 +447,16 @@ void Engine::run() {
 
 void Engine::runHandshake() {
     ERR_clear_error();
+    const std::size_t pendingBefore = cipherOutPending();
     const int ret = SSL_do_handshake(ssl_);
     if (ret == 1) {
         handshakeDone_ = true;
+        // A TLS 1.3 server's handshake ends on the client's Finished, and OpenSSL answers it
+        // with the session tickets alone: with the earlier flight already sent, they are all
+        // that is queued.
+        if (holdTickets_ && pendingBefore == 0 && SSL_version(ssl_) == TLS1_3_VERSION) {
+            ticketsHeld_ = cipherOutPending();
+        }
         recordHandshake();
         return;
     }

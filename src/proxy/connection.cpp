@@ -69,6 +69,9 @@ int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, Request 
     return 0;
 }
 
+// How long TLS 1.3 session tickets wait for the first reply to share its write.
+constexpr std::uint64_t ticketHoldMs = 50;
+
 } // namespace
 
 void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
@@ -113,6 +116,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
         EngineOptions options;
         options.pairSize = settings_->buffers.tls;
         options.plaintextBudget = settings_->buffers.plaintext;
+        options.holdTickets = true; // see holdingTickets()
         std::string error;
         engine_ = Engine::create(settings_->context.get(), Role::server, options, &error);
         if (!engine_) {
@@ -378,6 +382,9 @@ bool Connection::checkEngines() {
                                       " client_verified=" + (info.clientVerified ? "yes" : "no")));
             }
             handshakeLogged_ = true;
+            if (engine_->ticketsHeld()) {
+                armTimer(); // bounds how long the tickets wait for a reply
+            }
         }
     }
     if (!flushing_ && !backendStarted_ && clientReady()) {
@@ -468,8 +475,31 @@ int Connection::writeFrom(uv_stream_t *stream, uv_write_t Requests::*req, uv_wri
     return result;
 }
 
+bool Connection::holdingTickets() {
+    if (!engine_ || !engine_->ticketsHeld()) {
+        return false;
+    }
+    // The first reply takes the TLS 1.3 tickets along in its write, saving the client a TCP
+    // segment and sluice a write. Not for long: a backend that is silent for ticketHoldMs, or
+    // any end, sends them on their own.
+    const std::uint64_t due = ticketsDue();
+    if (downEnded() || clientEof_ || flushing_ || due == 0 || uv_now(server_.loop()) >= due) {
+        engine_->releaseTickets();
+        return false;
+    }
+    return true;
+}
+
+std::uint64_t Connection::ticketsDue() const {
+    if (!engine_ || !engine_->ticketsHeld() || handshakeNanos_ < 0) {
+        return 0;
+    }
+    return acceptedAt_ + static_cast<std::uint64_t>(handshakeNanos_) / 1000000 + ticketHoldMs;
+}
+
 bool Connection::flushClient() {
-    if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_) {
+    if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_ ||
+        holdingTickets()) {
         return false;
     }
     // TLS from the client engine's pair; to a plaintext client, the backend's plaintext.
@@ -1171,7 +1201,10 @@ void Connection::armTimer() {
     if (closing_) {
         return;
     }
-    const std::uint64_t due = deadline();
+    std::uint64_t due = deadline();
+    if (const std::uint64_t tickets = ticketsDue(); tickets != 0 && (due == 0 || tickets < due)) {
+        due = tickets;
+    }
     if (due == 0) {
         uv_timer_stop(&timer_);
         return;
@@ -1187,6 +1220,12 @@ void Connection::touch() {
 void Connection::onTimer(uv_timer_t *timer) {
     auto *self = static_cast<Connection *>(timer->data);
     if (self->closing_) {
+        return;
+    }
+    if (const std::uint64_t tickets = self->ticketsDue();
+        tickets != 0 && uv_now(self->server_.loop()) >= tickets) {
+        self->pump(); // flushClient() sends the held tickets now
+        self->armTimer();
         return;
     }
     const std::uint64_t due = self->deadline();

@@ -97,6 +97,10 @@ private:
     void pump();
     bool feedLeftover();
     bool checkEngines();
+    /** True while the client engine's session tickets wait to share the first reply's write. */
+    bool holdingTickets();
+    /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
+    std::uint64_t ticketsDue() const;
     bool flushClient();
     /**
      * Writes to `stream` the spans `next()` returns until it returns none or the socket is full;

@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from backends import EchoBackend
+from backends import EchoBackend, SilentBackend
 from harness import (
     LIGHT,
     REPO,
@@ -416,6 +416,29 @@ def test_tls13_ticket_count(t):
     check(count_tickets(d1.addr()) == 1, "session_tickets = 1")
     d0 = start(t, session_tickets=0)
     check(count_tickets(d0.addr()) == 0, "session_tickets = 0")
+
+
+def test_tls13_ticket_arrives_when_the_backend_never_replies(t):
+    # sluice keeps a TLS 1.3 ticket to send with the first reply; a backend that never replies
+    # must not keep it from the client for long.
+    silent = t.backend(SilentBackend())
+    d = t.sluice(listener(t, silent))
+    ctx = server_context(min_version=ssl.TLSVersion.TLSv1_3, max_version=ssl.TLSVersion.TLSv1_3)
+    with socket.create_connection(d.addr(), timeout=10) as raw:
+        s = ctx.wrap_socket(raw, server_hostname="alpha.example")
+        s.sendall(b"a request that gets no answer")
+        s.settimeout(2)
+        try:
+            got = s.recv(4096)  # reads, and so processes, the ticket; no data comes
+            check(False, f"the silent backend answered {got!r}")
+        except (TimeoutError, socket.timeout):
+            pass
+        session = s.session
+        check(session is not None and session.has_ticket, "no ticket within 2 s without a reply")
+    with socket.create_connection(d.addr(), timeout=10) as raw:
+        s = ctx.wrap_socket(raw, server_hostname="alpha.example", session=session)
+        check(s.session_reused, "the ticket sent without a reply does not resume")
+        s.close()
 
 
 def test_ticket_keys_shared_between_processes(t):

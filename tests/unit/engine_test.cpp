@@ -932,6 +932,59 @@ TEST_CASE("idle engines release their pair and re-create it on the next byte") {
     }
 }
 
+TEST_CASE("held TLS 1.3 tickets leave with the first reply or on release; TLS 1.2 holds none") {
+    for (const auto v : {TlsVersion::tls12, TlsVersion::tls13}) {
+        for (const bool reply : {true, false}) {
+            INFO(versionName(v) << (reply ? ", with a reply" : ", released"));
+            EngineOptions held = serverOptions();
+            held.holdTickets = true;
+            auto c = connect(version(v), version(v), held);
+            Pump pump(c->client, c->server, PumpOptions{}, 1);
+            Engine &server = *c->server.engine;
+            // By hand, so nothing flushes the server's last output: ClientHello, the server's
+            // flight, the client's Finished.
+            for (int step = 0; step < 10 && !server.status().handshakeDone; ++step) {
+                moveAll(c->client, c->server, pump);
+                if (!server.status().handshakeDone) {
+                    moveAll(c->server, c->client, pump);
+                }
+            }
+            REQUIRE(server.status().handshakeDone);
+            const int ticketsSeen = c->clientSeen.handshakeReceived[SSL3_MT_NEWSESSION_TICKET];
+            if (v == TlsVersion::tls12) {
+                // TLS 1.2 sends its ticket inside the handshake, before the Finished.
+                CHECK_FALSE(server.ticketsHeld());
+                continue;
+            }
+            CHECK(ticketsSeen == 0);
+            REQUIRE(server.ticketsHeld());
+            const std::size_t ticketBytes = server.cipherOutPending();
+            CHECK(ticketBytes > 0);
+            if (reply) {
+                const Bytes data = toBytes("the first reply");
+                REQUIRE(server.write(data) == data.size());
+                CHECK_FALSE(server.ticketsHeld());
+                CHECK(server.cipherOutPending() > ticketBytes); // tickets, then the record
+                moveAll(c->server, c->client, pump);
+                drainPlain(c->client, pump);
+                CHECK_SAME_BYTES(data, c->client.received);
+            } else {
+                server.releaseTickets();
+                CHECK_FALSE(server.ticketsHeld());
+                moveAll(c->server, c->client, pump);
+            }
+            CHECK(c->clientSeen.handshakeReceived[SSL3_MT_NEWSESSION_TICKET] >= 1);
+            CHECK_FALSE(c->client.engine->status().failed);
+        }
+    }
+    // Without the option nothing is held; with it, the client role never holds.
+    auto plain = connect(version(TlsVersion::tls13), version(TlsVersion::tls13));
+    Pump pump(plain->client, plain->server, PumpOptions{}, 1);
+    handshake(*plain, pump);
+    CHECK_FALSE(plain->server.engine->ticketsHeld());
+    CHECK_FALSE(plain->client.engine->ticketsHeld());
+}
+
 TEST_CASE("the first 64 KiB leave in small records, the rest in full ones") {
     // LESSONS #19: small records while the connection starts, full records for throughput.
     const std::uint32_t seed = testSeed();
