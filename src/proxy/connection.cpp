@@ -262,10 +262,10 @@ bool Connection::upEnded() const {
 
 std::span<const std::uint8_t> Connection::downSource() {
     if (local_) {
-        if (local_->out.empty()) {
+        if (!local_->out || local_->out->empty()) {
             return {};
         }
-        const std::string &front = local_->out.front();
+        const std::string &front = local_->out->front();
         return {reinterpret_cast<const std::uint8_t *>(front.data()) + local_->head,
                 front.size() - local_->head};
     }
@@ -279,9 +279,12 @@ void Connection::downConsume(std::size_t n) {
     if (local_) {
         local_->queued -= n;
         local_->head += n;
-        if (local_->head == local_->out.front().size()) {
-            local_->out.pop_front();
+        if (local_->head == local_->out->front().size()) {
+            local_->out->pop_front();
             local_->head = 0;
+            if (local_->out->empty()) {
+                local_->out.reset(); // an idle handler connection holds no queue
+            }
         }
         return;
     }
@@ -1098,11 +1101,12 @@ bool Connection::write(std::span<const std::uint8_t> data) {
     }
     // Appended to the last chunk unless a write to a plaintext client pins that chunk.
     constexpr std::size_t chunkLimit = 64 * 1024;
-    const bool pinnedBack = local_->out.size() == 1 && clientPinned_ == Pinned::plain;
-    if (local_->out.empty() || pinnedBack || local_->out.back().size() + data.size() > chunkLimit) {
-        local_->out.emplace_back();
+    auto &out = local_->out ? *local_->out : local_->out.emplace();
+    const bool pinnedBack = out.size() == 1 && clientPinned_ == Pinned::plain;
+    if (out.empty() || pinnedBack || out.back().size() + data.size() > chunkLimit) {
+        out.emplace_back();
     }
-    local_->out.back().append(reinterpret_cast<const char *>(data.data()), data.size());
+    out.back().append(reinterpret_cast<const char *>(data.data()), data.size());
     local_->queued += data.size();
     if (local_->queued >= writeHighWater()) {
         local_->aboveHigh = true;

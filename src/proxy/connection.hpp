@@ -7,6 +7,7 @@
 #include <deque>
 #include <memory>
 #include <netinet/in.h>
+#include <optional>
 #include <string>
 #include <sys/socket.h>
 #include <vector>
@@ -229,8 +230,11 @@ private:
     struct Local {
         std::unique_ptr<StreamHandler> handler;
         StreamInfo info;
-        std::deque<std::string> out; // the handler's bytes for the client, in chunks
-        std::size_t head = 0;        // bytes of the first chunk already taken
+        // The handler's bytes for the client, in chunks (a deque never moves them, so a write
+        // may pin the first); made when the handler writes, dropped when it drains: an empty
+        // std::deque already holds over 500 bytes.
+        std::optional<std::deque<std::string>> out;
+        std::size_t head = 0; // bytes of the first chunk already taken
         std::size_t queued = 0;
         uv_idle_t idle{}; // runs the pump soon after a Stream call made outside it
         bool idleInitialised = false;
