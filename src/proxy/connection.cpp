@@ -99,7 +99,6 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     openHandles_ = 1;
     uv_timer_init(loop, &timer_);
     ++openHandles_;
-    peer_ = net::format(&clientAddress_.any);
     // The client socket has the listener's socket options already: it inherits them from the
     // listening socket, where the Listener set them.
     acceptedAt_ = lastActivity_ = uv_now(loop);
@@ -120,7 +119,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
         std::string error;
         engine_ = Engine::create(settings_->context.get(), Role::server, options, &error);
         if (!engine_) {
-            log::error("engine-failed listener=" + settings_->name + " peer=" + peer_ +
+            log::error("engine-failed listener=" + settings_->name + " peer=" + peerText() +
                        " reason=" + quoted(error));
             noteClose(CloseReason::internal, error);
             closeAll();
@@ -354,12 +353,12 @@ bool Connection::checkEngines() {
                         log::warn("handshake-failed-suppressed count=" +
                                   std::to_string(suppressed));
                     }
-                    log::warn("handshake-failed listener=" + settings_->name + " peer=" + peer_ +
-                              " reason=" + quoted(engine_->errorReason()));
+                    log::warn("handshake-failed listener=" + settings_->name +
+                              " peer=" + peerText() + " reason=" + quoted(engine_->errorReason()));
                 }
             } else {
                 noteClose(CloseReason::tlsError, engine_->errorReason());
-                log::warn("tls-error listener=" + settings_->name + " peer=" + peer_ +
+                log::warn("tls-error listener=" + settings_->name + " peer=" + peerText() +
                           " reason=" + quoted(engine_->errorReason()));
             }
             flushing_ = true;
@@ -374,7 +373,7 @@ bool Connection::checkEngines() {
             stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
                                   static_cast<std::uint64_t>(handshakeNanos_));
             if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
-                log::debug("handshake listener=" + settings_->name + " peer=" + peer_ +
+                log::debug("handshake listener=" + settings_->name + " peer=" + peerText() +
                            " protocol=" + info.protocol + " cipher=" + info.cipher +
                            " sni=" + quoted(info.serverName) + " alpn=" + quoted(info.alpn) +
                            " resumed=" + (info.resumed ? "yes" : "no") +
@@ -760,7 +759,7 @@ bool Connection::takeProxyHeader() {
             parsed.status == ProxyParse::needMore ? "header too long" : parsed.error;
         std::uint64_t suppressed = 0;
         if (handshakeLogLimit().admit(monotonicMs(), suppressed)) {
-            log::warn("proxy-header-invalid listener=" + settings_->name + " peer=" + peer_ +
+            log::warn("proxy-header-invalid listener=" + settings_->name + " peer=" + peerText() +
                       " reason=" + quoted(error));
         }
         noteClose(CloseReason::proxyHeader, error);
@@ -772,7 +771,6 @@ bool Connection::takeProxyHeader() {
         clientAddress_ = ipAddress(parsed.source);
         localAddress_ = ipAddress(parsed.destination);
         localKnown_ = true;
-        peer_ = net::format(&clientAddress_.any);
     }
     proxyInHead_ = parsed.length;
     if (proxyInHead_ == proxyInLength_) {
@@ -807,7 +805,7 @@ void Connection::startBackend() {
         startHandler(*factory);
         return;
     }
-    tried_.assign(pool_->size(), false);
+    tried_.reset(pool_->size());
     const BackendConfig &config = pool_->config();
     if (config.proxyProtocol != ProxyProtocol::off) {
         uv_os_fd_t fd = -1;
@@ -860,7 +858,7 @@ void Connection::connectNext() {
         return;
     }
     uv_loop_t *loop = server_.loop();
-    tried_[static_cast<std::size_t>(index)] = true;
+    tried_.set(static_cast<std::size_t>(index));
     ++attempts_;
     serverIndex_ = index;
     serverCounted_ = true;
@@ -934,7 +932,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
         }
         retry = canRetry();
     }
-    log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peer_ +
+    log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peerText() +
               " backend=" + (pool_ ? pool_->name() : settings_->backendText) +
               " server=" + serverText + " during=" + what + " error=" + quoted(error) +
               (retry ? " next=retry" : ""));
@@ -961,8 +959,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
 }
 
 bool Connection::canRetry() const {
-    return attempts_ < pool_->attemptLimit() &&
-           std::find(tried_.begin(), tried_.end(), false) != tried_.end();
+    return attempts_ < pool_->attemptLimit() && !tried_.all();
 }
 
 void Connection::onBackendClosed(uv_handle_t *handle) {
@@ -995,7 +992,7 @@ void Connection::startHandler(const HandlerFactory &factory) {
     local_ = std::make_unique<Local>();
     local_->info.listener = settings_->name;
     local_->info.handler = pool_->config().handler;
-    local_->info.client = peer_;
+    local_->info.client = peerText();
     if (engine_) {
         const auto &info = engine_->handshake();
         local_->info.serverName = info.serverName;
@@ -1018,7 +1015,7 @@ void Connection::startHandler(const HandlerFactory &factory) {
         // Refused: like a backend that could not be reached, the client gets a clean close.
         const std::string reason = error.empty() ? "the handler refused the connection"
                                                  : "the handler factory threw: " + error;
-        log::warn("handler-refused listener=" + settings_->name + " peer=" + peer_ +
+        log::warn("handler-refused listener=" + settings_->name + " peer=" + peerText() +
                   " handler=" + local_->info.handler + " reason=" + quoted(reason));
         noteClose(CloseReason::backendFailed, reason);
         backendGone_ = true;
@@ -1245,7 +1242,7 @@ void Connection::onTimer(uv_timer_t *timer) {
             return;
         }
         self->server_.counters().timeouts++;
-        log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
+        log::info("timeout listener=" + self->settings_->name + " peer=" + self->peerText() +
                   " phase=connect");
         if (!self->canRetry()) {
             self->noteClose(CloseReason::timeoutConnect);
@@ -1261,7 +1258,7 @@ void Connection::onTimer(uv_timer_t *timer) {
                     : phase == Phase::idle      ? CloseReason::timeoutIdle
                                                 : CloseReason::timeoutHalfClose,
                     noHeader ? "no PROXY header in time" : "");
-    log::info("timeout listener=" + self->settings_->name + " peer=" + self->peer_ +
+    log::info("timeout listener=" + self->settings_->name + " peer=" + self->peerText() +
               " phase=" + phaseName(phase));
     self->abort(phaseName(phase));
 }
@@ -1274,7 +1271,7 @@ void Connection::abort(const char *reason) {
     }
     if (log::enabled(LogLevel::debug)) {
         log::debug(std::string("connection-aborted listener=") + settings_->name +
-                   " peer=" + peer_ + " reason=" + reason);
+                   " peer=" + peerText() + " reason=" + reason);
     }
     // Timeouts and backend failures noted their own reason before getting here.
     if (std::strcmp(reason, "client reset") == 0 ||
@@ -1316,7 +1313,7 @@ void Connection::recordClose() {
     record.startUnixMicros = startUnixMicros_;
     record.durationNanos = uv_hrtime() - acceptedHr_;
     record.listener = settings_->name;
-    record.client = peer_;
+    record.client = peerText();
     record.backend = local_ ? "handler:" + pool_->config().handler
                      : pool_ && serverIndex_ >= 0
                          ? pool_->server(static_cast<std::size_t>(serverIndex_)).text()
@@ -1356,7 +1353,7 @@ void Connection::closeAll() {
     releaseServer();
     recordClose();
     if (log::enabled(LogLevel::debug)) {
-        log::debug("connection-closed listener=" + settings_->name + " peer=" + peer_ +
+        log::debug("connection-closed listener=" + settings_->name + " peer=" + peerText() +
                    " up=" + std::to_string(bytesUp_) + " down=" + std::to_string(bytesDown_));
     }
     if (!resetClient_ || uv_tcp_close_reset(client_, onClose) != 0) {

@@ -17,6 +17,7 @@
 #include <sluice/engine.hpp>
 #include <sluice/stream.hpp>
 
+#include "net/address.hpp"
 #include "proxy/byte_queue.hpp"
 #include "proxy/pool.hpp"
 #include "proxy/stats.hpp"
@@ -102,6 +103,8 @@ private:
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
     std::uint64_t ticketsDue() const;
+    /** The client's address as logged ("203.0.113.7:51234"): the PROXY header's, once read. */
+    std::string peerText() const { return net::format(&clientAddress_.any); }
     bool flushClient();
     /**
      * Writes to `stream` the spans `next()` returns until it returns none or the socket is full;
@@ -187,9 +190,8 @@ private:
     std::shared_ptr<const ListenerSettings> settings_;
     std::unique_ptr<Engine> engine_;        // client TLS; null on a plaintext listener
     std::unique_ptr<Engine> backendEngine_; // backend TLS; null for a plain pool
-    std::string peer_;
-    std::string ipKey_;             // counted in the server's handshakes-by-IP until ...
-    bool handshakeCounted_ = false; // ... this turns false: handshake done or closing
+    std::string ipKey_;                     // counted in the server's handshakes-by-IP until ...
+    bool handshakeCounted_ = false;         // ... this turns false: handshake done or closing
 
     // The client's and the listener's addresses: from the socket, or from a PROXY header. The
     // local one is read from the socket only when a PROXY header to the backend needs it.
@@ -213,7 +215,7 @@ private:
     PoolPtr pool_;
     int serverIndex_ = -1;       // the server of the current (or last) attempt
     bool serverCounted_ = false; // counted in its `active`
-    std::vector<bool> tried_;
+    TriedServers tried_;
     std::size_t attempts_ = 0;
 
     uv_tcp_t *client_; // owned; freed after its close callback

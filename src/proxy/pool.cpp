@@ -81,7 +81,7 @@ std::size_t Pool::attemptLimit() const {
                                  : std::min<std::size_t>(config_.attempts, servers_.size());
 }
 
-int Pool::pick(const std::vector<bool> &tried, std::uint64_t nowMs) {
+int Pool::pick(const TriedServers &tried, std::uint64_t nowMs) {
     const std::size_t count = servers_.size();
     if (count == 0) {
         return -1;

@@ -20,6 +20,50 @@
 
 namespace sluice::proxy {
 
+/**
+ * The servers of a pool one connection has tried, a flag each: inline bits for pools of up to
+ * 64 servers, so a connection allocates nothing for them; a larger pool gets a vector.
+ */
+class TriedServers {
+public:
+    explicit TriedServers(std::size_t count = 0) { reset(count); }
+
+    /** `count` servers, none tried. */
+    void reset(std::size_t count) {
+        count_ = count;
+        bits_ = 0;
+        more_.reset();
+        if (count > 64) {
+            more_ = std::make_unique<std::vector<bool>>(count, false);
+        }
+    }
+    std::size_t size() const { return count_; }
+    bool operator[](std::size_t i) const {
+        return more_ ? static_cast<bool>((*more_)[i]) : ((bits_ >> i) & 1U) != 0;
+    }
+    void set(std::size_t i) {
+        if (more_) {
+            (*more_)[i] = true;
+        } else {
+            bits_ |= std::uint64_t{1} << i;
+        }
+    }
+    /** True when every server has been tried. */
+    bool all() const {
+        for (std::size_t i = 0; i < count_; ++i) {
+            if (!(*this)[i]) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+private:
+    std::uint64_t bits_ = 0;
+    std::size_t count_ = 0;
+    std::unique_ptr<std::vector<bool>> more_;
+};
+
 /** One server of a pool and what the pool knows about it. */
 class PoolServer {
 public:
@@ -79,7 +123,7 @@ public:
      * whose down time ends first. Returns -1 when every server has been tried. `nowMs` is
      * monotonic milliseconds.
      */
-    int pick(const std::vector<bool> &tried, std::uint64_t nowMs);
+    int pick(const TriedServers &tried, std::uint64_t nowMs);
 
     /** Records a successful connect (health restored). */
     HealthChange succeeded(std::size_t index);

@@ -15,6 +15,7 @@ using sluice::BackendConfig;
 using sluice::Balance;
 using sluice::proxy::HealthChange;
 using sluice::proxy::Pool;
+using sluice::proxy::TriedServers;
 
 namespace {
 
@@ -33,8 +34,8 @@ BackendConfig threeServers(Balance balance) {
     return config;
 }
 
-std::vector<bool> none(const Pool &pool) {
-    return std::vector<bool>(pool.size(), false);
+TriedServers none(const Pool &pool) {
+    return TriedServers(pool.size());
 }
 
 } // namespace
@@ -55,8 +56,8 @@ TEST_CASE("first takes the first healthy server") {
     for (int i = 0; i < 5; ++i) {
         CHECK(pool.pick(none(pool), 1000) == 0);
     }
-    std::vector<bool> tried = none(pool);
-    tried[0] = true;
+    TriedServers tried = none(pool);
+    tried.set(0);
     CHECK(pool.pick(tried, 1000) == 1);
 }
 
@@ -114,10 +115,11 @@ TEST_CASE("when every untried server is down, the one back soonest is tried") {
         pool.failed(i, 1000 + i * 100);
     }
     CHECK(pool.pick(none(pool), 2000) == 0);
-    std::vector<bool> tried = none(pool);
-    tried[0] = true;
+    TriedServers tried = none(pool);
+    tried.set(0);
     CHECK(pool.pick(tried, 2000) == 1);
-    tried[1] = tried[2] = true;
+    tried.set(1);
+    tried.set(2);
     CHECK(pool.pick(tried, 2000) == -1);
 }
 
@@ -160,4 +162,30 @@ TEST_CASE("routes match SNI (exact and one-label wildcard) and ALPN, first match
     CHECK(settings.route("other.test", "h2")->name() == "h2");
     CHECK(settings.route("", "http/1.1")->name() == "default");
     CHECK(settings.route("", "")->name() == "default");
+}
+
+TEST_CASE("tried servers: inline bits up to 64, a vector beyond, the same answers") {
+    for (const std::size_t count :
+         {std::size_t{1}, std::size_t{64}, std::size_t{65}, std::size_t{200}}) {
+        INFO("servers " << count);
+        TriedServers tried(count);
+        CHECK(tried.size() == count);
+        CHECK_FALSE(tried.all());
+        for (std::size_t i = 0; i < count; ++i) {
+            CHECK_FALSE(tried[i]);
+        }
+        for (std::size_t i = 0; i + 1 < count; i += 2) {
+            tried.set(i);
+        }
+        for (std::size_t i = 0; i < count; ++i) {
+            CHECK(tried[i] == (i % 2 == 0 && i + 1 < count));
+        }
+        for (std::size_t i = 0; i < count; ++i) {
+            tried.set(i);
+        }
+        CHECK(tried.all());
+        tried.reset(count);
+        CHECK_FALSE(tried[count - 1]);
+        CHECK_FALSE(tried.all());
+    }
 }
