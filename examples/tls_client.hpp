@@ -1,5 +1,5 @@
-// A blocking TLS client on OpenSSL, for the examples' self-tests: it plays the remote client that
-// connects through sluice. Not part of libsluice: just OpenSSL and a socket.
+// A blocking TLS client on OpenSSL, for the examples' self-tests (and server_test): it plays the
+// remote client that connects through sluice. Not part of libsluice: just OpenSSL and a socket.
 #pragma once
 
 #include <arpa/inet.h>
@@ -89,6 +89,39 @@ public:
             }
         }
         return connected_ && back == data;
+    }
+
+    /** The server certificate's subject CN; empty without a handshake. */
+    std::string peerName() const {
+        X509 *peer = ssl_ != nullptr ? SSL_get1_peer_certificate(ssl_) : nullptr;
+        if (peer == nullptr) {
+            return {};
+        }
+        char name[256] = {};
+        X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, name, sizeof name);
+        X509_free(peer);
+        return name;
+    }
+
+    /** Sends `data`, then close_notify; returns the reply read until the stream ended, and
+     * sets `clean` when it ended with the server's close_notify. */
+    std::string sendThenClose(const std::string &data, bool &clean) {
+        clean = false;
+        if (!connected_ || SSL_write(ssl_, data.data(), static_cast<int>(data.size())) !=
+                               static_cast<int>(data.size())) {
+            return {};
+        }
+        SSL_shutdown(ssl_);
+        std::string reply;
+        char buffer[16384];
+        for (;;) {
+            const int r = SSL_read(ssl_, buffer, sizeof buffer);
+            if (r <= 0) {
+                clean = SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN;
+                return reply;
+            }
+            reply.append(buffer, static_cast<std::size_t>(r));
+        }
     }
 
     /** Sends close_notify and waits for the server's: true for a clean end of the stream. */

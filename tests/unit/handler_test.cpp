@@ -20,7 +20,6 @@
 #include <vector>
 
 #include <doctest/doctest.h>
-#include <openssl/pem.h>
 #include <uv.h>
 
 #include <sluice/config.hpp>
@@ -50,12 +49,8 @@ std::pair<std::string, std::string> certificateFiles() {
         std::filesystem::create_directories(dir);
         const std::string cert = (dir / "leaf.crt").string();
         const std::string key = (dir / "leaf.key").string();
-        FILE *out = std::fopen(cert.c_str(), "w");
-        PEM_write_X509(out, test::pki().leafCert.get());
-        std::fclose(out);
-        out = std::fopen(key.c_str(), "w");
-        PEM_write_PrivateKey(out, test::pki().leafKey.get(), nullptr, nullptr, 0, nullptr, nullptr);
-        std::fclose(out);
+        test::writePem(cert, test::pki().leafCert.get(), nullptr);
+        test::writePem(key, nullptr, test::pki().leafKey.get());
         return std::make_pair(cert, key);
     }();
     return files;
@@ -151,15 +146,9 @@ struct Rig {
         config.listeners.push_back(listener);
         server = std::make_unique<proxy::Server>(&loop, proxy::buildRuntime(config, 1, &handlers));
 
-        const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
-        sockaddr_in address{};
-        address.sin_family = AF_INET;
-        address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        REQUIRE(::bind(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0);
-        REQUIRE(::listen(fd, 64) == 0);
-        socklen_t length = sizeof address;
-        getsockname(fd, reinterpret_cast<sockaddr *>(&address), &length);
-        port = ntohs(address.sin_port);
+        int bound = 0;
+        const int fd = test::listenLoopback(bound);
+        port = static_cast<std::uint16_t>(bound);
         server->listen({{"web 127.0.0.1:0", "web", fd}});
 
         done.data = this;

@@ -25,12 +25,12 @@
 #include <vector>
 
 #include <doctest/doctest.h>
-#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <uv.h>
 
 #include <sluice/server.hpp>
 
+#include "tls_client.hpp"
 #include "tls_fixture.hpp"
 
 namespace {
@@ -43,16 +43,6 @@ struct Certificates {
     std::string dir;
     std::string ca, certA, keyA, certB, keyB;
 };
-
-void writePem(const std::string &path, X509 *cert, EVP_PKEY *key) {
-    std::FILE *file = std::fopen(path.c_str(), "w");
-    REQUIRE(file != nullptr);
-    const int ok = cert != nullptr
-                       ? PEM_write_X509(file, cert)
-                       : PEM_write_PrivateKey(file, key, nullptr, nullptr, 0, nullptr, nullptr);
-    std::fclose(file);
-    REQUIRE(ok == 1);
-}
 
 /** Written once per test binary into a fresh folder under $TMPDIR (removed at exit). */
 const Certificates &certificates() {
@@ -75,11 +65,11 @@ const Certificates &certificates() {
         c.keyA = c.dir + "/a.key";
         c.certB = c.dir + "/b.crt";
         c.keyB = c.dir + "/b.key";
-        writePem(c.ca, pki.caCert.get(), nullptr);
-        writePem(c.certA, leafA.get(), nullptr);
-        writePem(c.keyA, nullptr, pki.leafKey.get());
-        writePem(c.certB, leafB.get(), nullptr);
-        writePem(c.keyB, nullptr, leafKeyB.get());
+        sluice::test::writePem(c.ca, pki.caCert.get(), nullptr);
+        sluice::test::writePem(c.certA, leafA.get(), nullptr);
+        sluice::test::writePem(c.keyA, nullptr, pki.leafKey.get());
+        sluice::test::writePem(c.certB, leafB.get(), nullptr);
+        sluice::test::writePem(c.keyB, nullptr, leafKeyB.get());
         static std::string removeAtExit;
         removeAtExit = c.dir;
         std::atexit([] {
@@ -95,25 +85,11 @@ const Certificates &certificates() {
 
 // --- A blocking plain echo backend --------------------------------------------------------------
 
-int listenLoopback(int &port) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_in address{};
-    address.sin_family = AF_INET;
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE(::bind(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0);
-    REQUIRE(::listen(fd, 64) == 0);
-    socklen_t length = sizeof address;
-    REQUIRE(::getsockname(fd, reinterpret_cast<sockaddr *>(&address), &length) == 0);
-    port = ntohs(address.sin_port);
-    return fd;
-}
-
 /** Echoes every connection until its EOF, then closes it; one thread per connection. */
 class EchoBackend {
 public:
     EchoBackend() {
-        fd_ = listenLoopback(port_);
+        fd_ = sluice::test::listenLoopback(port_);
         acceptor_ = std::thread([this] {
             for (;;) {
                 const int client = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
@@ -171,107 +147,11 @@ int portOf(const std::string &address) {
     return std::stoi(address.substr(address.rfind(':') + 1));
 }
 
-/** One TLS connection to an IPv4 "host:port" that verifies the server against the test CA. */
-class TlsClient {
+/** The examples' blocking client, verifying "localhost" against the test CA. */
+class TlsClient : public example::TlsClient {
 public:
-    explicit TlsClient(const std::string &hostPort) {
-        ctx_ = SSL_CTX_new(TLS_client_method());
-        SSL_CTX_load_verify_locations(ctx_, certificates().ca.c_str(), nullptr);
-        SSL_CTX_set_verify(ctx_, SSL_VERIFY_PEER, nullptr);
-        fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-        timeval timeout{10, 0}; // a hung test fails instead of waiting forever
-        ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-        ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &timeout, sizeof timeout);
-        sockaddr_in address{};
-        address.sin_family = AF_INET;
-        const std::string host = hostPort.substr(0, hostPort.rfind(':'));
-        address.sin_port = htons(static_cast<std::uint16_t>(portOf(hostPort)));
-        connected_ = ::inet_pton(AF_INET, host.c_str(), &address.sin_addr) == 1 &&
-                     ::connect(fd_, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0;
-        ssl_ = SSL_new(ctx_);
-        SSL_set_fd(ssl_, fd_);
-        SSL_set_tlsext_host_name(ssl_, "localhost");
-        SSL_set1_host(ssl_, "localhost");
-        handshake_ = connected_ && SSL_connect(ssl_) == 1;
-    }
-    ~TlsClient() {
-        SSL_free(ssl_);
-        SSL_CTX_free(ctx_);
-        ::close(fd_);
-    }
-    TlsClient(const TlsClient &) = delete;
-    TlsClient &operator=(const TlsClient &) = delete;
-
-    bool ok() const { return handshake_; }
-
-    /** The server certificate's subject CN. */
-    std::string peerName() const {
-        X509 *peer = SSL_get1_peer_certificate(ssl_);
-        if (peer == nullptr) {
-            return {};
-        }
-        char name[256] = {};
-        X509_NAME_get_text_by_NID(X509_get_subject_name(peer), NID_commonName, name, sizeof name);
-        X509_free(peer);
-        return name;
-    }
-
-    /** Sends `data` in chunks, each echoed back before the next: true if it all came back. */
-    bool echo(const std::string &data, std::size_t chunk = 16384) {
-        std::string back;
-        for (std::size_t at = 0; at < data.size(); at += chunk) {
-            const std::size_t n = std::min(chunk, data.size() - at);
-            if (SSL_write(ssl_, data.data() + at, static_cast<int>(n)) != static_cast<int>(n)) {
-                return false;
-            }
-            const std::size_t want = back.size() + n;
-            while (back.size() < want) {
-                char buffer[16384];
-                const int r = SSL_read(ssl_, buffer, sizeof buffer);
-                if (r <= 0) {
-                    return false;
-                }
-                back.append(buffer, static_cast<std::size_t>(r));
-            }
-        }
-        return back == data;
-    }
-
-    /** Sends `data`, then close_notify; returns the reply read until the stream ended, and
-     * sets `clean` when it ended with the server's close_notify. */
-    std::string sendThenClose(const std::string &data, bool &clean) {
-        clean = false;
-        if (SSL_write(ssl_, data.data(), static_cast<int>(data.size())) !=
-            static_cast<int>(data.size())) {
-            return {};
-        }
-        SSL_shutdown(ssl_);
-        std::string reply;
-        char buffer[16384];
-        for (;;) {
-            const int r = SSL_read(ssl_, buffer, sizeof buffer);
-            if (r <= 0) {
-                clean = SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN;
-                return reply;
-            }
-            reply.append(buffer, static_cast<std::size_t>(r));
-        }
-    }
-
-    /** Sends close_notify and reads until the server's: true for a clean end of the stream. */
-    bool closeCleanly() {
-        SSL_shutdown(ssl_);
-        char buffer[256];
-        const int r = SSL_read(ssl_, buffer, sizeof buffer);
-        return r == 0 && SSL_get_error(ssl_, r) == SSL_ERROR_ZERO_RETURN;
-    }
-
-private:
-    SSL_CTX *ctx_ = nullptr;
-    SSL *ssl_ = nullptr;
-    int fd_ = -1;
-    bool connected_ = false;
-    bool handshake_ = false;
+    explicit TlsClient(const std::string &hostPort)
+        : example::TlsClient(hostPort, certificates().ca) {}
 };
 
 std::string randomBytes(std::size_t n) {
@@ -604,7 +484,8 @@ TEST_CASE("start reports what failed and leaves nothing open; it may be tried ag
 
     SUBCASE("an address in use names the listener, and a retry succeeds once it is free") {
         int port = 0;
-        const int taken = listenLoopback(port); // no SO_REUSEPORT: sluice cannot share it
+        const int taken =
+            sluice::test::listenLoopback(port); // no SO_REUSEPORT: sluice cannot share it
         sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA,
                                                     "127.0.0.1:" + std::to_string(port)));
         try {

@@ -2,21 +2,28 @@
 // memory once per test binary, so the tests read no files and start fast. A TlsObserver attached
 // to a context records, through OpenSSL's message callback, which handshake messages and alerts
 // its connections sent and received: the tests use it to see what the engine's API cannot show
-// (a KeyUpdate on the wire, a refused renegotiation, the alert that carried an error).
+// (a KeyUpdate on the wire, a refused renegotiation, the alert that carried an error). For the
+// tests that run a real server: PEM files of the PKI and a listening socket on loopback.
 #pragma once
 
+#include <arpa/inet.h>
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <memory>
+#include <netinet/in.h>
 #include <span>
 #include <stdexcept>
 #include <string>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <utility>
 #include <vector>
 
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509.h>
 #include <openssl/x509v3.h>
@@ -245,6 +252,40 @@ inline Digest sha256(std::span<const std::uint8_t> data) {
         size != digest.size())
         fixtureFailure("EVP_Digest");
     return digest;
+}
+
+/** Writes `cert` or, when it is null, `key` to `path` as PEM; throws on failure. */
+inline void writePem(const std::string &path, X509 *cert, EVP_PKEY *key) {
+    std::FILE *file = std::fopen(path.c_str(), "w");
+    if (file == nullptr) {
+        throw std::runtime_error("cannot write " + path);
+    }
+    const int ok = cert != nullptr
+                       ? PEM_write_X509(file, cert)
+                       : PEM_write_PrivateKey(file, key, nullptr, nullptr, 0, nullptr, nullptr);
+    std::fclose(file);
+    if (ok != 1) {
+        throw std::runtime_error("cannot write " + path + ": " + opensslErrors());
+    }
+}
+
+/** A TCP socket listening on 127.0.0.1 at a port the kernel picks (stored in `port`). */
+inline int listenLoopback(int &port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t length = sizeof address;
+    if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) != 0 ||
+        ::listen(fd, 64) != 0 ||
+        ::getsockname(fd, reinterpret_cast<sockaddr *>(&address), &length) != 0) {
+        if (fd >= 0) {
+            ::close(fd);
+        }
+        throw std::runtime_error("cannot listen on 127.0.0.1");
+    }
+    port = ntohs(address.sin_port);
+    return fd;
 }
 
 } // namespace sluice::test
