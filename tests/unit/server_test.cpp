@@ -238,6 +238,49 @@ std::uint64_t closedBy(const sluice::ServerStats &stats, const std::string &reas
 
 } // namespace
 
+/**
+ * A client on its own thread that connects, echoes once and holds the connection open while
+ * the test works the loop; finish() then tries one more echo and says whether it was cut.
+ */
+class HeldConnection {
+public:
+    HeldConnection(Loop &loop, const std::string &address)
+        : thread_([this, address] {
+            TlsClient client(address);
+            connected_.store(client.ok() && client.echo("hold"));
+            while (!release_.load()) {
+                std::this_thread::sleep_for(1ms);
+            }
+            cut_ = !client.echo("after the end");
+        }) {
+        while (!connected_.load()) {
+            uv_run(loop.get(), UV_RUN_NOWAIT);
+            std::this_thread::sleep_for(1ms);
+        }
+    }
+    HeldConnection(const HeldConnection &) = delete;
+    HeldConnection &operator=(const HeldConnection &) = delete;
+    ~HeldConnection() {
+        if (thread_.joinable()) {
+            release_.store(true);
+            thread_.join();
+        }
+    }
+
+    /** Lets the client try once more: true if the connection had been cut. */
+    bool finishCut() {
+        release_.store(true);
+        thread_.join();
+        return cut_;
+    }
+
+private:
+    std::atomic<bool> connected_{false};
+    std::atomic<bool> release_{false};
+    bool cut_ = false;
+    std::thread thread_;
+};
+
 TEST_CASE("a Server on the caller's loop terminates TLS and echoes bytes exactly") {
     const auto &certs = certificates();
     EchoBackend backend;
@@ -436,21 +479,7 @@ TEST_CASE("a drain with an open connection waits for it; its deadline cuts it (f
     server.start();
     const std::string address = server.addresses().at(0).second;
 
-    std::atomic<bool> connected{false};
-    std::atomic<bool> release{false};
-    bool cut = false;
-    std::thread holder([&] {
-        TlsClient client(address);
-        connected.store(client.ok() && client.echo("hold"));
-        while (!release.load()) {
-            std::this_thread::sleep_for(1ms);
-        }
-        cut = !client.echo("after the deadline");
-    });
-    while (!connected.load()) {
-        uv_run(loop.get(), UV_RUN_NOWAIT);
-        std::this_thread::sleep_for(1ms);
-    }
+    HeldConnection held(loop, address);
     int calls = 0;
     bool forced = false;
     REQUIRE(server.drain([&](bool f) {
@@ -460,9 +489,7 @@ TEST_CASE("a drain with an open connection waits for it; its deadline cuts it (f
     uv_run(loop.get(), UV_RUN_DEFAULT); // returns when the deadline has cut the connection
     CHECK(calls == 1);
     CHECK(forced);
-    release.store(true);
-    holder.join();
-    CHECK(cut);
+    CHECK(held.finishCut());
 }
 
 TEST_CASE("start reports what failed and leaves nothing open; it may be tried again") {
@@ -523,32 +550,15 @@ TEST_CASE("destroying a running Server cuts its connections and closes its handl
     const auto &certs = certificates();
     EchoBackend backend;
     Loop loop;
-    std::atomic<bool> connected{false};
-    std::atomic<bool> release{false};
-    bool cut = false;
     auto server = std::make_unique<sluice::Server>(
         loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
     server->start();
-    const std::string address = server->addresses().at(0).second;
-    std::thread holder([&] {
-        TlsClient client(address);
-        connected.store(client.ok() && client.echo("hold"));
-        while (!release.load()) {
-            std::this_thread::sleep_for(1ms);
-        }
-        cut = !client.echo("after the end");
-    });
-    while (!connected.load()) {
-        uv_run(loop.get(), UV_RUN_NOWAIT);
-        std::this_thread::sleep_for(1ms);
-    }
+    HeldConnection held(loop, server->addresses().at(0).second);
     // A pending drain's callback is dropped with the Server.
     REQUIRE(server->drain([](bool) { FAIL("a destroyed Server's callback ran"); }));
     server.reset();
     uv_run(loop.get(), UV_RUN_DEFAULT); // the Loop destructor checks that nothing is left
-    release.store(true);
-    holder.join();
-    CHECK(cut);
+    CHECK(held.finishCut());
 }
 
 TEST_CASE("a moved Server keeps running; the moved-from one is empty") {
