@@ -77,11 +77,11 @@ constexpr std::uint64_t ticketHoldMs = 50;
 void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
                        uv_tcp_t *client, const sockaddr_storage &peer, std::string ipKey) {
     auto *connection = new Connection(server, std::move(settings), client, peer);
-    connection->ipKey_ = std::move(ipKey);
+    // The key is the client's address, or empty (nothing counted) before a PROXY header.
     if (connection->closing_) {
-        server.handshakeEnded(connection->ipKey_); // the constructor failed and closed it
+        server.handshakeEnded(ipKey); // the constructor failed and closed it
     } else {
-        connection->handshakeCounted_ = true;
+        connection->handshakeCounted_ = !ipKey.empty();
     }
     server.connectionOpened(connection, *connection->settings_);
     connection->pump();
@@ -221,8 +221,15 @@ bool Connection::startShutdown(uv_shutdown_t Requests::*req, uv_stream_t *stream
     return true;
 }
 
+Connection::Proxy &Connection::proxy() {
+    if (!proxy_) {
+        proxy_ = std::make_unique<Proxy>();
+    }
+    return *proxy_;
+}
+
 bool Connection::clientReady() const {
-    if (awaitingProxy_ || proxyIn_) {
+    if (awaitingProxy_ || proxyInPending()) {
         return false;
     }
     if (!engine_) {
@@ -256,7 +263,7 @@ bool Connection::upEnded() const {
         const EngineStatus status = engine_->status();
         return status.closeNotifyReceived || status.truncated;
     }
-    return clientEof_ && !proxyIn_;
+    return clientEof_ && !proxyInPending();
 }
 
 std::span<const std::uint8_t> Connection::downSource() {
@@ -311,25 +318,26 @@ bool Connection::downEnded() const {
 bool Connection::feedLeftover() {
     // Bytes that arrived behind the PROXY header go where the socket would have put them; the
     // socket is not read again until they are all in.
-    if (!proxyIn_ || awaitingProxy_ || closing_) {
+    if (!proxyInPending() || awaitingProxy_ || closing_) {
         return false;
     }
-    const std::size_t left = proxyInLength_ - proxyInHead_;
+    Proxy &p = *proxy_;
+    const std::size_t left = p.inLength - p.inHead;
     std::span<std::uint8_t> space =
         engine_ ? engine_->cipherInSpace() : clientIn_.space(backendPinned_ != Pinned::plain);
     const std::size_t n = std::min(left, space.size());
     if (n == 0 && left > 0) {
         return false;
     }
-    std::memcpy(space.data(), proxyIn_.get() + proxyInHead_, n);
-    proxyInHead_ += n;
-    if (proxyInHead_ == proxyInLength_) {
-        proxyIn_.reset();
-        proxyInHead_ = proxyInLength_ = 0;
+    std::memcpy(space.data(), p.in.get() + p.inHead, n);
+    p.inHead += n;
+    if (p.inHead == p.inLength) {
+        p.in.reset();
+        p.inHead = p.inLength = 0;
     }
     if (engine_) {
         engine_->commitCipherIn(n);
-        if (!proxyIn_ && clientEof_) {
+        if (!p.in && clientEof_) {
             engine_->cipherInEof();
         }
     } else {
@@ -538,13 +546,16 @@ bool Connection::flushBackend() {
     int sent = write(
         Pinned::header,
         [this] {
-            const auto *header = reinterpret_cast<const std::uint8_t *>(proxyOut_.data());
-            return std::span<const std::uint8_t>(header + proxyOutSent_,
-                                                 proxyOut_.size() - proxyOutSent_);
+            if (!proxy_) {
+                return std::span<const std::uint8_t>();
+            }
+            const auto *header = reinterpret_cast<const std::uint8_t *>(proxy_->out.data());
+            return std::span<const std::uint8_t>(header + proxy_->outSent,
+                                                 proxy_->out.size() - proxy_->outSent);
         },
-        [this](std::size_t n) { proxyOutSent_ += n; });
+        [this](std::size_t n) { proxy_->outSent += n; });
     const bool headerMoved = sent > 0;
-    if (sent >= 0 && proxyOutSent_ == proxyOut_.size()) {
+    if (sent >= 0 && proxyOutDone()) {
         if (backendEngine_) {
             sent = write(
                 Pinned::cipher, [this] { return backendEngine_->cipherOut(); },
@@ -579,7 +590,7 @@ bool Connection::propagateCloses() {
     // Upstream: the client's end (close_notify, or FIN) becomes the backend's end once every
     // byte before it has been written: close_notify first for a TLS backend, then a FIN.
     if (!local_ && upEnded() && backendReady() && !backendShutdown_ && upSource().empty() &&
-        backendWriteInFlight_ == 0 && proxyOutSent_ == proxyOut_.size()) {
+        backendWriteInFlight_ == 0 && proxyOutDone()) {
         bool finNow = true;
         if (backendEngine_) {
             if (!backendTlsShutdown_) {
@@ -662,8 +673,8 @@ void Connection::updateReading() {
     // (half of the queue) is free.
     bool wantClient = !clientEof_ && !clientGone_;
     if (awaitingProxy_) {
-        wantClient = wantClient && proxyInLength_ < maxProxyHeader;
-    } else if (proxyIn_) {
+        wantClient = wantClient && (!proxy_ || proxy_->inLength < maxProxyHeader);
+    } else if (proxyInPending()) {
         wantClient = false;
     } else if (engine_) {
         const std::size_t capacity = engine_->cipherInCapacity();
@@ -750,8 +761,9 @@ void Connection::maybeFinish() {
 // --- PROXY header from a load balancer -----------------------------------------------------------
 
 bool Connection::takeProxyHeader() {
-    const ProxyParse parsed = parseProxyHeader({proxyIn_.get(), proxyInLength_}, maxProxyHeader);
-    if (parsed.status == ProxyParse::needMore && proxyInLength_ < maxProxyHeader) {
+    Proxy &p = *proxy_;
+    const ProxyParse parsed = parseProxyHeader({p.in.get(), p.inLength}, maxProxyHeader);
+    if (parsed.status == ProxyParse::needMore && p.inLength < maxProxyHeader) {
         return true;
     }
     if (parsed.status != ProxyParse::done) {
@@ -769,25 +781,25 @@ bool Connection::takeProxyHeader() {
     awaitingProxy_ = false;
     if (!parsed.local && parsed.source.ss_family != AF_UNSPEC) {
         clientAddress_ = ipAddress(parsed.source);
-        localAddress_ = ipAddress(parsed.destination);
+        p.local = ipAddress(parsed.destination);
         localKnown_ = true;
     }
-    proxyInHead_ = parsed.length;
-    if (proxyInHead_ == proxyInLength_) {
-        proxyIn_.reset();
-        proxyInHead_ = proxyInLength_ = 0;
+    p.inHead = parsed.length;
+    if (p.inHead == p.inLength) {
+        p.in.reset();
+        p.inHead = p.inLength = 0;
     }
     // The handshake limit per client address applies to the address the header names.
     endHandshakeCount();
-    ipKey_ = clientIpKey(&clientAddress_.any);
-    if (!server_.handshakeStarting(ipKey_)) {
+    const std::string ipKey = clientIpKey(&clientAddress_.any);
+    if (!server_.handshakeStarting(ipKey)) {
         server_.counters().handshakeLimited++;
         stats().handshakeLimited();
         noteClose(CloseReason::limit, "handshakes per IP");
         closeAll();
         return false;
     }
-    handshakeCounted_ = true;
+    handshakeCounted_ = !ipKey.empty();
     return true;
 }
 
@@ -808,19 +820,19 @@ void Connection::startBackend() {
     tried_.reset(pool_->size());
     const BackendConfig &config = pool_->config();
     if (config.proxyProtocol != ProxyProtocol::off) {
+        Proxy &p = proxy();
         uv_os_fd_t fd = -1;
-        socklen_t length = sizeof localAddress_;
+        socklen_t length = sizeof p.local;
         if (!localKnown_ && (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
-                             getsockname(fd, &localAddress_.any, &length) != 0)) {
-            localAddress_.any.sa_family = AF_UNSPEC;
+                             getsockname(fd, &p.local.any, &length) != 0)) {
+            p.local.any.sa_family = AF_UNSPEC;
         }
         localKnown_ = true;
         const auto *source =
             clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
-        const auto *destination =
-            localAddress_.any.sa_family == AF_UNSPEC ? nullptr : &localAddress_.any;
+        const auto *destination = p.local.any.sa_family == AF_UNSPEC ? nullptr : &p.local.any;
         if (config.proxyProtocol == ProxyProtocol::v1) {
-            proxyOut_ = buildProxyV1(source, destination);
+            p.out = buildProxyV1(source, destination);
         } else {
             ProxyTlvFacts facts;
             if (engine_) {
@@ -844,7 +856,7 @@ void Connection::startBackend() {
                 facts.clientCn = more.peerCommonName;
                 facts.clientCertDer = more.peerCertificateDer;
             }
-            proxyOut_ = buildProxyV2(source, destination, &facts);
+            p.out = buildProxyV2(source, destination, &facts);
         }
     }
     connectNext();
@@ -866,7 +878,9 @@ void Connection::connectNext() {
     server.active.fetch_add(1, std::memory_order_relaxed);
     backendConnected_ = backendReady_ = backendEof_ = backendReading_ = false;
     backendTlsShutdown_ = backendShutdown_ = backendShutdownDone_ = false;
-    proxyOutSent_ = 0;
+    if (proxy_) {
+        proxy_->outSent = 0;
+    }
     phaseStart_ = uv_now(loop);
     connectStartHr_ = uv_hrtime();
     const net::SocketAddress target = server.resolved();
@@ -1293,7 +1307,9 @@ void Connection::noteClose(CloseReason reason, std::string_view error) {
     }
     closeReasonSet_ = true;
     closeReason_ = reason;
-    closeError_ = error;
+    if (!error.empty()) {
+        closeError_ = std::make_unique<std::string>(error);
+    }
 }
 
 void Connection::recordClose() {
@@ -1333,14 +1349,16 @@ void Connection::recordClose() {
     record.bytesClientToBackend = bytesUp_;
     record.bytesBackendToClient = bytesDown_;
     record.reason = reason;
-    record.error = closeError_;
+    if (closeError_) {
+        record.error = *closeError_;
+    }
     emitConnectionRecord(record);
 }
 
 void Connection::endHandshakeCount() {
     if (handshakeCounted_) {
         handshakeCounted_ = false;
-        server_.handshakeEnded(ipKey_);
+        server_.handshakeEnded(clientIpKey(&clientAddress_.any));
     }
 }
 
@@ -1400,11 +1418,11 @@ void Connection::onClientAlloc(uv_handle_t *handle, size_t, uv_buf_t *buf) {
     if (self->closing_) {
         // Nothing: libuv reports UV_ENOBUFS, which is ignored while closing.
     } else if (self->awaitingProxy_) {
-        if (!self->proxyIn_) {
-            self->proxyIn_ = std::make_unique_for_overwrite<std::uint8_t[]>(maxProxyHeader);
+        Proxy &p = self->proxy();
+        if (!p.in) {
+            p.in = std::make_unique_for_overwrite<std::uint8_t[]>(maxProxyHeader);
         }
-        space = {self->proxyIn_.get() + self->proxyInLength_,
-                 maxProxyHeader - self->proxyInLength_};
+        space = {p.in.get() + p.inLength, maxProxyHeader - p.inLength};
     } else if (self->engine_) {
         // Zero copy: the socket reads straight into the engine's pair.
         space = self->engine_->cipherInSpace();
@@ -1423,7 +1441,7 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
         const auto n = static_cast<std::size_t>(nread);
         self->touch();
         if (self->awaitingProxy_) {
-            self->proxyInLength_ += n;
+            self->proxy_->inLength += n;
             if (!self->takeProxyHeader()) {
                 return;
             }
@@ -1445,7 +1463,7 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
             self->closeAll();
             return;
         }
-        if (self->engine_ && !self->proxyIn_) {
+        if (self->engine_ && !self->proxyInPending()) {
             self->engine_->cipherInEof();
         }
     } else if (nread < 0) {
@@ -1597,7 +1615,7 @@ void Connection::onBackendWrite(uv_write_t *req, int status) {
         return;
     }
     if (pinned == Pinned::header) {
-        self->proxyOutSent_ += written;
+        self->proxy_->outSent += written;
     } else if (pinned == Pinned::cipher) {
         self->backendEngine_->consumeCipherOut(written);
     } else if (pinned == Pinned::plain) {

@@ -190,8 +190,6 @@ private:
     std::shared_ptr<const ListenerSettings> settings_;
     std::unique_ptr<Engine> engine_;        // client TLS; null on a plaintext listener
     std::unique_ptr<Engine> backendEngine_; // backend TLS; null for a plain pool
-    std::string ipKey_;                     // counted in the server's handshakes-by-IP until ...
-    bool handshakeCounted_ = false;         // ... this turns false: handshake done or closing
 
     // The client's and the listener's addresses: from the socket, or from a PROXY header. The
     // local one is read from the socket only when a PROXY header to the backend needs it.
@@ -203,20 +201,28 @@ private:
     /** Copies the IP address in `from` (AF_UNSPEC when it is not IPv4 or IPv6). */
     static IpAddress ipAddress(const sockaddr_storage &from);
     IpAddress clientAddress_{};
-    IpAddress localAddress_{};
-    bool localKnown_ = false;
-    std::unique_ptr<std::uint8_t[]> proxyIn_; // the PROXY header being read
-    std::size_t proxyInLength_ = 0;
-    std::size_t proxyInHead_ = 0; // bytes of proxyIn_ already handed on (the header, then data)
-    std::string proxyOut_;        // the PROXY header for the backend
-    std::size_t proxyOutSent_ = 0;
+
+    /** The PROXY protocol's side, allocated only where a header is read or written. */
+    struct Proxy {
+        std::unique_ptr<std::uint8_t[]> in; // the header being read, and bytes behind it
+        std::size_t inLength = 0;
+        std::size_t inHead = 0; // bytes of `in` already handed on (the header, then data)
+        std::string out;        // the header for the backend
+        std::size_t outSent = 0;
+        IpAddress local{}; // the listener's address, once localKnown_
+    };
+    std::unique_ptr<Proxy> proxy_;
+    Proxy &proxy();
+    /** Bytes read with the PROXY header wait to be handed on. */
+    bool proxyInPending() const { return proxy_ && proxy_->in; }
+    /** Every byte of the PROXY header for the backend (if any) has been written. */
+    bool proxyOutDone() const { return !proxy_ || proxy_->outSent == proxy_->out.size(); }
 
     // The backend: its pool, the server in use, and the servers already tried.
     PoolPtr pool_;
-    int serverIndex_ = -1;       // the server of the current (or last) attempt
-    bool serverCounted_ = false; // counted in its `active`
+    int serverIndex_ = -1; // the server of the current (or last) attempt
+    std::uint32_t attempts_ = 0;
     TriedServers tried_;
-    std::size_t attempts_ = 0;
 
     uv_tcp_t *client_; // owned; freed after its close callback
     union {
@@ -226,7 +232,6 @@ private:
     uv_timer_t timer_{};
 
     std::unique_ptr<Requests> requests_;
-    int requestsInFlight_ = 0; // started and not yet called back
 
     /** The in-process handler's side, allocated only for a connection routed to one. */
     struct Local {
@@ -252,8 +257,6 @@ private:
 
     std::size_t clientWriteInFlight_ = 0; // bytes pinned by the client socket's write
     std::size_t backendWriteInFlight_ = 0;
-    Pinned clientPinned_ = Pinned::none;
-    Pinned backendPinned_ = Pinned::none;
 
     std::uint64_t acceptedAt_ = 0;
     std::uint64_t lastActivity_ = 0;
@@ -261,6 +264,7 @@ private:
     std::uint64_t bytesUp_ = 0;
     std::uint64_t bytesDown_ = 0;
     int openHandles_ = 0;
+    int requestsInFlight_ = 0; // started and not yet called back
 
     // For metrics and the access log (uv_hrtime() nanoseconds; -1: not reached).
     std::int64_t startUnixMicros_ = 0;
@@ -268,35 +272,44 @@ private:
     std::uint64_t connectStartHr_ = 0;
     std::int64_t handshakeNanos_ = -1;
     std::int64_t connectNanos_ = -1;
-    CloseReason closeReason_ = CloseReason::done;
-    bool closeReasonSet_ = false;
-    std::string closeError_;
+    std::unique_ptr<std::string> closeError_; // with the reason, when it has one
 
-    bool awaitingProxy_ = false; // the PROXY header has not arrived yet
-    bool clientReading_ = false;
-    bool clientEof_ = false;      // the client's FIN (or a read error) arrived
-    bool clientGone_ = false;     // the client socket failed: nothing more can be sent
-    bool clientShutdown_ = false; // our FIN to the client was requested
-    bool clientShutdownDone_ = false;
-    bool backendInitialised_ = false; // the backend handle is open (not yet closing)
-    bool backendClosing_ = false;     // closing the handle of a failed attempt
-    bool backendStarted_ = false;
-    bool backendConnected_ = false; // the socket connected
-    bool backendReady_ = false;     // ... and its TLS handshake is done (or it has none)
-    bool backendReading_ = false;
-    bool backendEof_ = false;         // the backend's FIN arrived
-    bool backendGone_ = false;        // refused, reset or failed: nothing more to or from it
-    bool backendTlsShutdown_ = false; // close_notify requested from the backend engine
-    bool backendShutdown_ = false;
-    bool backendShutdownDone_ = false;
-    bool truncateClient_ = false;    // end the client without close_notify (backend reset)
-    bool resetClient_ = false;       // close a plaintext client with a reset
-    bool shutdownRequested_ = false; // the client engine's shutdown() was called
-    bool handshakeLogged_ = false;
-    bool flushing_ = false; // only the last bytes to the client remain
-    bool closing_ = false;
-    bool inPump_ = false;
-    bool pumpAgain_ = false;
+    Pinned clientPinned_ = Pinned::none;
+    Pinned backendPinned_ = Pinned::none;
+    CloseReason closeReason_ = CloseReason::done;
+
+    // One bit each: a connection is mostly waiting, and its size is what idle costs.
+    bool awaitingProxy_ : 1 = false; // the PROXY header has not arrived yet
+    bool clientReading_ : 1 = false;
+    bool clientEof_ : 1 = false;      // the client's FIN (or a read error) arrived
+    bool clientGone_ : 1 = false;     // the client socket failed: nothing more can be sent
+    bool clientShutdown_ : 1 = false; // our FIN to the client was requested
+    bool clientShutdownDone_ : 1 = false;
+    bool backendInitialised_ : 1 = false; // the backend handle is open (not yet closing)
+    bool backendClosing_ : 1 = false;     // closing the handle of a failed attempt
+    bool backendStarted_ : 1 = false;
+    bool backendConnected_ : 1 = false; // the socket connected
+    bool backendReady_ : 1 = false;     // ... and its TLS handshake is done (or it has none)
+    bool backendReading_ : 1 = false;
+    bool backendEof_ : 1 = false;         // the backend's FIN arrived
+    bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
+    bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine
+    bool backendShutdown_ : 1 = false;
+    bool backendShutdownDone_ : 1 = false;
+    bool truncateClient_ : 1 = false;    // end the client without close_notify (backend reset)
+    bool resetClient_ : 1 = false;       // close a plaintext client with a reset
+    bool shutdownRequested_ : 1 = false; // the client engine's shutdown() was called
+    bool handshakeLogged_ : 1 = false;
+    bool flushing_ : 1 = false; // only the last bytes to the client remain
+    bool closing_ : 1 = false;
+    bool inPump_ : 1 = false;
+    bool pumpAgain_ : 1 = false;
+    bool closeReasonSet_ : 1 = false;
+    bool serverCounted_ : 1 = false; // counted in its server's `active`
+    bool localKnown_ : 1 = false;    // proxy_->local is set
+    // Counted in the server's handshakes by client address (clientIpKey(clientAddress_)) until
+    // this turns false: handshake done or closing.
+    bool handshakeCounted_ : 1 = false;
 };
 
 } // namespace sluice::proxy
