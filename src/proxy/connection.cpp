@@ -95,10 +95,7 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     , client_(client) {
     uv_loop_t *loop = server_.loop();
     client_->data = this;
-    timer_.data = this;
     openHandles_ = 1;
-    uv_timer_init(loop, &timer_);
-    ++openHandles_;
     // The client socket has the listener's socket options already: it inherits them from the
     // listening socket, where the Listener set them.
     acceptedAt_ = lastActivity_ = uv_now(loop);
@@ -1221,19 +1218,18 @@ void Connection::armTimer() {
         due = tickets;
     }
     if (due == 0) {
-        uv_timer_stop(&timer_);
+        server_.deadlines().cancel(*this);
         return;
     }
-    const std::uint64_t now = uv_now(server_.loop());
-    uv_timer_start(&timer_, onTimer, due > now ? due - now : 0, 0);
+    server_.deadlines().set(*this, due);
 }
 
 void Connection::touch() {
     lastActivity_ = uv_now(server_.loop());
 }
 
-void Connection::onTimer(uv_timer_t *timer) {
-    auto *self = static_cast<Connection *>(timer->data);
+void Connection::fireDeadline(Timed &timed) {
+    auto *self = static_cast<Connection *>(&timed);
     if (self->closing_) {
         return;
     }
@@ -1377,7 +1373,7 @@ void Connection::closeAll() {
     if (!resetClient_ || uv_tcp_close_reset(client_, onClose) != 0) {
         uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
     }
-    uv_close(reinterpret_cast<uv_handle_t *>(&timer_), onClose);
+    server_.deadlines().cancel(*this);
     if (local_ && local_->idleInitialised) {
         uv_close(reinterpret_cast<uv_handle_t *>(&local_->idle), onClose);
     }

@@ -21,6 +21,7 @@
 #include "proxy/byte_queue.hpp"
 #include "proxy/pool.hpp"
 #include "proxy/stats.hpp"
+#include "proxy/timer_heap.hpp"
 
 namespace sluice::proxy {
 
@@ -54,7 +55,7 @@ struct ListenerSettings;
  * closed; the object deletes itself after that call. Callbacks that arrive after closing began
  * only release what they own.
  */
-class Connection final : private Stream {
+class Connection final : private Stream, private Timed {
 public:
     /**
      * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
@@ -70,6 +71,9 @@ public:
 
     /** Begins a graceful end: nothing more is accepted from either side. */
     void abort(const char *reason);
+
+    /** The Server's TimerHeap calls this when the connection's deadline is reached. */
+    static void fireDeadline(Timed &timed);
 
 private:
     Connection(Server &server, std::shared_ptr<const ListenerSettings> settings, uv_tcp_t *client,
@@ -167,7 +171,6 @@ private:
     static void onBackendWrite(uv_write_t *req, int status);
     static void onBackendShutdown(uv_shutdown_t *req, int status);
     static void onBackendClosed(uv_handle_t *handle);
-    static void onTimer(uv_timer_t *timer);
     static void onIdle(uv_idle_t *idle);
 
     // The in-process handler (a pool with a handler instead of servers).
@@ -229,7 +232,6 @@ private:
         uv_tcp_t tcp;
         uv_pipe_t pipe;
     } backend_{};
-    uv_timer_t timer_{};
 
     std::unique_ptr<Requests> requests_;
 

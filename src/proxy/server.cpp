@@ -104,7 +104,8 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
 
 Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     : loop_(loop)
-    , runtime_(std::move(runtime)) {}
+    , runtime_(std::move(runtime))
+    , deadlines_(loop, &Connection::fireDeadline) {}
 
 Server::~Server() = default;
 
@@ -304,6 +305,7 @@ void Server::checkDrained() {
         return;
     }
     doneScheduled_ = true;
+    deadlines_.close();
     // Completion is reported from the timer's close callback: after every handle is closed and
     // never inside the call that started the drain.
     uv_close(reinterpret_cast<uv_handle_t *>(drainTimer_), [](uv_handle_t *handle) {

@@ -17,6 +17,7 @@
 
 #include "net/address.hpp"
 #include "proxy/pool.hpp"
+#include "proxy/timer_heap.hpp"
 #include "tls/context.hpp"
 
 namespace sluice::proxy {
@@ -152,6 +153,8 @@ public:
     bool handshakeStarting(const std::string &ipKey);
     void handshakeEnded(const std::string &ipKey);
     ServerStats &counters() { return stats_; }
+    /** The deadlines (timeouts) of this server's connections. */
+    TimerHeap &deadlines() { return deadlines_; }
 
 private:
     void adopt(ListenSocket socket);
@@ -168,6 +171,7 @@ private:
     // so the map's size is bounded by the connections open, whatever addresses connect.
     std::unordered_map<std::string, std::uint64_t> handshakesByIp_;
     ServerStats stats_;
+    TimerHeap deadlines_;
     uv_timer_t *drainTimer_ = nullptr;
     std::function<void(bool)> drained_;
     bool draining_ = false;
