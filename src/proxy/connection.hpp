@@ -189,6 +189,10 @@ private:
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
     uv_stream_t *backendStream() { return reinterpret_cast<uv_stream_t *>(&backend_); }
 
+    friend class Server; // links its list of live connections through prev/nextInServer_
+    Connection *prevInServer_ = nullptr;
+    Connection *nextInServer_ = nullptr;
+
     Server &server_;
     std::shared_ptr<const ListenerSettings> settings_;
     std::unique_ptr<Engine> engine_;        // client TLS; null on a plaintext listener

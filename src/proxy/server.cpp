@@ -221,13 +221,28 @@ void Server::handshakeEnded(const std::string &ipKey) {
 }
 
 void Server::connectionOpened(Connection *connection, const ListenerSettings &settings) {
-    connections_.insert(connection);
+    connection->prevInServer_ = nullptr;
+    connection->nextInServer_ = connections_;
+    if (connections_ != nullptr) {
+        connections_->prevInServer_ = connection;
+    }
+    connections_ = connection;
+    ++connectionCount_;
     perListener_[settings.name]++;
     stats_.active++;
 }
 
 void Server::connectionClosed(Connection *connection, const ListenerSettings &settings) {
-    connections_.erase(connection);
+    if (connection->prevInServer_ != nullptr) {
+        connection->prevInServer_->nextInServer_ = connection->nextInServer_;
+    } else {
+        connections_ = connection->nextInServer_;
+    }
+    if (connection->nextInServer_ != nullptr) {
+        connection->nextInServer_->prevInServer_ = connection->prevInServer_;
+    }
+    connection->prevInServer_ = connection->nextInServer_ = nullptr;
+    --connectionCount_;
     if (--perListener_[settings.name] == 0) {
         perListener_.erase(settings.name);
     }
@@ -257,7 +272,7 @@ void Server::drain(std::function<void(bool forced)> done) {
     }
     draining_ = true;
     drained_ = std::move(done);
-    log::info("drain-start connections=" + std::to_string(connections_.size()) +
+    log::info("drain-start connections=" + std::to_string(connectionCount_) +
               " timeout_ms=" + std::to_string(runtime_->drainTimeout.count()));
     drainTimer_ = new uv_timer_t;
     uv_timer_init(loop_, drainTimer_);
@@ -280,27 +295,31 @@ void Server::stop(std::function<void(bool forced)> done) {
     } else if (done) {
         drained_ = std::move(done);
     }
-    if (!connections_.empty()) {
+    if (connections_ != nullptr) {
         onDrainTimer(drainTimer_);
     }
 }
 
 void Server::onDrainTimer(uv_timer_t *timer) {
     auto *self = static_cast<Server *>(timer->data);
-    if (self->connections_.empty()) {
+    if (self->connections_ == nullptr) {
         return;
     }
     self->forced_ = true;
-    log::warn("drain-deadline connections=" + std::to_string(self->connections_.size()));
+    log::warn("drain-deadline connections=" + std::to_string(self->connectionCount_));
     // abort() only starts closing; connections leave the set from their close callbacks.
-    for (Connection *connection :
-         std::vector<Connection *>(self->connections_.begin(), self->connections_.end())) {
+    std::vector<Connection *> live;
+    live.reserve(self->connectionCount_);
+    for (Connection *c = self->connections_; c != nullptr; c = c->nextInServer_) {
+        live.push_back(c);
+    }
+    for (Connection *connection : live) {
         connection->abort("drain deadline");
     }
 }
 
 void Server::checkDrained() {
-    if (!draining_ || doneScheduled_ || !connections_.empty() || closingHandles_ > 0 ||
+    if (!draining_ || doneScheduled_ || connections_ != nullptr || closingHandles_ > 0 ||
         drainTimer_ == nullptr) {
         return;
     }

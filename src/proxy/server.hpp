@@ -8,7 +8,6 @@
 #include <memory>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include <uv.h>
@@ -165,7 +164,10 @@ private:
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
     std::vector<std::unique_ptr<Listener>> listeners_;
-    std::unordered_set<Connection *> connections_;
+    // The live connections, linked through their own prevInServer_/nextInServer_: no allocation
+    // or hashing per connection.
+    Connection *connections_ = nullptr;
+    std::size_t connectionCount_ = 0;
     std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
     // Handshakes in progress by client IP; an entry exists only while its count is above zero,
     // so the map's size is bounded by the connections open, whatever addresses connect.
