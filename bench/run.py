@@ -694,7 +694,8 @@ def ratio(mine, peers, lower_better=False):
 
 def render(results):
     s = summarize(results)
-    terms = [t for t in ["sluice"] + PEERS if any(t in per for per in s.values()) or
+    measured = list(s.values()) + list(results.get("idle", {}).values())
+    terms = [t for t in ["sluice"] + PEERS if any(t in per for per in measured) or
              t in results.get("errors", {})]
     peers = [t for t in terms if t != "sluice"]
     m = results["machine"]
