@@ -118,6 +118,10 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
              "Connections closed at accept because their source is not in the listener's "
              "accept_proxy_from.");
     e.sample("sluice_proxy_source_refused_total", {}, s.proxySourceRefused);
+    e.family("sluice_memory_releases_total", "counter",
+             "Times the heap's free memory was handed back to the operating system after a "
+             "burst (global.release_memory_after).");
+    e.sample("sluice_memory_releases_total", {}, s.memoryReleases);
 
     e.family("sluice_handshakes_total", "counter",
              "TLS handshakes by result: ok, failed (alert), timeout, aborted (peer left).");

@@ -1,6 +1,9 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <cstring>
 #include <netinet/in.h>
 #include <stdexcept>
@@ -53,6 +56,7 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     };
     runtime->maxConnections = share(config.global.maxConnections);
     runtime->drainTimeout = config.global.drainTimeout;
+    runtime->releaseMemoryAfter = config.global.releaseMemoryAfter;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
     for (const auto &backend : config.backends) {
         const HandlerFactory *handler = nullptr;
@@ -107,7 +111,12 @@ Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     , runtime_(std::move(runtime))
     , deadlines_(loop, &Connection::fireDeadline) {}
 
-Server::~Server() = default;
+Server::~Server() {
+    if (quietTimer_ != nullptr) { // a Server destroyed without its drain
+        uv_close(reinterpret_cast<uv_handle_t *>(quietTimer_),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+    }
+}
 
 void Server::adopt(ListenSocket socket) {
     auto settings = runtime_->find(socket.name);
@@ -230,6 +239,7 @@ void Server::connectionOpened(Connection *connection, const ListenerSettings &se
     ++connectionCount_;
     perListener_[settings.name]++;
     stats_.active++;
+    noteActivity();
 }
 
 void Server::connectionClosed(Connection *connection, const ListenerSettings &settings) {
@@ -247,6 +257,7 @@ void Server::connectionClosed(Connection *connection, const ListenerSettings &se
         perListener_.erase(settings.name);
     }
     stats_.active--;
+    noteActivity();
     if (!draining_) {
         for (auto &listener : listeners_) {
             listener->retryAccept();
@@ -325,6 +336,11 @@ void Server::checkDrained() {
     }
     doneScheduled_ = true;
     deadlines_.close();
+    if (quietTimer_ != nullptr) {
+        uv_close(reinterpret_cast<uv_handle_t *>(quietTimer_),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+        quietTimer_ = nullptr;
+    }
     // Completion is reported from the timer's close callback: after every handle is closed and
     // never inside the call that started the drain.
     uv_close(reinterpret_cast<uv_handle_t *>(drainTimer_), [](uv_handle_t *handle) {
@@ -336,6 +352,69 @@ void Server::checkDrained() {
             done(self->forced_);
         }
     });
+}
+
+// --- Memory after a burst ----------------------------------------------------------------------
+//
+// A burst of handshakes leaves the heap with free memory between the chunks still in use (the
+// engines' buffers and OpenSSL's handshake state, freed when the handshakes end): resident,
+// but used by nobody. Once the burst is over, malloc_trim() hands its free pages back. The
+// timer starts at the first activity after a quiet spell and fires at most once per interval
+// while connections keep coming; under steady load it never trims.
+
+namespace {
+
+/** Hands the heap's free pages back to the operating system; true if any went. */
+bool releaseFreeMemory() {
+#if defined(__GLIBC__)
+    return malloc_trim(0) == 1;
+#else
+    return false;
+#endif
+}
+
+} // namespace
+
+void Server::noteActivity() {
+    if (runtime_->releaseMemoryAfter.count() <= 0 || doneScheduled_) {
+        return;
+    }
+    lastActivity_ = uv_now(loop_);
+    if (quietArmed_) {
+        return;
+    }
+    if (quietTimer_ == nullptr) {
+        quietTimer_ = new uv_timer_t;
+        uv_timer_init(loop_, quietTimer_);
+        quietTimer_->data = this;
+        // Waiting to release memory is no reason to keep the loop running.
+        uv_unref(reinterpret_cast<uv_handle_t *>(quietTimer_));
+    }
+    quietArmed_ = true;
+    uv_timer_start(quietTimer_, onQuiet,
+                   static_cast<std::uint64_t>(runtime_->releaseMemoryAfter.count()), 0);
+}
+
+void Server::onQuiet(uv_timer_t *timer) {
+    auto *self = static_cast<Server *>(timer->data);
+    const auto after = static_cast<std::uint64_t>(self->runtime_->releaseMemoryAfter.count());
+    const std::uint64_t now = uv_now(self->loop_);
+    if (after > 0 && now - self->lastActivity_ < after) {
+        uv_timer_start(timer, onQuiet, self->lastActivity_ + after - now, 0); // not quiet yet
+        return;
+    }
+    self->quietArmed_ = false;
+    if (after == 0) {
+        return; // turned off by a reload since the timer started
+    }
+    const std::uint64_t start = uv_hrtime();
+    const bool released = releaseFreeMemory();
+    proxy::stats().memoryReleased();
+    if (log::enabled(LogLevel::debug)) {
+        log::debug(std::string("memory-released released=") + (released ? "yes" : "no") +
+                   " connections=" + std::to_string(self->connectionCount_) +
+                   " us=" + std::to_string((uv_hrtime() - start) / 1000));
+    }
 }
 
 } // namespace sluice::proxy

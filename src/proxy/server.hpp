@@ -61,6 +61,7 @@ struct Runtime {
     std::uint64_t maxConnections = 0;     ///< this worker's share of global.max_connections
     std::uint64_t maxHandshakesPerIp = 0; ///< per worker (not divided); 0: no limit
     Duration drainTimeout{};
+    Duration releaseMemoryAfter{}; ///< 0: never
 
     /** The listener named `name`, or null. */
     std::shared_ptr<const ListenerSettings> find(const std::string &name) const;
@@ -160,6 +161,9 @@ private:
     void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
     static void onDrainTimer(uv_timer_t *timer);
+    /** A connection opened or closed: memory may be released once things are quiet. */
+    void noteActivity();
+    static void onQuiet(uv_timer_t *timer);
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
@@ -175,6 +179,9 @@ private:
     ServerStats stats_;
     TimerHeap deadlines_;
     uv_timer_t *drainTimer_ = nullptr;
+    uv_timer_t *quietTimer_ = nullptr; // made by the first noteActivity(); closed by the drain
+    std::uint64_t lastActivity_ = 0;   // uv_now() of the last open or close
+    bool quietArmed_ = false;
     std::function<void(bool)> drained_;
     bool draining_ = false;
     bool forced_ = false;

@@ -181,6 +181,7 @@ StatsSnapshot Stats::snapshot() const {
     out.acceptErrors = acceptErrors_.load(relaxed);
     out.handshakeLimited = handshakeLimited_.load(relaxed);
     out.proxySourceRefused = proxySourceRefused_.load(relaxed);
+    out.memoryReleases = memoryReleases_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);
     out.startUnixSeconds = startUnixSeconds_;
@@ -212,6 +213,7 @@ void Stats::resetForTests() {
     acceptErrors_ = 0;
     handshakeLimited_ = 0;
     proxySourceRefused_ = 0;
+    memoryReleases_ = 0;
     reloadsOk_ = 0;
     reloadsFailed_ = 0;
     std::lock_guard lock(reloadMutex_);

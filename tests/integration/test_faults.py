@@ -849,6 +849,77 @@ def test_memory_bounded_with_1000_stalled_readers(t):
     d.assert_alive()
 
 
+def test_memory_goes_back_after_a_burst(t):
+    # Many connections fill their queues at once, then all close. Once the worker has been quiet
+    # for global.release_memory_after (default 1s), the heap's free memory goes back to the
+    # operating system: RSS falls most of the way to where it started, counted once in
+    # sluice_memory_releases_total, and nothing more happens while idle. With "0s" nothing is
+    # ever released.
+    from test_ops import metrics, start_ops
+
+    n = scaled(300, 100)
+    key = "sluice_memory_releases_total"
+
+    def burst(d):
+        """Opens n connections whose clients stop reading, waits until their queues are full,
+        closes them all; returns the RSS at the peak."""
+        ctx = client_context()
+        clients = []
+        for _ in range(n):
+            c = TlsClient(d.addr(), ctx, keep=False, timeout=30)
+            clients.append(c)
+            t.defer(c.close)
+            c.handshake()
+            c.run_until(lambda c=c: c.nrecv > 0, what="the first bytes")
+        last = [d.rss(), time.monotonic()]
+
+        def full():  # RSS unchanged for half a second: every queue is as full as it gets
+            now = d.rss()
+            if now > last[0] + 256 * 1024:
+                last[0], last[1] = now, time.monotonic()
+                return False
+            return time.monotonic() - last[1] >= 0.5
+
+        wait_until(full, 60, "the queues to fill")
+        peak = d.rss()
+        for c in clients:
+            c.close()
+        return peak
+
+    src = t.backend(SourceBackend(64 * MiB))
+    d, admin = start_ops(t, t.listener(src))
+    rss0 = d.rss()
+    check(metrics(admin)[key] == 0, "memory released before any connection")
+    peak = burst(d)
+    before = metrics(admin)[key]
+    wait_until(lambda: metrics(admin)["sluice_connections_active"] == 0, 15, "every connection to close")
+    wait_until(lambda: metrics(admin)[key] > before, 10, "the release after the burst")
+    released = metrics(admin)[key]
+    rss1 = d.rss()
+    print(f"{n} connections with full queues: RSS {rss0 / MiB:.1f} -> {peak / MiB:.1f} MiB, "
+          f"{rss1 / MiB:.1f} MiB after the release")
+    if not LIGHT:  # sanitizer builds hold freed memory in their quarantine
+        check(rss1 - rss0 < (peak - rss0) / 3,
+              f"RSS {rss0 / MiB:.1f} -> {peak / MiB:.1f} -> {rss1 / MiB:.1f} MiB: most of the burst's "
+              "memory is still held")
+    # Quiet now: no timer runs, nothing more is released.
+    held_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - held_at >= 2.5, 5, "a quiet spell")
+    check(metrics(admin)[key] == released, "memory released again with nothing happening")
+    c = t.client(d.addr(), keep=False)  # still serving
+    c.handshake()
+    c.run_until(lambda: c.nrecv > 0, what="the source's bytes after the release")
+
+    # Turned off: the same burst releases nothing.
+    src2 = t.backend(SourceBackend(64 * MiB))
+    d2, admin2 = start_ops(t, t.listener(src2), global_={"release_memory_after": "0s"})
+    burst(d2)
+    wait_until(lambda: metrics(admin2)["sluice_connections_active"] == 0, 15, "every connection to close")
+    held_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - held_at >= 2.0, 5, "two seconds")
+    check(metrics(admin2)[key] == 0, "memory released with release_memory_after = 0s")
+
+
 def bench_tool(name):
     """A benchmark tool built next to the daemon under test (scripts/test builds with
     -Dbench=true); the churn test needs it and fails without it."""

@@ -87,6 +87,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.maxHandshakesPerIp == 64);
     CHECK(config.global.drainTimeout == 30s);
     CHECK(config.global.drainDelay == 0s);
+    CHECK(config.global.releaseMemoryAfter == 1s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.buffers.tls == 32 * 1024);
     CHECK(config.global.buffers.plaintext == 64 * 1024);
@@ -139,6 +140,7 @@ max_connections = 12345
 max_handshakes_per_ip = 7
 drain_timeout = "1500ms"
 drain_delay = "2s"
+release_memory_after = "0s"
 log_level = "debug"
 buffers = { tls = "4KiB", plaintext = 1000, backend = "2MB" }
 
@@ -174,6 +176,7 @@ backlog = 64
     CHECK(config.global.maxHandshakesPerIp == 7);
     CHECK(config.global.drainTimeout == 1500ms);
     CHECK(config.global.drainDelay == 2s);
+    CHECK(config.global.releaseMemoryAfter == 0s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK(config.global.buffers.tls == 4096);
     CHECK(config.global.buffers.plaintext == 1000);
@@ -427,6 +430,9 @@ TEST_CASE("bad values are rejected at their position") {
     CHECK(errorOf(global + "drain_timeout = \"10 s\"\n") ==
           "t.toml:6:17: global.drain_timeout: bad duration \"10 s\": expected a number followed "
           "by ms, s, m or h");
+    CHECK(errorOf(global + "release_memory_after = \"soon\"\n") ==
+          "t.toml:6:24: global.release_memory_after: bad duration \"soon\": expected a number "
+          "followed by ms, s, m or h");
     CHECK(errorOf(global + "drain_timeout = -5\n") ==
           "t.toml:6:17: global.drain_timeout: must not be negative, got -5");
     CHECK(errorOf(global + "max_connections = 0\n") ==
