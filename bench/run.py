@@ -480,7 +480,9 @@ class Bench:
             line = p.stdout.readline().split()
             held = int(line[1]) if len(line) >= 4 and line[0] == "ready" else 0
             errors = int(line[3]) if len(line) >= 4 else count
-            time.sleep(1.0)
+            # Idle means settled: every terminator gets the same quiet spell before the reading
+            # (sluice hands a burst's free heap memory back after one quiet second).
+            time.sleep(2.5)
             term.refresh_pids()
             after = rss_bytes(term.pids)
             p.stdin.close()
@@ -794,8 +796,8 @@ def render(results):
         add("## Memory per idle TLS connection")
         add("")
         add("RSS growth of the terminator's processes divided by established idle TLS 1.3 "
-            "connections (each did a handshake and one echo), fresh process per count "
-            "(KiB, lower is better).")
+            "connections (each did a handshake and one echo), read 2.5 s after the last one "
+            "was established, fresh process per count (KiB, lower is better).")
         add("")
         add(header.replace("sluice / best peer", "sluice / best peer (lower is better)"))
         add(rule)
