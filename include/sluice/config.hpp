@@ -233,9 +233,9 @@ struct GlobalConfig {
      * connection beyond it is closed at accept. 0: no limit. */
     std::uint64_t maxHandshakesPerIp = 64;
     Duration drainTimeout = std::chrono::seconds(30);
-    /** Once a worker has accepted and closed no connection for this long after some did, the
-     * heap's free memory goes back to the operating system (glibc's malloc_trim), so RSS falls
-     * after a burst. 0: never. */
+    /** Once a worker has accepted and closed no connection for this long after some did (or a
+     * busy worker's connections fell to half their peak), the heap's free memory goes back to
+     * the operating system (glibc's malloc_trim), so RSS falls after a burst. 0: never. */
     Duration releaseMemoryAfter = std::chrono::seconds(1);
     /** After a stop signal, how long sluice keeps accepting while /ready answers 503, so a load
      * balancer's health check takes it out before it stops accepting; then the drain starts. */

@@ -416,6 +416,8 @@ int run(const Options &options) {
         return exitConfig;
     }
     sluice::log::setLevel(config.global.logLevel);
+    // Once, before any thread: mallopt() is not safe while other threads allocate.
+    sluice::proxy::applyMemoryPolicy(config.global.releaseMemoryAfter);
     const unsigned workers = workerCount(config);
 
     // Taken before any thread starts (building TLS contexts may start some): taking them unsets

@@ -5,6 +5,7 @@
 #include <malloc.h>
 #endif
 #include <cstring>
+#include <limits>
 #include <netinet/in.h>
 #include <stdexcept>
 #include <sys/socket.h>
@@ -237,6 +238,7 @@ void Server::connectionOpened(Connection *connection, const ListenerSettings &se
     }
     connections_ = connection;
     ++connectionCount_;
+    peakConnections_ = std::max(peakConnections_, connectionCount_);
     perListener_[settings.name]++;
     stats_.active++;
     noteActivity();
@@ -360,7 +362,8 @@ void Server::checkDrained() {
 // engines' buffers and OpenSSL's handshake state, freed when the handshakes end): resident,
 // but used by nobody. Once the burst is over, malloc_trim() hands its free pages back. The
 // timer starts at the first activity after a quiet spell and fires at most once per interval
-// while connections keep coming; under steady load it never trims.
+// while connections keep coming; under steady load it never trims. (The daemon turns glibc's
+// own trimming of the heap top off when this is on: see applyMemoryPolicy().)
 
 namespace {
 
@@ -374,6 +377,17 @@ bool releaseFreeMemory() {
 }
 
 } // namespace
+
+void applyMemoryPolicy(Duration releaseAfter) {
+#if defined(__GLIBC__)
+    constexpr int glibcDefault = 128 * 1024; // M_TRIM_THRESHOLD and M_MMAP_THRESHOLD
+    const bool on = releaseAfter.count() > 0;
+    mallopt(M_TRIM_THRESHOLD, on ? std::numeric_limits<int>::max() : glibcDefault);
+    mallopt(M_MMAP_THRESHOLD, on ? 4 * 1024 * 1024 : glibcDefault);
+#else
+    (void)releaseAfter;
+#endif
+}
 
 void Server::noteActivity() {
     if (runtime_->releaseMemoryAfter.count() <= 0 || doneScheduled_) {
@@ -399,20 +413,27 @@ void Server::onQuiet(uv_timer_t *timer) {
     auto *self = static_cast<Server *>(timer->data);
     const auto after = static_cast<std::uint64_t>(self->runtime_->releaseMemoryAfter.count());
     const std::uint64_t now = uv_now(self->loop_);
-    if (after > 0 && now - self->lastActivity_ < after) {
-        uv_timer_start(timer, onQuiet, self->lastActivity_ + after - now, 0); // not quiet yet
+    const bool quiet = now - self->lastActivity_ >= after;
+    // A busy worker is never quiet: it releases once its connections have fallen to half their
+    // peak since the last release (a spike is over), checked once per interval.
+    const std::size_t count = self->connectionCount_;
+    const std::size_t peak = self->peakConnections_;
+    const bool fell = peak >= count + minimumFall && count <= peak / 2;
+    if (after > 0 && !quiet && !fell) {
+        uv_timer_start(timer, onQuiet, self->lastActivity_ + after - now, 0);
         return;
     }
     self->quietArmed_ = false;
     if (after == 0) {
         return; // turned off by a reload since the timer started
     }
+    self->peakConnections_ = count;
     const std::uint64_t start = uv_hrtime();
     const bool released = releaseFreeMemory();
     proxy::stats().memoryReleased();
     if (log::enabled(LogLevel::debug)) {
         log::debug(std::string("memory-released released=") + (released ? "yes" : "no") +
-                   " connections=" + std::to_string(self->connectionCount_) +
+                   " connections=" + std::to_string(count) + " peak=" + std::to_string(peak) +
                    " us=" + std::to_string((uv_hrtime() - start) / 1000));
     }
 }

@@ -97,6 +97,17 @@ struct ServerStats {
  * The client IP address of an accepted socket as a map key (family and address bytes, no port);
  * empty when it has none (a UNIX socket), which no limit applies to.
  */
+/**
+ * The daemon's allocator settings for global.release_memory_after (glibc only; elsewhere
+ * nothing). On: glibc's own trimming of the heap top is turned off, since under load it hands
+ * pages back that the next connections fault in again, and blocks up to 4 MiB stay on the heap
+ * rather than in mmap()s of their own; the Servers release free memory once things are quiet.
+ * Off (0): glibc's defaults. Process-wide and not thread-safe: the daemon calls it once at
+ * start, before any thread (a reload changes when Servers release, not this); the library
+ * leaves it to the embedding program.
+ */
+void applyMemoryPolicy(Duration releaseAfter);
+
 std::string clientIpKey(int fd);
 /** The same key for an address (from a PROXY header). */
 std::string clientIpKey(const sockaddr *address);
@@ -181,6 +192,10 @@ private:
     uv_timer_t *drainTimer_ = nullptr;
     uv_timer_t *quietTimer_ = nullptr; // made by the first noteActivity(); closed by the drain
     std::uint64_t lastActivity_ = 0;   // uv_now() of the last open or close
+    std::size_t peakConnections_ = 0;  // the most open at once since the last release
+    /** How far the connections must fall below their peak (and at least to half of it) for a
+     * busy worker to release memory. */
+    static constexpr std::size_t minimumFall = 32;
     bool quietArmed_ = false;
     std::function<void(bool)> drained_;
     bool draining_ = false;

@@ -853,8 +853,9 @@ def test_memory_goes_back_after_a_burst(t):
     # Many connections fill their queues at once, then all close. Once the worker has been quiet
     # for global.release_memory_after (default 1s), the heap's free memory goes back to the
     # operating system: RSS falls most of the way to where it started, counted once in
-    # sluice_memory_releases_total, and nothing more happens while idle. With "0s" nothing is
-    # ever released.
+    # sluice_memory_releases_total, and nothing more happens while idle. A worker kept busy by a
+    # trickle of connections releases once its connections fall to half their peak. With "0s"
+    # nothing is ever released.
     from test_ops import metrics, start_ops
 
     n = scaled(300, 100)
@@ -909,6 +910,35 @@ def test_memory_goes_back_after_a_burst(t):
     c = t.client(d.addr(), keep=False)  # still serving
     c.handshake()
     c.run_until(lambda: c.nrecv > 0, what="the source's bytes after the release")
+    c.close()
+
+    # A busy worker is never quiet for a second: a trickle of short connections keeps coming.
+    # It releases once its connections have fallen to half their peak (the spike is over).
+    stop = threading.Event()
+    opened = []
+
+    def trickle():
+        while not stop.is_set():
+            tc = TlsClient(d.addr(), client_context(), keep=False, timeout=30)
+            try:
+                tc.handshake()
+                tc.run_until(lambda: tc.nrecv > 0, what="the trickle's first bytes")
+                opened.append(time.monotonic())
+            finally:
+                tc.close()
+            stop.wait(0.2)
+
+    th = threading.Thread(target=trickle, daemon=True)
+    th.start()
+    t.defer(lambda: (stop.set(), th.join(30)))
+    burst(d)
+    before = metrics(admin)[key]
+    wait_until(lambda: metrics(admin)[key] > before, 10, "a release while the trickle goes on")
+    stop.set()
+    th.join(30)
+    gaps = [b - a for a, b in zip(opened, opened[1:])]
+    check(len(gaps) > 5 and max(gaps) < 1.0,
+          f"the trickle left a quiet second (gaps {max(gaps or [0]):.2f} s): not a busy worker")
 
     # Turned off: the same burst releases nothing.
     src2 = t.backend(SourceBackend(64 * MiB))
