@@ -114,8 +114,7 @@ Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
 
 Server::~Server() {
     if (quietTimer_ != nullptr) { // a Server destroyed without its drain
-        uv_close(reinterpret_cast<uv_handle_t *>(quietTimer_),
-                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+        freeTimer(quietTimer_);
     }
 }
 
@@ -339,8 +338,7 @@ void Server::checkDrained() {
     doneScheduled_ = true;
     deadlines_.close();
     if (quietTimer_ != nullptr) {
-        uv_close(reinterpret_cast<uv_handle_t *>(quietTimer_),
-                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+        freeTimer(quietTimer_);
         quietTimer_ = nullptr;
     }
     // Completion is reported from the timer's close callback: after every handle is closed and
@@ -398,9 +396,7 @@ void Server::noteActivity() {
         return;
     }
     if (quietTimer_ == nullptr) {
-        quietTimer_ = new uv_timer_t;
-        uv_timer_init(loop_, quietTimer_);
-        quietTimer_->data = this;
+        quietTimer_ = newTimer(loop_, this);
         // Waiting to release memory is no reason to keep the loop running.
         uv_unref(reinterpret_cast<uv_handle_t *>(quietTimer_));
     }

@@ -20,8 +20,7 @@ void TimerHeap::close() {
     if (timer_ == nullptr) {
         return;
     }
-    uv_close(reinterpret_cast<uv_handle_t *>(timer_),
-             [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+    freeTimer(timer_);
     timer_ = nullptr;
 }
 
@@ -30,9 +29,7 @@ void TimerHeap::set(Timed &owner, std::uint64_t due) {
         return;
     }
     if (timer_ == nullptr) {
-        timer_ = new uv_timer_t;
-        uv_timer_init(loop_, timer_);
-        timer_->data = this;
+        timer_ = newTimer(loop_, this);
     }
     if (firingAt_ != 0 && due <= firingAt_) {
         due = firingAt_ + 1;

@@ -797,6 +797,20 @@ def test_fd_exhaustion_backs_off_and_recovers(t):
 
 
 @timeout(240)
+def stalled_readers(t, addr, n):
+    """n TLS clients of a streaming backend that each read its first bytes, then nothing more
+    (closed at the end of the test)."""
+    ctx = client_context()
+    clients = []
+    for _ in range(n):
+        c = TlsClient(addr, ctx, keep=False, timeout=30)
+        clients.append(c)
+        t.defer(c.close)
+        c.handshake()
+        c.run_until(lambda c=c: c.nrecv > 0, what="the first bytes")
+    return clients
+
+
 def test_memory_bounded_with_1000_stalled_readers(t):
     n = scaled(1000, 200)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -806,14 +820,7 @@ def test_memory_bounded_with_1000_stalled_readers(t):
     src = t.backend(SourceBackend(stream))
     d = t.sluice(t.listener(src))
     rss0 = d.rss()
-    ctx = client_context()
-    clients = []
-    for i in range(n):
-        c = TlsClient(d.addr(), ctx, keep=False, timeout=30)
-        clients.append(c)
-        t.defer(c.close)
-        c.handshake()
-        c.run_until(lambda: c.nrecv > 0, what="the first bytes")
+    clients = stalled_readers(t, d.addr(), n)
     # Nobody reads any more: wait until sluice has stopped taking bytes from the backends.
     def sent():
         with src.lock:
@@ -864,14 +871,7 @@ def test_memory_goes_back_after_a_burst(t):
     def burst(d):
         """Opens n connections whose clients stop reading, waits until their queues are full,
         closes them all; returns the RSS at the peak."""
-        ctx = client_context()
-        clients = []
-        for _ in range(n):
-            c = TlsClient(d.addr(), ctx, keep=False, timeout=30)
-            clients.append(c)
-            t.defer(c.close)
-            c.handshake()
-            c.run_until(lambda c=c: c.nrecv > 0, what="the first bytes")
+        clients = stalled_readers(t, d.addr(), n)
         last = [d.rss(), time.monotonic()]
 
         def full():  # RSS unchanged for half a second: every queue is as full as it gets
