@@ -412,8 +412,9 @@ class Bench:
 
     def run_workloads(self, terms):
         live = [t for t in terms if t.proc is not None]
+        wanted = lambda key: not self.args.workloads or key in self.args.workloads
         for key, title, extra, unit in WORKLOADS:
-            if self.args.workloads and key not in self.args.workloads:
+            if not wanted(key):
                 continue
             rounds = self.results["rounds"].setdefault(key, {})
             for r in range(self.args.rounds):
@@ -432,7 +433,6 @@ class Bench:
                         f"wall={self.figure(key, res):10.1f} "
                         f"per-cpu-s={self.figure(key, res, True):10.1f} cpu={res['cpu']:.2f}s "
                         f"errors={res['errors']}")
-        wanted = lambda key: not self.args.workloads or key in self.args.workloads
         proxy = next((t for t in live if "plain" in t.ports), None)
         if proxy is not None and wanted("tcp_conn"):
             # The cost of the connections alone: HAProxy proxying the same exchange without TLS.

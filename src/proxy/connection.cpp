@@ -779,7 +779,7 @@ bool Connection::takeProxyHeader() {
     if (!parsed.local && parsed.source.ss_family != AF_UNSPEC) {
         clientAddress_ = ipAddress(parsed.source);
         p.local = ipAddress(parsed.destination);
-        localKnown_ = true;
+        p.localKnown = true;
     }
     p.inHead = parsed.length;
     if (p.inHead == p.inLength) {
@@ -820,11 +820,11 @@ void Connection::startBackend() {
         Proxy &p = proxy();
         uv_os_fd_t fd = -1;
         socklen_t length = sizeof p.local;
-        if (!localKnown_ && (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
-                             getsockname(fd, &p.local.any, &length) != 0)) {
+        if (!p.localKnown && (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
+                              getsockname(fd, &p.local.any, &length) != 0)) {
             p.local.any.sa_family = AF_UNSPEC;
         }
-        localKnown_ = true;
+        p.localKnown = true;
         const auto *source =
             clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
         const auto *destination = p.local.any.sa_family == AF_UNSPEC ? nullptr : &p.local.any;

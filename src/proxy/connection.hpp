@@ -199,7 +199,8 @@ private:
     std::unique_ptr<Engine> backendEngine_; // backend TLS; null for a plain pool
 
     // The client's and the listener's addresses: from the socket, or from a PROXY header. The
-    // local one is read from the socket only when a PROXY header to the backend needs it.
+    // local one (Proxy::local) is read from the socket only when a PROXY header to the backend
+    // needs it.
     union IpAddress {
         sockaddr any;
         sockaddr_in v4;
@@ -216,7 +217,8 @@ private:
         std::size_t inHead = 0; // bytes of `in` already handed on (the header, then data)
         std::string out;        // the header for the backend
         std::size_t outSent = 0;
-        IpAddress local{}; // the listener's address, once localKnown_
+        IpAddress local{};       // the listener's address, once localKnown
+        bool localKnown = false; // from the header read, or from the socket
     };
     std::unique_ptr<Proxy> proxy_;
     Proxy &proxy();
@@ -312,7 +314,6 @@ private:
     bool pumpAgain_ : 1 = false;
     bool closeReasonSet_ : 1 = false;
     bool serverCounted_ : 1 = false; // counted in its server's `active`
-    bool localKnown_ : 1 = false;    // proxy_->local is set
     // Counted in the server's handshakes by client address (clientIpKey(clientAddress_)) until
     // this turns false: handshake done or closing.
     bool handshakeCounted_ : 1 = false;

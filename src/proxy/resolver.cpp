@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <string>
 
+#include "net/timer.hpp"
 #include "util/log.hpp"
 
 namespace sluice::proxy {
@@ -22,10 +23,7 @@ struct Lookup {
 
 Resolver::Resolver(uv_loop_t *loop)
     : loop_(loop)
-    , timer_(new uv_timer_t) {
-    uv_timer_init(loop_, timer_);
-    timer_->data = this;
-}
+    , timer_(net::newTimer(loop, this)) {}
 
 Resolver::~Resolver() = default;
 
@@ -48,8 +46,7 @@ void Resolver::watch(const std::shared_ptr<const Runtime> &runtime) {
 void Resolver::close() {
     due_.clear();
     if (timer_ != nullptr) {
-        uv_close(reinterpret_cast<uv_handle_t *>(timer_),
-                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_timer_t *>(handle); });
+        net::freeTimer(timer_);
         timer_ = nullptr;
     }
 }

@@ -1,16 +1,17 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
-#if defined(__GLIBC__)
-#include <malloc.h>
-#endif
 #include <cstring>
 #include <limits>
 #include <netinet/in.h>
 #include <stdexcept>
 #include <sys/socket.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
+#include "net/timer.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/proxy_protocol.hpp"
@@ -114,7 +115,7 @@ Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
 
 Server::~Server() {
     if (quietTimer_ != nullptr) { // a Server destroyed without its drain
-        freeTimer(quietTimer_);
+        net::freeTimer(quietTimer_);
     }
 }
 
@@ -236,10 +237,9 @@ void Server::connectionOpened(Connection *connection, const ListenerSettings &se
         connections_->prevInServer_ = connection;
     }
     connections_ = connection;
-    ++connectionCount_;
-    peakConnections_ = std::max(peakConnections_, connectionCount_);
     perListener_[settings.name]++;
     stats_.active++;
+    peakConnections_ = std::max(peakConnections_, stats_.active);
     noteActivity();
 }
 
@@ -253,7 +253,6 @@ void Server::connectionClosed(Connection *connection, const ListenerSettings &se
         connection->nextInServer_->prevInServer_ = connection->prevInServer_;
     }
     connection->prevInServer_ = connection->nextInServer_ = nullptr;
-    --connectionCount_;
     if (--perListener_[settings.name] == 0) {
         perListener_.erase(settings.name);
     }
@@ -284,11 +283,9 @@ void Server::drain(std::function<void(bool forced)> done) {
     }
     draining_ = true;
     drained_ = std::move(done);
-    log::info("drain-start connections=" + std::to_string(connectionCount_) +
+    log::info("drain-start connections=" + std::to_string(stats_.active) +
               " timeout_ms=" + std::to_string(runtime_->drainTimeout.count()));
-    drainTimer_ = new uv_timer_t;
-    uv_timer_init(loop_, drainTimer_);
-    drainTimer_->data = this;
+    drainTimer_ = net::newTimer(loop_, this);
     if (runtime_->drainTimeout.count() > 0) {
         uv_timer_start(drainTimer_, onDrainTimer,
                        static_cast<std::uint64_t>(runtime_->drainTimeout.count()), 0);
@@ -318,10 +315,10 @@ void Server::onDrainTimer(uv_timer_t *timer) {
         return;
     }
     self->forced_ = true;
-    log::warn("drain-deadline connections=" + std::to_string(self->connectionCount_));
+    log::warn("drain-deadline connections=" + std::to_string(self->stats_.active));
     // abort() only starts closing; connections leave the set from their close callbacks.
     std::vector<Connection *> live;
-    live.reserve(self->connectionCount_);
+    live.reserve(self->stats_.active);
     for (Connection *c = self->connections_; c != nullptr; c = c->nextInServer_) {
         live.push_back(c);
     }
@@ -338,7 +335,7 @@ void Server::checkDrained() {
     doneScheduled_ = true;
     deadlines_.close();
     if (quietTimer_ != nullptr) {
-        freeTimer(quietTimer_);
+        net::freeTimer(quietTimer_);
         quietTimer_ = nullptr;
     }
     // Completion is reported from the timer's close callback: after every handle is closed and
@@ -396,7 +393,7 @@ void Server::noteActivity() {
         return;
     }
     if (quietTimer_ == nullptr) {
-        quietTimer_ = newTimer(loop_, this);
+        quietTimer_ = net::newTimer(loop_, this);
         // Waiting to release memory is no reason to keep the loop running.
         uv_unref(reinterpret_cast<uv_handle_t *>(quietTimer_));
     }
@@ -408,21 +405,22 @@ void Server::noteActivity() {
 void Server::onQuiet(uv_timer_t *timer) {
     auto *self = static_cast<Server *>(timer->data);
     const auto after = static_cast<std::uint64_t>(self->runtime_->releaseMemoryAfter.count());
+    if (after == 0) {
+        self->quietArmed_ = false; // turned off by a reload since the timer started
+        return;
+    }
     const std::uint64_t now = uv_now(self->loop_);
     const bool quiet = now - self->lastActivity_ >= after;
     // A busy worker is never quiet: it releases once its connections have fallen to half their
     // peak since the last release (a spike is over), checked once per interval.
-    const std::size_t count = self->connectionCount_;
-    const std::size_t peak = self->peakConnections_;
+    const std::uint64_t count = self->stats_.active;
+    const std::uint64_t peak = self->peakConnections_;
     const bool fell = peak >= count + minimumFall && count <= peak / 2;
-    if (after > 0 && !quiet && !fell) {
+    if (!quiet && !fell) {
         uv_timer_start(timer, onQuiet, self->lastActivity_ + after - now, 0);
         return;
     }
     self->quietArmed_ = false;
-    if (after == 0) {
-        return; // turned off by a reload since the timer started
-    }
     self->peakConnections_ = count;
     const std::uint64_t start = uv_hrtime();
     const bool released = releaseFreeMemory();

@@ -94,10 +94,6 @@ struct ServerStats {
 };
 
 /**
- * The client IP address of an accepted socket as a map key (family and address bytes, no port);
- * empty when it has none (a UNIX socket), which no limit applies to.
- */
-/**
  * The daemon's allocator settings for global.release_memory_after (glibc only; elsewhere
  * nothing). On: glibc's own trimming of the heap top is turned off, since under load it hands
  * pages back that the next connections fault in again, and blocks up to 4 MiB stay on the heap
@@ -108,6 +104,10 @@ struct ServerStats {
  */
 void applyMemoryPolicy(Duration releaseAfter);
 
+/**
+ * The client IP address of an accepted socket as a map key (family and address bytes, no port);
+ * empty when it has none (a UNIX socket), which no limit applies to.
+ */
 std::string clientIpKey(int fd);
 /** The same key for an address (from a PROXY header). */
 std::string clientIpKey(const sockaddr *address);
@@ -179,10 +179,9 @@ private:
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
     std::vector<std::unique_ptr<Listener>> listeners_;
-    // The live connections, linked through their own prevInServer_/nextInServer_: no allocation
-    // or hashing per connection.
+    // The live connections (stats_.active of them), linked through their own
+    // prevInServer_/nextInServer_: no allocation or hashing per connection.
     Connection *connections_ = nullptr;
-    std::size_t connectionCount_ = 0;
     std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
     // Handshakes in progress by client IP; an entry exists only while its count is above zero,
     // so the map's size is bounded by the connections open, whatever addresses connect.
@@ -190,12 +189,12 @@ private:
     ServerStats stats_;
     TimerHeap deadlines_;
     uv_timer_t *drainTimer_ = nullptr;
-    uv_timer_t *quietTimer_ = nullptr; // made by the first noteActivity(); closed by the drain
-    std::uint64_t lastActivity_ = 0;   // uv_now() of the last open or close
-    std::size_t peakConnections_ = 0;  // the most open at once since the last release
+    uv_timer_t *quietTimer_ = nullptr;  // made by the first noteActivity(); closed by the drain
+    std::uint64_t lastActivity_ = 0;    // uv_now() of the last open or close
+    std::uint64_t peakConnections_ = 0; // the most open at once since the last release
     /** How far the connections must fall below their peak (and at least to half of it) for a
      * busy worker to release memory. */
-    static constexpr std::size_t minimumFall = 32;
+    static constexpr std::uint64_t minimumFall = 32;
     bool quietArmed_ = false;
     std::function<void(bool)> drained_;
     bool draining_ = false;

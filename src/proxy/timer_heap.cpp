@@ -1,6 +1,8 @@
 // proxy/timer_heap: the deadlines of many connections on one libuv timer.
 #include "proxy/timer_heap.hpp"
 
+#include "net/timer.hpp"
+
 namespace sluice::proxy {
 
 TimerHeap::TimerHeap(uv_loop_t *loop, Fire fire)
@@ -20,7 +22,7 @@ void TimerHeap::close() {
     if (timer_ == nullptr) {
         return;
     }
-    freeTimer(timer_);
+    net::freeTimer(timer_);
     timer_ = nullptr;
 }
 
@@ -29,7 +31,7 @@ void TimerHeap::set(Timed &owner, std::uint64_t due) {
         return;
     }
     if (timer_ == nullptr) {
-        timer_ = newTimer(loop_, this);
+        timer_ = net::newTimer(loop_, this);
     }
     if (firingAt_ != 0 && due <= firingAt_) {
         due = firingAt_ + 1;
