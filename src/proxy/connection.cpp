@@ -182,19 +182,36 @@ void Connection::pump() {
         maybeFinish();
     } while (pumpAgain_ && !closing_);
     inPump_ = false;
+    // A busy connection keeps its pairs for the next pump; the server's sweep releases them
+    // once it is idle, or they go now when busy connections already hold all they may.
     if (!closing_) {
-        // Between pumps no span into a pair is held (libuv asks for read space only when the
-        // socket is readable), so an idle connection can give its pairs back.
-        if (engine_) {
-            engine_->releaseIdleBuffers();
-        }
-        if (backendEngine_ && backendWriteInFlight_ == 0) {
-            backendEngine_->releaseIdleBuffers();
-        }
-        if (requestsInFlight_ == 0) {
-            requests_.reset();
+        const std::size_t pairs = (engine_ ? 1 : 0) + (backendEngine_ ? 1 : 0);
+        if (!server_.keepBuffers(*this, pairs * 2 * settings_->buffers.tls)) {
+            releaseIdleBuffers();
         }
     }
+}
+
+bool Connection::releaseBuffers(Warm &warm) {
+    return static_cast<Connection &>(warm).releaseIdleBuffers();
+}
+
+bool Connection::releaseIdleBuffers() {
+    // Between pumps no span into a pair is held (libuv asks for read space only when the
+    // socket is readable), so an idle connection can give its pairs back.
+    bool released = true;
+    if (engine_ && !engine_->releaseIdleBuffers()) {
+        released = false;
+    }
+    if (backendEngine_ && (backendWriteInFlight_ != 0 || !backendEngine_->releaseIdleBuffers())) {
+        released = false;
+    }
+    if (requestsInFlight_ == 0) {
+        requests_.reset();
+    } else {
+        released = false;
+    }
+    return released;
 }
 
 Connection::Requests &Connection::requests() {
@@ -1374,6 +1391,7 @@ void Connection::closeAll() {
         uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
     }
     server_.deadlines().cancel(*this);
+    server_.forgetBuffers(*this);
     if (local_ && local_->idleInitialised) {
         uv_close(reinterpret_cast<uv_handle_t *>(&local_->idle), onClose);
     }

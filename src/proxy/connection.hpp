@@ -22,6 +22,7 @@
 #include "proxy/pool.hpp"
 #include "proxy/stats.hpp"
 #include "proxy/timer_heap.hpp"
+#include "proxy/warm_list.hpp"
 
 namespace sluice::proxy {
 
@@ -55,7 +56,7 @@ struct ListenerSettings;
  * closed; the object deletes itself after that call. Callbacks that arrive after closing began
  * only release what they own.
  */
-class Connection final : private Stream, private Timed {
+class Connection final : private Stream, private Timed, private Warm {
 public:
     /**
      * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
@@ -74,6 +75,9 @@ public:
 
     /** The Server's TimerHeap calls this when the connection's deadline is reached. */
     static void fireDeadline(Timed &timed);
+    /** The Server's WarmList calls this when the connection was idle for a sweep: frees its
+     * pairs and request blocks; true when nothing is held any more. */
+    static bool releaseBuffers(Warm &warm);
 
 private:
     Connection(Server &server, std::shared_ptr<const ListenerSettings> settings, uv_tcp_t *client,
@@ -101,6 +105,8 @@ private:
 
     // The one place that moves bytes and decides what happens next.
     void pump();
+    /** Frees the pairs and request blocks where nothing is queued; true when none is left. */
+    bool releaseIdleBuffers();
     bool feedLeftover();
     bool checkEngines();
     /** True while the client engine's session tickets wait to share the first reply's write. */

@@ -111,11 +111,16 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
 Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     : loop_(loop)
     , runtime_(std::move(runtime))
-    , deadlines_(loop, &Connection::fireDeadline) {}
+    , deadlines_(loop, &Connection::fireDeadline)
+    , warm_(warmBudget, &Connection::releaseBuffers) {}
 
 Server::~Server() {
-    if (quietTimer_ != nullptr) { // a Server destroyed without its drain
+    // A Server destroyed without its drain.
+    if (quietTimer_ != nullptr) {
         net::freeTimer(quietTimer_);
+    }
+    if (sweepTimer_ != nullptr) {
+        net::freeTimer(sweepTimer_);
     }
 }
 
@@ -334,9 +339,12 @@ void Server::checkDrained() {
     }
     doneScheduled_ = true;
     deadlines_.close();
-    if (quietTimer_ != nullptr) {
-        net::freeTimer(quietTimer_);
-        quietTimer_ = nullptr;
+    warm_.clear();
+    for (uv_timer_t **timer : {&quietTimer_, &sweepTimer_}) {
+        if (*timer != nullptr) {
+            net::freeTimer(*timer);
+            *timer = nullptr;
+        }
     }
     // Completion is reported from the timer's close callback: after every handle is closed and
     // never inside the call that started the drain.
@@ -349,6 +357,37 @@ void Server::checkDrained() {
             done(self->forced_);
         }
     });
+}
+
+// --- Buffers of busy connections ---------------------------------------------------------------
+
+bool Server::keepBuffers(Connection &connection, std::size_t bytes) {
+    if (doneScheduled_ || !warm_.keep(connection, bytes)) {
+        return false;
+    }
+    if (sweepTimer_ == nullptr) {
+        sweepTimer_ = net::newTimer(loop_, this);
+        // Connections keep the loop running; their buffers are no reason of their own.
+        uv_unref(reinterpret_cast<uv_handle_t *>(sweepTimer_));
+    }
+    if (uv_is_active(reinterpret_cast<uv_handle_t *>(sweepTimer_)) == 0) {
+        uv_timer_start(sweepTimer_, onSweep, sweepInterval, sweepInterval);
+    }
+    return true;
+}
+
+void Server::forgetBuffers(Connection &connection) {
+    warm_.remove(connection);
+}
+
+void Server::onSweep(uv_timer_t *timer) {
+    auto *self = static_cast<Server *>(timer->data);
+    if (self->warm_.sweep() > 0) {
+        self->noteActivity(); // memory went back to the heap: to the system once quiet
+    }
+    if (self->warm_.empty()) {
+        uv_timer_stop(timer);
+    }
 }
 
 // --- Memory after a burst ----------------------------------------------------------------------

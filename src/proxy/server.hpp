@@ -17,6 +17,7 @@
 #include "net/address.hpp"
 #include "proxy/pool.hpp"
 #include "proxy/timer_heap.hpp"
+#include "proxy/warm_list.hpp"
 #include "tls/context.hpp"
 
 namespace sluice::proxy {
@@ -166,15 +167,25 @@ public:
     ServerStats &counters() { return stats_; }
     /** The deadlines (timeouts) of this server's connections. */
     TimerHeap &deadlines() { return deadlines_; }
+    /**
+     * `connection`, whose buffers take `bytes`, has just pumped: it keeps them until a sweep
+     * finds it idle. False when they do not fit what busy connections may keep (the caller
+     * releases them now).
+     */
+    bool keepBuffers(Connection &connection, std::size_t bytes);
+    /** `connection` is closing: the sweep leaves it alone. */
+    void forgetBuffers(Connection &connection);
 
 private:
     void adopt(ListenSocket socket);
     void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
     static void onDrainTimer(uv_timer_t *timer);
-    /** A connection opened or closed: memory may be released once things are quiet. */
+    /** A connection opened or closed, or buffers were freed: memory may go back to the system
+     * once things are quiet. */
     void noteActivity();
     static void onQuiet(uv_timer_t *timer);
+    static void onSweep(uv_timer_t *timer);
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
@@ -188,6 +199,13 @@ private:
     std::unordered_map<std::string, std::uint64_t> handshakesByIp_;
     ServerStats stats_;
     TimerHeap deadlines_;
+    // Busy connections keeping their TLS pairs between pumps: at most warmBudget bytes of pairs
+    // a worker (256 connections with the default buffers.tls), each released one to two
+    // sweepInterval after its last pump.
+    static constexpr std::size_t warmBudget = 16 * 1024 * 1024;
+    static constexpr std::uint64_t sweepInterval = 250; // milliseconds
+    WarmList warm_;
+    uv_timer_t *sweepTimer_ = nullptr; // made by the first keepBuffers(); closed by the drain
     uv_timer_t *drainTimer_ = nullptr;
     uv_timer_t *quietTimer_ = nullptr;  // made by the first noteActivity(); closed by the drain
     std::uint64_t lastActivity_ = 0;    // uv_now() of the last open or close
