@@ -272,8 +272,12 @@ public:
 
 private:
     Engine() = default;
+    /** Runs the state machine, then notes the ciphertext it left for the transport. */
     void run();
+    void runSteps();
     void runHandshake();
+    /** Asks the pair (cipherOutPending() answers from outPending_). */
+    std::size_t queryOutPending() const;
     void runRead();
     void runShutdown();
     void discardInput();
@@ -315,6 +319,9 @@ private:
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
     bool holdTickets_ = false;
     std::size_t ticketsHeld_ = 0; // bytes of held tickets at the front of the pair; 0: none
+    // Ciphertext in the pair for the transport, noted after every call that can change it
+    // (asking the pair costs a BIO_ctrl, and a pump asks a dozen times).
+    std::size_t outPending_ = 0;
 };
 
 } // namespace sluice

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <cassert>
 #include <climits>
 
 #include <openssl/bio.h>
@@ -229,6 +230,11 @@ void Engine::consumeCipherOut(std::size_t n) {
 }
 
 std::size_t Engine::cipherOutPending() const {
+    assert(outPending_ == queryOutPending());
+    return outPending_;
+}
+
+std::size_t Engine::queryOutPending() const {
     return network_ != nullptr ? BIO_ctrl_pending(network_) : 0;
 }
 
@@ -269,6 +275,7 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
     clearErrors();
     std::size_t written = 0;
     const int ret = SSL_write_ex(ssl_, data.data(), offer, &written);
+    outPending_ = queryOutPending();
     if (ret == 1) {
         ticketsHeld_ = 0;
         refusedLength_ = 0;
@@ -410,6 +417,11 @@ void Engine::discardInput() {
 }
 
 void Engine::run() {
+    runSteps();
+    outPending_ = queryOutPending();
+}
+
+void Engine::runSteps() {
     if (failed()) {
         // Nothing after a fatal error is plaintext; draining it keeps the transport readable so
         // the caller can wait for the peer's FIN instead of closing into a reset.
@@ -457,7 +469,7 @@ void Engine::run() {
 
 void Engine::runHandshake() {
     clearErrors();
-    const std::size_t pendingBefore = cipherOutPending();
+    const std::size_t pendingBefore = queryOutPending();
     const int ret = SSL_do_handshake(ssl_);
     if (ret == 1) {
         handshakeDone_ = true;
@@ -465,7 +477,7 @@ void Engine::runHandshake() {
         // with the session tickets alone: with the earlier flight already sent, they are all
         // that is queued.
         if (holdTickets_ && pendingBefore == 0 && SSL_version(ssl_) == TLS1_3_VERSION) {
-            ticketsHeld_ = cipherOutPending();
+            ticketsHeld_ = queryOutPending();
         }
         recordHandshake();
         return;
