@@ -183,10 +183,11 @@ void Connection::pump() {
     } while (pumpAgain_ && !closing_);
     inPump_ = false;
     // A busy connection keeps its pairs for the next pump; the server's sweep releases them
-    // once it is idle, or they go now when busy connections already hold all they may.
+    // once it is idle, or they go now when busy connections already hold all they may. One
+    // without a pair (a plaintext listener to a plain pool) has nothing worth keeping.
     if (!closing_) {
         const std::size_t pairs = (engine_ ? 1 : 0) + (backendEngine_ ? 1 : 0);
-        if (!server_.keepBuffers(*this, pairs * 2 * settings_->buffers.tls)) {
+        if (pairs == 0 || !server_.keepBuffers(*this, pairs * 2 * settings_->buffers.tls)) {
             releaseIdleBuffers();
         }
     }

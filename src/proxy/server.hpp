@@ -208,7 +208,7 @@ private:
     uv_timer_t *sweepTimer_ = nullptr; // made by the first keepBuffers(); closed by the drain
     uv_timer_t *drainTimer_ = nullptr;
     uv_timer_t *quietTimer_ = nullptr;  // made by the first noteActivity(); closed by the drain
-    std::uint64_t lastActivity_ = 0;    // uv_now() of the last open or close
+    std::uint64_t lastActivity_ = 0;    // uv_now() of the last open, close or sweep that freed
     std::uint64_t peakConnections_ = 0; // the most open at once since the last release
     /** How far the connections must fall below their peak (and at least to half of it) for a
      * busy worker to release memory. */
