@@ -115,12 +115,24 @@ Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     , warm_(warmBudget, &Connection::releaseBuffers) {}
 
 Server::~Server() {
-    // A Server destroyed without its drain.
-    if (quietTimer_ != nullptr) {
-        net::freeTimer(quietTimer_);
+    closeBackgroundTimers(); // a Server destroyed without its drain
+}
+
+uv_timer_t *Server::backgroundTimer(uv_timer_t *&timer) {
+    if (timer == nullptr) {
+        timer = net::newTimer(loop_, this);
+        // Releasing memory is no reason to keep the loop running.
+        uv_unref(reinterpret_cast<uv_handle_t *>(timer));
     }
-    if (sweepTimer_ != nullptr) {
-        net::freeTimer(sweepTimer_);
+    return timer;
+}
+
+void Server::closeBackgroundTimers() {
+    for (uv_timer_t **timer : {&quietTimer_, &sweepTimer_}) {
+        if (*timer != nullptr) {
+            net::freeTimer(*timer);
+            *timer = nullptr;
+        }
     }
 }
 
@@ -339,13 +351,7 @@ void Server::checkDrained() {
     }
     doneScheduled_ = true;
     deadlines_.close();
-    warm_.clear();
-    for (uv_timer_t **timer : {&quietTimer_, &sweepTimer_}) {
-        if (*timer != nullptr) {
-            net::freeTimer(*timer);
-            *timer = nullptr;
-        }
-    }
+    closeBackgroundTimers(); // no connection is left, so none is on the warm list
     // Completion is reported from the timer's close callback: after every handle is closed and
     // never inside the call that started the drain.
     uv_close(reinterpret_cast<uv_handle_t *>(drainTimer_), [](uv_handle_t *handle) {
@@ -365,13 +371,9 @@ bool Server::keepBuffers(Connection &connection, std::size_t bytes) {
     if (doneScheduled_ || !warm_.keep(connection, bytes)) {
         return false;
     }
-    if (sweepTimer_ == nullptr) {
-        sweepTimer_ = net::newTimer(loop_, this);
-        // Connections keep the loop running; their buffers are no reason of their own.
-        uv_unref(reinterpret_cast<uv_handle_t *>(sweepTimer_));
-    }
-    if (uv_is_active(reinterpret_cast<uv_handle_t *>(sweepTimer_)) == 0) {
-        uv_timer_start(sweepTimer_, onSweep, sweepInterval, sweepInterval);
+    uv_timer_t *timer = backgroundTimer(sweepTimer_);
+    if (uv_is_active(reinterpret_cast<uv_handle_t *>(timer)) == 0) {
+        uv_timer_start(timer, onSweep, sweepInterval, sweepInterval);
     }
     return true;
 }
@@ -431,13 +433,8 @@ void Server::noteActivity() {
     if (quietArmed_) {
         return;
     }
-    if (quietTimer_ == nullptr) {
-        quietTimer_ = net::newTimer(loop_, this);
-        // Waiting to release memory is no reason to keep the loop running.
-        uv_unref(reinterpret_cast<uv_handle_t *>(quietTimer_));
-    }
     quietArmed_ = true;
-    uv_timer_start(quietTimer_, onQuiet,
+    uv_timer_start(backgroundTimer(quietTimer_), onQuiet,
                    static_cast<std::uint64_t>(runtime_->releaseMemoryAfter.count()), 0);
 }
 

@@ -180,6 +180,9 @@ private:
     void adopt(ListenSocket socket);
     void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
+    /** `timer` (the quiet or the sweep timer), made on first use; it keeps no loop alive. */
+    uv_timer_t *backgroundTimer(uv_timer_t *&timer);
+    void closeBackgroundTimers();
     static void onDrainTimer(uv_timer_t *timer);
     /** A connection opened or closed, or buffers were freed: memory may go back to the system
      * once things are quiet. */

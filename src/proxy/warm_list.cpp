@@ -47,14 +47,6 @@ std::size_t WarmList::sweep() {
     return released;
 }
 
-void WarmList::clear() {
-    for (const Entry &entry : entries_) {
-        entry.owner->warmIndex_ = Warm::notWarm;
-    }
-    entries_.clear();
-    bytes_ = 0;
-}
-
 void WarmList::removeAt(std::size_t index) {
     entries_[index].owner->warmIndex_ = Warm::notWarm;
     bytes_ -= entries_[index].bytes;

@@ -51,8 +51,6 @@ public:
     void remove(Warm &owner);
     /** Releases the owners not kept since the last sweep; returns how many left the list. */
     std::size_t sweep();
-    /** Takes every owner out without releasing anything. */
-    void clear();
 
     std::size_t size() const { return entries_.size(); }
     bool empty() const { return entries_.empty(); }

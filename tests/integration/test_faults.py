@@ -796,6 +796,13 @@ def test_fd_exhaustion_backs_off_and_recovers(t):
         tls_roundtrip(d.addr(), b"served again %d" % i)
 
 
+def raise_nofile_for(n):
+    """Enough descriptors in this process for n clients and what the test runs beside them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 3 * n + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * n + 500), hard))
+
+
 @timeout(240)
 def stalled_readers(t, addr, n):
     """n TLS clients of a streaming backend that each read its first bytes, then nothing more
@@ -813,9 +820,7 @@ def stalled_readers(t, addr, n):
 
 def test_memory_bounded_with_1000_stalled_readers(t):
     n = scaled(1000, 200)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 3 * n + 200:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * n + 500), hard))
+    raise_nofile_for(n)
     stream = 256 * MiB  # per connection: far more than any buffer, so a leak would show
     src = t.backend(SourceBackend(stream))
     d = t.sluice(t.listener(src))
@@ -960,9 +965,7 @@ def test_idle_connections_give_their_buffers_back(t):
     from test_ops import metrics, start_ops
 
     n = scaled(300, 100)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < 3 * n + 200:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4 * n + 500), hard))
+    raise_nofile_for(n)
     echo = t.backend(EchoBackend())
     d, admin = start_ops(t, t.listener(echo))
     tls_roundtrip(d.addr(), b"warm up")
