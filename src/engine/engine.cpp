@@ -120,6 +120,11 @@ bool Engine::ensurePair() {
     }
     // The SSL owns the inner half; the destructor or releaseIdleBuffers() frees the network half.
     SSL_set_bio(ssl_, inner, inner);
+    if (transportEof_) {
+        // A pair made again after the transport's EOF (to send the rest of the other
+        // direction) says EOF to OpenSSL's reads, as the released one did.
+        BIO_shutdown_wr(network_);
+    }
     return true;
 }
 
@@ -127,15 +132,26 @@ bool Engine::releaseIdleBuffers() {
     if (network_ == nullptr) {
         return true;
     }
-    if (transportEof_ || BIO_ctrl_pending(network_) > 0 ||
-        BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0 || plainTail_ > plainHead_ ||
-        SSL_has_pending(ssl_) == 1 || readWantsWrite_ || postHandshakePending_ ||
-        refusedLength_ > 0) {
+    // The transport's EOF is no reason to hold on: it is remembered (transportEof_) and given
+    // to a pair made again. Holding the pair then would keep 2 x pairSize per half-closed
+    // connection, and a thousand clients leaving at once would each hold one.
+    if (BIO_ctrl_pending(network_) > 0 || BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0 ||
+        plainTail_ > plainHead_ || SSL_has_pending(ssl_) == 1 || readWantsWrite_ ||
+        postHandshakePending_ || refusedLength_ > 0) {
         return false;
     }
     SSL_set_bio(ssl_, nullptr, nullptr); // frees the inner half
     BIO_free(network_);
     network_ = nullptr;
+    // SSL_MODE_RELEASE_BUFFERS frees OpenSSL's record buffers after each complete read and
+    // write, but a read that ended in the transport's EOF or an alert keeps its ~16 KiB buffer
+    // until SSL_free: give it back too. Before 3.0.14 SSL_free_buffers could free a buffer
+    // holding a partly read record (CVE-2024-4741); nothing is pending here, but older
+    // libraries are left alone all the same.
+    static const bool freeBuffersSafe = OpenSSL_version_num() >= 0x300000e0L;
+    if (freeBuffersSafe) {
+        (void)SSL_free_buffers(ssl_);
+    }
     return true;
 }
 

@@ -1404,6 +1404,11 @@ void Connection::closeAll() {
     if (backendInitialised_ && !backendClosing_) {
         uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onClose);
     }
+    // The handles close on the loop's next turn and the connection goes with them. Its pairs
+    // go now: when many clients vanish at once, one turn reads a thousand resets, and each
+    // read made a pair to land in (64 KiB at the default buffers.tls) that would otherwise
+    // all be held together until that next turn.
+    (void)releaseIdleBuffers();
 }
 
 void Connection::onClose(uv_handle_t *handle) {

@@ -1378,6 +1378,50 @@ TEST_CASE("transport EOF without close_notify is reported as truncated") {
     }
 }
 
+TEST_CASE("a half-closed engine gives its pair back and still sends the other direction") {
+    const std::uint32_t seed = testSeed();
+    INFO("seed " << seed);
+    std::mt19937 rng(seed);
+    for (const bool closeNotify : {false, true}) {
+        CAPTURE(closeNotify);
+        auto c = connect({}, {}, serverOptions(16 * KiB), clientOptions(16 * KiB));
+        PumpOptions options;
+        options.closeTransports = false;
+        Pump pump(c->client, c->server, options, seed);
+        handshake(*c, pump);
+
+        // The client sends its request and leaves: a close_notify then the FIN, or the FIN alone.
+        c->client.outgoing = randomBytes(20 * KiB, rng);
+        c->client.shutdownWhenSent = closeNotify;
+        CHECK(pump.settle());
+        c->server.engine->cipherInEof();
+        pump.observe(c->server);
+        drainPlain(c->server, pump);
+        CHECK_SAME_BYTES(c->client.outgoing, c->server.received);
+        CHECK(c->server.engine->status().truncated == !closeNotify);
+        CHECK(c->server.engine->status().closeNotifyReceived == closeNotify);
+
+        // Waiting for its reply, the server holds no pair, and the transport stays closed.
+        CHECK(c->server.engine->releaseIdleBuffers());
+        CHECK(c->server.engine->cipherInCapacity() == 0);
+        CHECK(c->server.engine->cipherInSpace().empty());
+
+        // The reply goes out through a pair made again, then the server's close_notify.
+        c->server.outgoing = randomBytes(100 * KiB, rng);
+        c->server.shutdownWhenSent = true;
+        CHECK(pump.settle());
+        CHECK_SAME_BYTES(c->server.outgoing, c->client.received);
+        CHECK(c->client.engine->status().closeNotifyReceived);
+        const EngineStatus st = c->server.engine->status();
+        CHECK(st.closeNotifySent);
+        CHECK_FALSE(st.failed);
+        CHECK(st.truncated == !closeNotify);
+        CHECK(c->server.engine->cipherInSpace().empty());
+        CHECK(c->server.engine->releaseIdleBuffers());
+        checkClean(pump);
+    }
+}
+
 TEST_CASE("bytes after close_notify are never delivered") {
     const std::uint32_t seed = testSeed();
     INFO("seed " << seed);
