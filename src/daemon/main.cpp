@@ -3,11 +3,14 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <sys/resource.h>
@@ -59,6 +62,32 @@ everything is built first and swapped in only if all of it is valid. USR1 reopen
 1 if the drain deadline closed connections or a runtime error occurred, 2 for a bad
 command line or configuration.
 )";
+
+/** Counts outstanding pieces of work done on other threads; wait() blocks until none is left. */
+class Countdown {
+public:
+    void add() {
+        std::lock_guard lock(mutex_);
+        ++pending_;
+    }
+    void done() {
+        {
+            std::lock_guard lock(mutex_);
+            --pending_;
+        }
+        zero_.notify_all();
+    }
+    /** True if every piece was done within `limit`. */
+    bool wait(std::chrono::milliseconds limit) {
+        std::unique_lock lock(mutex_);
+        return zero_.wait_for(lock, limit, [this] { return pending_ == 0; });
+    }
+
+private:
+    std::mutex mutex_;
+    std::condition_variable zero_;
+    unsigned pending_ = 0;
+};
 
 struct Options {
     std::string config;
@@ -318,11 +347,24 @@ private:
                               " address=" + sluice::net::localText(socket.fd) +
                               " workers=" + std::to_string(workers));
         }
+        // reload-done (and systemd's READY) promise that the next connection meets the new
+        // configuration, so they wait until every worker has switched.
+        auto switched = std::make_shared<Countdown>();
         for (unsigned w = 0; w < workers; ++w) {
-            workers_[w]->post([runtime = next.runtime, socketsForWorker = std::move(next.added[w]),
-                               removed = next.removed](sluice::daemon::Worker &worker) mutable {
-                worker.server().update(runtime, std::move(socketsForWorker), removed);
-            });
+            switched->add();
+            const bool posted = workers_[w]->post(
+                [runtime = next.runtime, socketsForWorker = std::move(next.added[w]),
+                 removed = next.removed, switched](sluice::daemon::Worker &worker) mutable {
+                    worker.server().update(runtime, std::move(socketsForWorker), removed);
+                    switched->done();
+                });
+            if (!posted) {
+                switched->done();
+            }
+        }
+        if (!switched->wait(std::chrono::seconds(10))) {
+            sluice::log::warn("reload-slow detail=\"a worker has not switched to the new "
+                              "configuration after 10 s; it will when its loop turns\"");
         }
         const sluice::AdminConfig admin = config_.admin;
         config_ = std::move(config);

@@ -58,14 +58,15 @@ void Worker::start() {
     ready.wait();
 }
 
-void Worker::post(std::function<void(Worker &)> command) {
+bool Worker::post(std::function<void(Worker &)> command) {
     // The lock also orders uv_async_send before finish() closes the handle.
     std::lock_guard lock(mutex_);
     if (closed_) {
-        return; // the worker has drained: nothing is left to command
+        return false; // the worker has drained: nothing is left to command
     }
     commands_.push_back(std::move(command));
     uv_async_send(&wake_);
+    return true;
 }
 
 void Worker::onWake(uv_async_t *handle) {

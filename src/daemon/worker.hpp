@@ -36,8 +36,11 @@ public:
     /** Runs the loop on a new thread. */
     void start();
 
-    /** Runs `command` on the worker's loop, soon; safe from any thread. */
-    void post(std::function<void(Worker &)> command);
+    /**
+     * Runs `command` on the worker's loop, soon; safe from any thread. False (and the command
+     * dropped) once the worker has drained.
+     */
+    bool post(std::function<void(Worker &)> command);
 
     /** Asks the server to drain; the loop ends when it has. */
     void drain();
