@@ -69,9 +69,6 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
         return report("SSL_new: " + tls::drainErrors().reason);
     }
     engine->pairSize_ = std::max<std::size_t>(1, std::min(options.pairSize, maxCall));
-    if (!engine->ensurePair()) {
-        return report(engine->errorReason_);
-    }
     // Partial writes let write() report exactly what was taken; a moving buffer lets the caller
     // re-offer the same bytes from a different address; idle connections give back OpenSSL's
     // record buffers.
@@ -103,8 +100,16 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
             }
             engine->info_.serverName = options.serverName;
         }
+        // The client speaks first: its ClientHello is ready before the call returns.
+        if (!engine->ensurePair()) {
+            return report(engine->errorReason_);
+        }
+        engine->run();
     }
-    engine->run();
+    // A server waits for the client's first byte before it makes its pair or starts the
+    // handshake: OpenSSL's first handshake step allocates about 30 KiB (the handshake message
+    // buffer, the output buffering BIO) that a connection which never sends anything (a
+    // browser's preconnect, a port check, a silent client) would hold until its timeout.
     return engine;
 }
 
