@@ -334,7 +334,7 @@ class Bench:
         self.work = Path(tempfile.mkdtemp(prefix="sluice-bench."))
         self.backend = None
         self.backend_port = 0
-        self.results = {"rounds": {}, "checks": {}, "idle": {}, "notes": []}
+        self.results = {"rounds": {}, "checks": {}, "idle": {}, "silent": {}, "notes": []}
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -494,6 +494,48 @@ class Bench:
         finally:
             term.stop()
 
+    def silent_memory(self, term, count):
+        """RSS growth per connection that is open but has sent nothing (a browser's preconnect,
+        a port check, a silent client), on a freshly started terminator. The connections come
+        from several loopback addresses, fewer than 64 each (sluice's default
+        max_handshakes_per_ip), and stay well inside every terminator's handshake timeout."""
+        if not term.start():
+            return {"error": term.error}
+        socks = []
+        try:
+            subprocess.run(pinned(LOAD_CPU, [self.tools["loadgen"], "--mode", "check", "--port",
+                                              str(term.ports["ecdsa"])]),
+                           capture_output=True, timeout=30)
+            time.sleep(0.5)
+            term.refresh_pids()
+            before = rss_bytes(term.pids)
+            for i in range(count):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind((f"127.0.{1 + i // 50}.{1 + i % 50}", 0))
+                s.connect(("127.0.0.1", term.ports["ecdsa"]))
+            time.sleep(2.5)
+            term.refresh_pids()
+            after = rss_bytes(term.pids)
+            # Held: not closed by the terminator (no EOF or reset waiting to be read).
+            held = 0
+            for s in socks:
+                s.setblocking(False)
+                try:
+                    held += 0 if s.recv(1) == b"" else 1
+                except BlockingIOError:
+                    held += 1
+                except OSError:
+                    pass
+            if held == 0:
+                return {"error": "no connection held"}
+            return {"count": count, "held": held, "rss_before": before, "rss_after": after,
+                    "per_conn": (after - before) / held}
+        finally:
+            for s in socks:
+                s.close()
+            term.stop()
+
     def ceiling(self):
         conf = self.work / "sluice.toml"
         if not conf.exists():
@@ -581,8 +623,8 @@ class Bench:
         self.results["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         self.results["settings"] = {k: getattr(self.args, k) for k in
-                                    ("rounds", "warmup", "duration", "idle_counts", "quick",
-                                              "fd_limit")}
+                                    ("rounds", "warmup", "duration", "idle_counts", "silent",
+                                              "quick", "fd_limit")}
         try:
             for t in terms:
                 if t.start():
@@ -604,6 +646,15 @@ class Bench:
                     res = self.idle_memory(t, count)
                     self.results["idle"].setdefault(str(count), {})[t.key] = res
                     log(f"idle {count:6} {t.name:8} " +
+                        (f"{res['per_conn'] / 1024:.1f} KiB/conn ({res['held']} held)"
+                         if "per_conn" in res else res.get("error", "")))
+            if self.args.silent:
+                for t in terms:
+                    if t.key in self.results["errors"]:
+                        continue
+                    res = self.silent_memory(t, self.args.silent)
+                    self.results["silent"][t.key] = res
+                    log(f"silent {self.args.silent:6} {t.name:8} " +
                         (f"{res['per_conn'] / 1024:.1f} KiB/conn ({res['held']} held)"
                          if "per_conn" in res else res.get("error", "")))
             if "sluice" in keys and not self.args.no_ceiling:
@@ -696,7 +747,8 @@ def ratio(mine, peers, lower_better=False):
 
 def render(results):
     s = summarize(results)
-    measured = list(s.values()) + list(results.get("idle", {}).values())
+    measured = (list(s.values()) + list(results.get("idle", {}).values()) +
+                [results.get("silent", {})])
     terms = [t for t in ["sluice"] + PEERS if any(t in per for per in measured) or
              t in results.get("errors", {})]
     peers = [t for t in terms if t != "sluice"]
@@ -821,6 +873,27 @@ def render(results):
             add("Idle-test problems: " + "; ".join(problems) + ".")
         add("")
 
+    silent = results.get("silent") or {}
+    if silent:
+        count = next((r["count"] for r in silent.values() if "count" in r), 0)
+        add("## Memory per silent connection")
+        add("")
+        add(f"RSS growth of the terminator's processes divided by {count:,} TCP connections that "
+            "sent nothing at all (a browser's preconnect, a port check, a silent client), read "
+            "2.5 s after the last one was opened, fresh process (KiB, lower is better).")
+        add("")
+        add(header.replace("sluice / best peer", "sluice / best peer (lower is better)"))
+        add(rule)
+        vals = {t: r["per_conn"] / 1024 for t, r in silent.items() if "per_conn" in r}
+        add(row(f"{count:,} silent connections (KiB each)", vals, True, 1))
+        problems = [f"{NAMES[t]}: {r['error']}" for t, r in silent.items() if "error" in r]
+        problems += [f"{NAMES[t]}: {r['held']} of {r['count']} held" for t, r in silent.items()
+                     if "held" in r and r["held"] < r["count"]]
+        if problems:
+            add("")
+            add("Silent-test problems: " + "; ".join(problems) + ".")
+        add("")
+
     c = results.get("ceiling")
     if c and "error" not in c:
         tcp = s.get("tcp_conn", {}).get("haproxy", {}).get("cpu")
@@ -873,6 +946,8 @@ def main():
     ap.add_argument("--warmup", type=float)
     ap.add_argument("--idle", type=str,
                     help="comma-separated idle connection counts, or none")
+    ap.add_argument("--silent", type=str,
+                    help="silent connections for the memory test (default 2000, quick 500), or none")
     ap.add_argument("--only", type=str, help="comma-separated terminators (sluice,hitch,...)")
     ap.add_argument("--workloads", type=str,
                     help="comma-separated workload keys (" + ",".join(w[0] for w in WORKLOADS) +
@@ -907,6 +982,8 @@ def main():
     args.idle_counts = ([] if args.idle == "none" else
                         [int(x) for x in args.idle.split(",") if x] if args.idle else
                         [1000] if quick else sorted({1000, max(1000, fits)}))
+    args.silent = (0 if args.silent == "none" else int(args.silent) if args.silent else
+                   500 if quick else 2000)
     args.fd_limit = limit
     if args.profile:
         Bench(args).profile()
