@@ -462,18 +462,22 @@ class Bench:
             return value * res["seconds"] / res["cpu"] if res["cpu"] > 0 else 0.0
         return value
 
+    def settled_rss(self, term):
+        """The RSS of a just-started terminator after one connection went through, so lazily
+        built state is not charged to the connections measured after it."""
+        subprocess.run(pinned(LOAD_CPU, [self.tools["loadgen"], "--mode", "check", "--port",
+                                          str(term.ports["ecdsa"])]),
+                       capture_output=True, timeout=30)
+        time.sleep(0.5)
+        term.refresh_pids()
+        return rss_bytes(term.pids)
+
     def idle_memory(self, term, count):
         """RSS growth per established idle TLS connection, on a freshly started terminator."""
         if not term.start():
             return {"error": term.error}
         try:
-            # Let one connection through first so lazily built state is not charged to them.
-            subprocess.run(pinned(LOAD_CPU, [self.tools["loadgen"], "--mode", "check", "--port",
-                                              str(term.ports["ecdsa"])]),
-                           capture_output=True, timeout=30)
-            time.sleep(0.5)
-            term.refresh_pids()
-            before = rss_bytes(term.pids)
+            before = self.settled_rss(term)
             p = self.loadgen(term.ports["ecdsa"], ["--mode", "idle", "--tls", "13", "--count",
                                                    str(count), "--conns", "64", "--sources",
                                                    "8", "--limit", "180"])
@@ -503,12 +507,7 @@ class Bench:
             return {"error": term.error}
         socks = []
         try:
-            subprocess.run(pinned(LOAD_CPU, [self.tools["loadgen"], "--mode", "check", "--port",
-                                              str(term.ports["ecdsa"])]),
-                           capture_output=True, timeout=30)
-            time.sleep(0.5)
-            term.refresh_pids()
-            before = rss_bytes(term.pids)
+            before = self.settled_rss(term)
             for i in range(count):
                 s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 socks.append(s)

@@ -1044,12 +1044,7 @@ def test_clients_leaving_together_hold_no_buffers(t):
 
     n = scaled(5000, 400)
     raise_nofile_for(n)
-    backend = subprocess.Popen([bench_tool("backend"), "--host", "127.0.0.1", "--port", "0"],
-                               stdout=subprocess.PIPE, text=True)
-    t.defer(lambda: (backend.terminate(), backend.wait(10)))
-    line = backend.stdout.readline().split()
-    check(line[:1] == ["port"], f"bench backend said {line}")
-    d, admin = start_ops(t, t.listener(f"127.0.0.1:{line[1]}"))
+    d, admin = start_ops(t, t.listener(bench_backend(t)))
     host, port = d.addr()
     tls_roundtrip((host, port), b"warm up")
     gen = subprocess.Popen([bench_tool("loadgen"), "--mode", "idle", "--host", host, "--port", str(port),
@@ -1087,19 +1082,24 @@ def bench_tool(name):
     return path
 
 
-def test_churn_50000_connections_back_to_baseline(t):
-    # 50,000 short TLS connections (handshake, one echo, close_notify), 16 at a time, through one
-    # daemon: none fails, and afterwards the active-connection metric, the descriptors and the
-    # memory are back where they were.
-    total = scaled(50000, 4000)
+def bench_backend(t):
+    """Starts bench/backend (the benchmark's echo and stream server) for the test; its address."""
     backend = subprocess.Popen([bench_tool("backend"), "--host", "127.0.0.1", "--port", "0"],
                                stdout=subprocess.PIPE, text=True)
     t.defer(lambda: (backend.terminate(), backend.wait(10)))
     line = backend.stdout.readline().split()
     check(line[:1] == ["port"], f"bench backend said {line}")
+    return f"127.0.0.1:{line[1]}"
+
+
+def test_churn_50000_connections_back_to_baseline(t):
+    # 50,000 short TLS connections (handshake, one echo, close_notify), 16 at a time, through one
+    # daemon: none fails, and afterwards the active-connection metric, the descriptors and the
+    # memory are back where they were.
+    total = scaled(50000, 4000)
     from test_ops import metrics, start_ops
 
-    d, admin = start_ops(t, t.listener(f"127.0.0.1:{line[1]}"))
+    d, admin = start_ops(t, t.listener(bench_backend(t)))
     host, port = d.addr()
     tls_roundtrip((host, port), b"warm up")
     settle_fds(d)
