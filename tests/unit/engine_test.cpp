@@ -1378,6 +1378,34 @@ TEST_CASE("transport EOF without close_notify is reported as truncated") {
     }
 }
 
+TEST_CASE("a server engine starts its handshake at the client's first byte") {
+    for (const bool hello : {false, true}) {
+        CAPTURE(hello);
+        auto c = connect({}, {}, serverOptions(16 * KiB), clientOptions(16 * KiB));
+        Engine &server = *c->server.engine;
+        // Nothing has arrived: nothing to send, nothing failed, the whole pair free to read into.
+        CHECK(server.cipherOut().empty());
+        CHECK(server.cipherOutPending() == 0);
+        CHECK_FALSE(server.status().failed);
+        CHECK_FALSE(server.status().handshakeDone);
+        CHECK(server.cipherInCapacity() == 16 * KiB);
+        if (!hello) {
+            // A client that leaves without a byte fails the handshake, as the peer's doing.
+            server.cipherInEof();
+            CHECK(server.status().failed);
+            CHECK(server.errorSource() == sluice::ErrorSource::peer);
+            CHECK(server.errorReason().find("closed by peer") != std::string::npos);
+            CHECK(server.cipherOut().empty());
+            CHECK(server.finished());
+            continue;
+        }
+        Pump pump(c->client, c->server, PumpOptions{}, 1);
+        handshake(*c, pump);
+        transfer(*c, pump, toBytes("first"), toBytes("bytes"));
+        checkClean(pump);
+    }
+}
+
 TEST_CASE("a half-closed engine gives its pair back and still sends the other direction") {
     const std::uint32_t seed = testSeed();
     INFO("seed " << seed);
