@@ -148,7 +148,9 @@ class SLUICE_API Engine {
 public:
     /**
      * Builds an engine over `ctx` (its reference count is taken; the caller keeps its own).
-     * Returns null and fills `error` if OpenSSL cannot allocate the connection.
+     * Returns null and fills `error` if OpenSSL cannot allocate the connection. A client's
+     * ClientHello is ready in cipherOut() on return; a server allocates its pair and handshake
+     * state only when the first ciphertext arrives, so a peer that never sends costs little.
      */
     static std::unique_ptr<Engine> create(ssl_ctx_st *ctx, Role role, const EngineOptions &options,
                                           std::string *error = nullptr);
