@@ -252,8 +252,10 @@ public:
     bool finished() const;
 
     /**
-     * Frees the BIO pair's buffers when nothing is queued in either direction, so an idle
-     * connection holds only the SSL object; the next call that needs the pair re-creates it.
+     * Frees the BIO pair's buffers (and OpenSSL's record buffers) when nothing is queued in
+     * either direction, so an idle connection holds only the SSL object; the next call that
+     * needs the pair re-creates it. The transport's EOF does not count as queued: it is kept
+     * and given to the new pair, so a half-closed connection holds nothing while it waits.
      * Call it only while holding no span from cipherInSpace(). Returns true if nothing is held.
      */
     bool releaseIdleBuffers();
