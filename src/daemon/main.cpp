@@ -4,18 +4,18 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
-#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <future>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <sys/resource.h>
 #include <thread>
 #include <unistd.h>
+#include <vector>
 
 #include <uv.h>
 
@@ -62,32 +62,6 @@ everything is built first and swapped in only if all of it is valid. USR1 reopen
 1 if the drain deadline closed connections or a runtime error occurred, 2 for a bad
 command line or configuration.
 )";
-
-/** Counts outstanding pieces of work done on other threads; wait() blocks until none is left. */
-class Countdown {
-public:
-    void add() {
-        std::lock_guard lock(mutex_);
-        ++pending_;
-    }
-    void done() {
-        {
-            std::lock_guard lock(mutex_);
-            --pending_;
-        }
-        zero_.notify_all();
-    }
-    /** True if every piece was done within `limit`. */
-    bool wait(std::chrono::milliseconds limit) {
-        std::unique_lock lock(mutex_);
-        return zero_.wait_for(lock, limit, [this] { return pending_ == 0; });
-    }
-
-private:
-    std::mutex mutex_;
-    std::condition_variable zero_;
-    unsigned pending_ = 0;
-};
 
 struct Options {
     std::string config;
@@ -348,21 +322,25 @@ private:
                               " workers=" + std::to_string(workers));
         }
         // reload-done (and systemd's READY) promise that the next connection meets the new
-        // configuration, so they wait until every worker has switched.
-        auto switched = std::make_shared<Countdown>();
+        // configuration, so they wait until every worker has switched. A command a drained
+        // worker drops breaks its promise, which ends the wait for it as well.
+        std::vector<std::future<void>> switched;
         for (unsigned w = 0; w < workers; ++w) {
-            switched->add();
-            const bool posted = workers_[w]->post(
-                [runtime = next.runtime, socketsForWorker = std::move(next.added[w]),
-                 removed = next.removed, switched](sluice::daemon::Worker &worker) mutable {
-                    worker.server().update(runtime, std::move(socketsForWorker), removed);
-                    switched->done();
-                });
-            if (!posted) {
-                switched->done();
+            auto done = std::make_shared<std::promise<void>>();
+            std::future<void> switchedHere = done->get_future();
+            if (workers_[w]->post(
+                    [runtime = next.runtime, socketsForWorker = std::move(next.added[w]),
+                     removed = next.removed, done](sluice::daemon::Worker &worker) mutable {
+                        worker.server().update(runtime, std::move(socketsForWorker), removed);
+                        done->set_value();
+                    })) {
+                switched.push_back(std::move(switchedHere));
             }
         }
-        if (!switched->wait(std::chrono::seconds(10))) {
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+        if (!std::all_of(switched.begin(), switched.end(), [&](const std::future<void> &f) {
+                return f.wait_until(deadline) == std::future_status::ready;
+            })) {
             sluice::log::warn("reload-slow detail=\"a worker has not switched to the new "
                               "configuration after 10 s; it will when its loop turns\"");
         }
