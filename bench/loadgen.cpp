@@ -13,6 +13,12 @@
 //   idle       open --count connections (handshake + one echo each), print "ready N", hold
 //              them until standard input closes
 //
+// With --serve PORT the load generator is also the backend: it listens on 127.0.0.1:PORT and
+// echoes every byte its peers send, in the same thread and epoll set as its clients. The rr
+// workload uses this so that the CPU beside the terminator runs one thread: with the client and
+// a separate backend process sharing that CPU, the scheduler's alternation between the two set
+// the latency tail more than the terminator did.
+//
 // Timed modes run --warmup seconds, print "start", measure for --duration seconds, print "end",
 // and print one JSON object with the results. A supervisor samples the terminator's CPU time at
 // "start" and "end", so both sides measure the same window.
@@ -24,6 +30,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <string>
@@ -53,6 +60,7 @@ struct Options {
     int sources = 1;
     int count = 1000;
     double limit = 300.0; // idle: give up establishing after this many seconds
+    int serve = 0;        // also be the echo backend on this port (0: no)
 };
 
 std::uint64_t nowNs() {
@@ -73,6 +81,18 @@ struct Conn {
     std::size_t offset = 0;       // bytes of the current message sent or received
     std::uint64_t sentAt = 0;
 };
+
+/** A connection the load generator accepted as the backend (--serve): echoes what it reads. */
+struct EchoPeer {
+    int fd = -1;
+    std::vector<char> pending; // bytes the socket did not take yet
+    std::size_t head = 0;
+};
+
+// epoll's data.u64 for the listener and echo peers carries a tag in its low bit; a client
+// Conn's address (aligned, so its low bit is 0) is stored untagged.
+constexpr std::uint64_t echoTag = 1;
+constexpr std::uint64_t listenerKey = echoTag; // no peer lives at address 0
 
 class LoadGen {
 public:
@@ -100,6 +120,11 @@ private:
     bool newConnMode() const { return o_.mode == "handshake" || o_.mode == "resume"; }
     int runCheck();
     int runIdle();
+    bool serve();
+    void dispatch(const epoll_event &event);
+    void acceptPeers();
+    void echo(EchoPeer *peer, std::uint32_t events);
+    void closePeer(EchoPeer *peer);
     void report(double seconds);
 
     Options o_;
@@ -124,7 +149,107 @@ private:
     std::uint64_t held_ = 0;
     std::vector<std::uint32_t> latencyNs_;
     std::string firstError_;
+
+    int listenFd_ = -1; // --serve
+    std::vector<std::unique_ptr<EchoPeer>> peers_;
 };
+
+bool LoadGen::serve() {
+    listenFd_ = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    const int one = 1;
+    setsockopt(listenFd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_port = htons(static_cast<std::uint16_t>(o_.serve));
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (listenFd_ < 0 || bind(listenFd_, reinterpret_cast<sockaddr *>(&addr), sizeof addr) != 0 ||
+        listen(listenFd_, 1024) != 0) {
+        std::fprintf(stderr, "loadgen: cannot listen on port %d: %s\n", o_.serve,
+                     std::strerror(errno));
+        return false;
+    }
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = listenerKey;
+    epoll_ctl(epfd_, EPOLL_CTL_ADD, listenFd_, &ev);
+    return true;
+}
+
+void LoadGen::dispatch(const epoll_event &event) {
+    if (event.data.u64 == listenerKey) {
+        acceptPeers();
+    } else if ((event.data.u64 & echoTag) != 0) {
+        echo(reinterpret_cast<EchoPeer *>(event.data.u64 & ~echoTag), event.events);
+    } else {
+        drive(*static_cast<Conn *>(event.data.ptr), event.events);
+    }
+}
+
+void LoadGen::acceptPeers() {
+    for (;;) {
+        const int fd = accept4(listenFd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            return;
+        }
+        const int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        auto peer = std::make_unique<EchoPeer>();
+        peer->fd = fd;
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.u64 = reinterpret_cast<std::uint64_t>(peer.get()) | echoTag;
+        epoll_ctl(epfd_, EPOLL_CTL_ADD, fd, &ev);
+        peers_.push_back(std::move(peer));
+    }
+}
+
+void LoadGen::closePeer(EchoPeer *peer) {
+    close(peer->fd); // also leaves the epoll set
+    std::erase_if(peers_, [peer](const auto &p) { return p.get() == peer; });
+}
+
+void LoadGen::echo(EchoPeer *peer, std::uint32_t events) {
+    // Bytes waiting for the socket go first; while any wait, the peer is not read (EPOLLOUT
+    // only), so a peer that does not read its replies cannot grow them without bound.
+    while (peer->head < peer->pending.size()) {
+        const ssize_t n = send(peer->fd, peer->pending.data() + peer->head,
+                               peer->pending.size() - peer->head, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EWOULDBLOCK) {
+                return;
+            }
+            closePeer(peer);
+            return;
+        }
+        peer->head += static_cast<std::size_t>(n);
+    }
+    const bool wasWaiting = !peer->pending.empty();
+    peer->pending.clear();
+    peer->head = 0;
+    if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0 || wasWaiting) {
+        const ssize_t got = recv(peer->fd, buffer_.data(), buffer_.size(), 0);
+        if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+            closePeer(peer);
+            return;
+        }
+        if (got > 0) {
+            const ssize_t n =
+                send(peer->fd, buffer_.data(), static_cast<std::size_t>(got), MSG_NOSIGNAL);
+            const std::size_t sent = n > 0 ? static_cast<std::size_t>(n) : 0;
+            if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+                closePeer(peer);
+                return;
+            }
+            peer->pending.assign(buffer_.data() + sent, buffer_.data() + got);
+        }
+    }
+    epoll_event ev{};
+    ev.events = peer->pending.empty() ? EPOLLIN : EPOLLOUT;
+    ev.data.u64 = reinterpret_cast<std::uint64_t>(peer) | echoTag;
+    if (wasWaiting != !peer->pending.empty()) {
+        epoll_ctl(epfd_, EPOLL_CTL_MOD, peer->fd, &ev);
+    }
+}
 
 bool LoadGen::makeContext() {
     if (o_.plain) {
@@ -582,7 +707,7 @@ int LoadGen::runIdle() {
         }
         const int n = epoll_wait(epfd_, events.data(), static_cast<int>(events.size()), 50);
         for (int i = 0; i < n; ++i) {
-            drive(*static_cast<Conn *>(events[i].data.ptr), events[i].events);
+            dispatch(events[i]);
         }
     }
     std::printf("ready %llu errors %llu\n", static_cast<unsigned long long>(held_),
@@ -604,6 +729,9 @@ int LoadGen::run() {
         return runCheck();
     }
     epfd_ = epoll_create1(EPOLL_CLOEXEC);
+    if (o_.serve > 0 && !serve()) {
+        return 2;
+    }
     message_.assign(newConnMode() ? 32 : o_.size, 'm');
     message_[0] = 'E';
     std::fill(stream_.begin(), stream_.end(), 'u');
@@ -639,7 +767,7 @@ int LoadGen::run() {
         }
         const int n = epoll_wait(epfd_, events.data(), static_cast<int>(events.size()), 2);
         for (int i = 0; i < n; ++i) {
-            drive(*static_cast<Conn *>(events[i].data.ptr), events[i].events);
+            dispatch(events[i]);
         }
         // A connection that failed to start (no socket, no port) is retried here.
         if (newConnMode() || o_.mode == "rr") {
@@ -670,7 +798,7 @@ int usage() {
                  "usage: loadgen --mode check|handshake|resume|rr|download|upload|idle --port P\n"
                  "               [--host 127.0.0.1] [--plain] [--tls 12|13] [--conns N]\n"
                  "               [--warmup S] [--duration S] [--size BYTES] [--sources K]\n"
-                 "               [--count N] [--limit S] [--total N]\n");
+                 "               [--count N] [--limit S] [--total N] [--serve PORT]\n");
     return 2;
 }
 
@@ -712,6 +840,8 @@ int main(int argc, char **argv) {
             o.count = std::max(1, std::atoi(value.c_str()));
         } else if (key == "--limit") {
             o.limit = std::atof(value.c_str());
+        } else if (key == "--serve") {
+            o.serve = std::atoi(value.c_str());
         } else {
             return usage();
         }

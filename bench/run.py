@@ -8,6 +8,13 @@ machine that gets busier affects them alike). A figure is the median over rounds
 per wall second and per terminator CPU-second (utime + stime of the terminator's process group,
 sampled from /proc when the load generator starts and ends its measured window).
 
+For the keep-alive round trips the load generator is also the backend (loadgen --serve, on the
+backend's port, while bench/backend is stopped): the CPU beside the terminator then runs one
+thread. With the client and a backend process sharing that CPU, the scheduler's alternation
+between the two set the latency tail and capped the rate below what the terminators could do:
+made real-time (chrt -f 1), the backend took every terminator's p99 to 2.7-2.8 ms, within 4% of
+each other, while sluice spinning instead of sleeping left its own p99 where it was.
+
 Writes results.md, results.json and the charts into --out. Standard library only (the charts
 use matplotlib through bench/charts.py, skipped with a note when it is missing).
 """
@@ -352,13 +359,18 @@ class Bench:
             (w / f"{kind}.pem").write_text((w / f"{kind}.crt").read_text() +
                                            (w / f"{kind}.key").read_text())
 
-    def start_backend(self):
-        self.backend = subprocess.Popen(pinned(LOAD_CPU, [self.tools["backend"], "--port", "0"]),
-                                        stdout=subprocess.PIPE, text=True)
+    def start_backend(self, port=0):
+        self.backend = subprocess.Popen(
+            pinned(LOAD_CPU, [self.tools["backend"], "--port", str(port)]),
+            stdout=subprocess.PIPE, text=True)
         line = self.backend.stdout.readline().split()
         if len(line) != 2 or line[0] != "port":
             raise SystemExit("bench: the backend did not start")
         self.backend_port = int(line[1])
+
+    def stop_backend(self):
+        self.backend.terminate()
+        self.backend.wait()
 
     def loadgen(self, port, extra, plain=False, timeout=120):
         argv = [self.tools["loadgen"], "--port", str(port)] + extra + (["--plain"] if plain else [])
@@ -417,11 +429,18 @@ class Bench:
             if not wanted(key):
                 continue
             rounds = self.results["rounds"].setdefault(key, {})
+            serving = key == "rr"
+            if serving:
+                # Round trips: the load generator is the backend too, on the backend's port, so
+                # the CPU beside the terminator runs one thread (see the module's comment).
+                self.stop_backend()
             for r in range(self.args.rounds):
                 # Rotate the order each round so no terminator always goes first.
                 order = live[r % len(live):] + live[:r % len(live)] if live else []
                 for t in order:
                     args = [a for a in extra if a != "@rsa"]
+                    if serving:
+                        args += ["--serve", str(self.backend_port)]
                     port = t.ports["rsa" if "@rsa" in extra else "ecdsa"]
                     t.refresh_pids()
                     res = self.measure(port, args, t.pids)
@@ -433,6 +452,17 @@ class Bench:
                         f"wall={self.figure(key, res):10.1f} "
                         f"per-cpu-s={self.figure(key, res, True):10.1f} cpu={res['cpu']:.2f}s "
                         f"errors={res['errors']}")
+            if serving:
+                if wanted("rr_direct"):
+                    # The baseline: the same load generator talking to its own echo, no terminator.
+                    base = self.results["rounds"].setdefault("rr_direct", {})
+                    for r in range(self.args.rounds):
+                        res = self.measure(self.backend_port,
+                                           ["--mode", "rr", "--conns", "64", "--size", "100",
+                                            "--serve", str(self.backend_port)], [], plain=True)
+                        if res:
+                            base.setdefault("backend", []).append(res)
+                self.start_backend(self.backend_port)
         proxy = next((t for t in live if "plain" in t.ports), None)
         if proxy is not None and wanted("tcp_conn"):
             # The cost of the connections alone: HAProxy proxying the same exchange without TLS.
@@ -446,14 +476,6 @@ class Bench:
                     tcp.setdefault(proxy.key, []).append(res)
                     log(f"tcp_conn     r{r + 1} {proxy.name:8} wall={res['rate']:10.1f} "
                         f"per-cpu-s={self.figure('tcp_conn', res, True):10.1f}")
-        if self.args.rounds and wanted("rr_direct"):
-            base = self.results["rounds"].setdefault("rr_direct", {})
-            for r in range(self.args.rounds):
-                res = self.measure(self.backend_port,
-                                   ["--mode", "rr", "--conns", "64", "--size", "100"], [],
-                                   plain=True)
-                if res:
-                    base.setdefault("backend", []).append(res)
 
     @staticmethod
     def figure(key, res, per_cpu=False):
@@ -762,7 +784,9 @@ def render(results):
     v = results.get("versions", {})
     add("- Terminators: " + ", ".join(f"{NAMES[t]} ({v.get(t, '?')})" for t in terms))
     st = results["settings"]
-    add(f"- Method: terminator pinned to CPU 0, load generator and backend to CPU 1; "
+    add(f"- Method: terminator pinned to CPU 0, load generator and backend to CPU 1 (for the "
+        f"round trips, one process: the load generator echoes as the backend in the same "
+        f"thread); "
         f"{st['rounds']} round(s) of {st['duration']} s (after {st['warmup']} s warm-up) per "
         f"figure, median shown; per CPU-second = work done / (utime + stime of the terminator's "
         f"processes) over the same window. TLS 1.3 and 1.2, X25519, AES-128-GCM everywhere.")
@@ -823,7 +847,7 @@ def render(results):
         base = s.get("rr_direct", {}).get("backend")
         if base:
             add("")
-            add(f"Baseline, the load generator straight to the backend (no TLS, no terminator): "
+            add(f"Baseline, the load generator straight to its own echo (no TLS, no terminator): "
                 f"{fmt(base['wall'])} round trips/s, p50 {fmt(base['p50'])} µs, "
                 f"p99 {fmt(base['p99'])} µs.")
         add("")
