@@ -8,8 +8,10 @@
 //               destroy; full and resumed (the previous connection's ticket)
 //   download    the server encrypts 16 KiB writes; the ciphertext is consumed unread
 //   upload      the server decrypts ciphertext a client produced beforehand
-//   idle        heap bytes held per established, idle server Engine (mallinfo2), after
-//               releaseIdleBuffers(): the floor for memory per idle connection
+//   idle        memory held per established, idle server Engine, after releaseIdleBuffers():
+//               the floor for memory per idle connection, as heap bytes in use (mallinfo2)
+//               and as RSS growth (what the daemon's figure is: the same heap plus what the
+//               allocator cannot give back between the engines' long-lived pieces)
 //
 // Usage: ceiling --config sluice.toml [--seconds S] [--idle N]; prints one JSON object.
 #include <algorithm>
@@ -19,6 +21,7 @@
 #include <ctime>
 #include <malloc.h>
 #include <string>
+#include <unistd.h>
 #include <vector>
 
 #include <openssl/ssl.h>
@@ -352,8 +355,27 @@ double upload(const Setup &setup, std::size_t total) {
     return static_cast<double>(decrypted) / 1e6 / (cpu / 1e9);
 }
 
-/** Heap bytes per established idle server Engine (TLS 1.3), after releasing its buffers. */
-double idleFloor(const Setup &setup, int count) {
+/** Resident bytes of this process (/proc/self/statm), or 0. */
+double residentBytes() {
+    long pages = 0;
+    long resident = 0;
+    FILE *file = std::fopen("/proc/self/statm", "r");
+    if (file == nullptr) {
+        return 0;
+    }
+    const int read = std::fscanf(file, "%ld %ld", &pages, &resident);
+    std::fclose(file);
+    return read == 2 ? static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE))
+                     : 0;
+}
+
+struct Floor {
+    double heap = 0; // heap bytes in use per engine
+    double rss = 0;  // resident bytes per engine
+};
+
+/** Memory per established idle server Engine (TLS 1.3), after releasing its buffers. */
+Floor idleFloor(const Setup &setup, int count) {
     std::vector<std::unique_ptr<sluice::Engine>> kept(static_cast<std::size_t>(count));
     // One connection first, so lazily built OpenSSL state is not charged to the engines.
     bool resumed = false;
@@ -362,15 +384,16 @@ double idleFloor(const Setup &setup, int count) {
     warm.reset();
     malloc_trim(0);
     const struct mallinfo2 before = mallinfo2();
+    const double residentBefore = residentBytes();
     for (auto &engine : kept) {
         if (connection(setup, setup.client13, nullptr, &resumed, &engine) < 0) {
-            return 0;
+            return {};
         }
     }
     const struct mallinfo2 after = mallinfo2();
     const double used =
         static_cast<double>((after.uordblks + after.hblkhd) - (before.uordblks + before.hblkhd));
-    return used / count;
+    return {used / count, (residentBytes() - residentBefore) / count};
 }
 
 double median(std::vector<double> values) {
@@ -450,7 +473,10 @@ int main(int argc, char **argv) {
     }
     std::printf(",\"download_mb_per_cpu_s\":%.1f,\"upload_mb_per_cpu_s\":%.1f", median(down),
                 median(up));
-    std::printf(",\"idle_bytes_per_engine\":%.0f}\n", idleFloor(setup, idle));
+    const Floor floor = idleFloor(setup, idle);
+    std::printf(
+        ",\"idle_engines\":%d,\"idle_bytes_per_engine\":%.0f,\"idle_rss_per_engine\":%.0f}\n", idle,
+        floor.heap, floor.rss);
     SSL_CTX_free(setup.client12);
     SSL_CTX_free(setup.client13);
     return 0;

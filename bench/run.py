@@ -563,7 +563,8 @@ class Bench:
             return {"error": "no sluice configuration"}
         argv = [self.tools["ceiling"], "--config", str(conf), "--seconds",
                 str(self.args.ceiling_seconds), "--rounds", str(max(1, self.args.rounds)),
-                "--idle", "1000"]
+                # As many idle engines as the largest idle count the daemon is measured at.
+                "--idle", str(max(self.args.idle_counts, default=1000))]
         p = subprocess.run(pinned(TERMINATOR_CPU, argv), capture_output=True, text=True,
                            timeout=600)
         try:
@@ -952,13 +953,20 @@ def render(results):
                 with_tcp = f"{fmt(1 / (1 / eng + 1 / tcp))} ({daemon * (1 / eng + 1 / tcp):.2f})"
             add(f"| {titles[key][0]} ({titles[key][1]}) | {fmt(eng)} | {with_tcp} | "
                 f"{fmt(daemon)} | {r} |")
-        floor = c.get("idle_bytes_per_engine")
         idle = results.get("idle", {})
-        if floor:
-            line = f"| idle connection (KiB): Engine heap floor | {floor / 1024:.1f} | — |"
-            last = sorted(idle, key=int)[-1] if idle else None
-            daemon = idle.get(last, {}).get("sluice", {}).get("per_conn") if last else None
-            line += (f" {daemon / 1024:.1f} | {daemon / floor:.2f} |" if daemon else " — | — |")
+        last = sorted(idle, key=int)[-1] if idle else None
+        daemon = idle.get(last, {}).get("sluice", {}).get("per_conn") if last else None
+        engines = c.get("idle_engines")
+        for ck, what in (("idle_bytes_per_engine", "heap in use"),
+                         ("idle_rss_per_engine", "RSS growth")):
+            floor = c.get(ck)
+            if not floor:
+                continue
+            line = (f"| idle connection (KiB): Engine floor, {what}"
+                    f"{f' ({int(engines):,} engines)' if engines else ''} | "
+                    f"{floor / 1024:.1f} | — |")
+            line += (f" {daemon / 1024:.1f} ({daemon - floor:,.0f} bytes above) | "
+                     f"{daemon / floor:.2f} |" if daemon else " — | — |")
             add(line)
         add("")
     return "\n".join(lines) + "\n"
