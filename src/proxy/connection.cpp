@@ -229,6 +229,15 @@ Connection::Requests &Connection::requests() {
 
 bool Connection::startShutdown(uv_shutdown_t Requests::*req, uv_stream_t *stream,
                                uv_shutdown_cb done) {
+    // With nothing queued on the socket, the FIN goes now: uv_shutdown would only watch the
+    // socket for writability to send it on the loop's next turn, one epoll_ctl() and one
+    // callback more per half-close.
+    uv_os_fd_t fd = -1;
+    if (uv_stream_get_write_queue_size(stream) == 0 &&
+        uv_fileno(reinterpret_cast<uv_handle_t *>(stream), &fd) == 0) {
+        ::shutdown(fd, SHUT_WR); // a peer already gone (ENOTCONN) leaves nothing to end either
+        return false;
+    }
     if (uv_shutdown(&(requests().*req), stream, done) != 0) {
         return false;
     }
@@ -658,24 +667,29 @@ bool Connection::propagateCloses() {
                 progress = true;
             }
         } else if (!clientShutdown_ && !clientGone_ && clientFlushed) {
-            clientShutdown_ = true;
-            if (!startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
-                clientShutdownDone_ = true;
-            }
-            armTimer();
+            endClientSide();
             progress = true;
         }
     }
     if (engine_ && engine_->status().closeNotifySent && !clientShutdown_ && !clientGone_ &&
         engine_->cipherOutPending() == 0 && clientWriteInFlight_ == 0) {
-        clientShutdown_ = true;
-        if (!startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
-            clientShutdownDone_ = true;
-        }
-        armTimer();
+        endClientSide();
         progress = true;
     }
     return progress;
+}
+
+void Connection::endClientSide() {
+    clientShutdown_ = true;
+    // With the client's FIN in and the backend's side done, the connection closes in this
+    // pump (maybeFinish), and close() sends the FIN: there is no unread input to turn it into
+    // a reset. A shutdown() first would be a system call more, often failing with ENOTCONN
+    // against a client that closed at once.
+    if ((clientEof_ && upstreamDone()) ||
+        !startShutdown(&Requests::clientShutdown, clientStream(), onClientShutdown)) {
+        clientShutdownDone_ = true;
+    }
+    armTimer();
 }
 
 void Connection::updateReading() {
@@ -715,8 +729,11 @@ void Connection::updateReading() {
     if (local_) {
         return;
     }
-    bool wantBackend = backendConnected_ && !backendClosing_ && !backendEof_ && !backendGone_ &&
-                       !flushing_ && !clientGone_;
+    // A TCP backend is read from while it connects: nothing arrives before the connect is done,
+    // and one epoll registration for both then serves the connect and the reads (reading only
+    // after it, libuv registers the socket again, and the kernel refuses that first).
+    bool wantBackend = (backendConnected_ || backendConnecting_) && !backendClosing_ &&
+                       !backendEof_ && !backendGone_ && !flushing_ && !clientGone_;
     if (backendEngine_) {
         const std::size_t capacity = backendEngine_->cipherInCapacity();
         const std::size_t resumeAt = std::max<std::size_t>(1, settings_->buffers.tls / 4);
@@ -891,7 +908,7 @@ void Connection::connectNext() {
     serverCounted_ = true;
     PoolServer &server = pool_->server(static_cast<std::size_t>(index));
     server.active.fetch_add(1, std::memory_order_relaxed);
-    backendConnected_ = backendReady_ = backendEof_ = backendReading_ = false;
+    backendConnected_ = backendConnecting_ = backendReady_ = backendEof_ = backendReading_ = false;
     backendTlsShutdown_ = backendShutdown_ = backendShutdownDone_ = false;
     if (proxy_) {
         proxy_->outSent = 0;
@@ -923,6 +940,7 @@ void Connection::connectNext() {
             return;
         }
         ++requestsInFlight_;
+        backendConnecting_ = true;
     }
     armTimer();
 }
@@ -1536,6 +1554,7 @@ void Connection::onClientShutdown(uv_shutdown_t *req, int) {
 void Connection::onBackendConnect(uv_connect_t *req, int status) {
     auto *self = static_cast<Connection *>(req->data);
     --self->requestsInFlight_;
+    self->backendConnecting_ = false;
     if (self->closing_ || self->backendClosing_) {
         return;
     }

@@ -100,8 +100,14 @@ private:
         uv_shutdown_t backendShutdown{};
     };
     Requests &requests();
-    /** Starts a shutdown with one of the requests; false if libuv refused it (no callback). */
+    /**
+     * Half-closes `stream` (sends its FIN): at once when nothing is queued on it, else with one
+     * of the requests once the queued writes are out. False when no callback will come: done
+     * at once, or refused by libuv.
+     */
     bool startShutdown(uv_shutdown_t Requests::*req, uv_stream_t *stream, uv_shutdown_cb done);
+    /** Ends the connection's side toward the client (its FIN) once everything for it is out. */
+    void endClientSide();
 
     // The one place that moves bytes and decides what happens next.
     void pump();
@@ -302,8 +308,9 @@ private:
     bool backendInitialised_ : 1 = false; // the backend handle is open (not yet closing)
     bool backendClosing_ : 1 = false;     // closing the handle of a failed attempt
     bool backendStarted_ : 1 = false;
-    bool backendConnected_ : 1 = false; // the socket connected
-    bool backendReady_ : 1 = false;     // ... and its TLS handshake is done (or it has none)
+    bool backendConnected_ : 1 = false;  // the socket connected
+    bool backendConnecting_ : 1 = false; // a TCP connect is in flight
+    bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)
     bool backendReading_ : 1 = false;
     bool backendEof_ : 1 = false;         // the backend's FIN arrived
     bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
