@@ -998,7 +998,7 @@ def main():
         sys.stdout.write(render(results))
         return
     quick = args.quick
-    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 3)
+    args.rounds = args.rounds if args.rounds is not None else (1 if quick else 5)
     args.duration = args.duration or (1.5 if quick else 3.0)
     args.warmup = args.warmup if args.warmup is not None else (0.5 if quick else 1.0)
     args.ceiling_seconds = 0.3 if quick else 1.0
