@@ -23,6 +23,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include "echo_queue.hpp"
+
 namespace {
 
 enum class Role { unknown, echo, source, sink };
@@ -30,8 +32,7 @@ enum class Role { unknown, echo, source, sink };
 struct Peer {
     int fd = -1;
     Role role = Role::unknown;
-    std::vector<char> pending; // echo bytes the socket did not take yet
-    std::size_t pendingHead = 0;
+    EchoQueue echo; // echo bytes the socket did not take yet
     bool wantOut = false;
 };
 
@@ -64,29 +65,17 @@ void closePeer(int epfd, Peer *peer) {
 
 /** Writes pending echo bytes; returns false if the peer is gone. */
 bool flushEcho(int epfd, Peer *peer) {
-    while (peer->pendingHead < peer->pending.size()) {
-        const ssize_t n = send(peer->fd, peer->pending.data() + peer->pendingHead,
-                               peer->pending.size() - peer->pendingHead, MSG_NOSIGNAL);
-        if (n > 0) {
-            peer->pendingHead += static_cast<std::size_t>(n);
-            continue;
-        }
-        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
-            setInterest(epfd, peer, true);
-            return true;
-        }
+    if (!peer->echo.flush(peer->fd)) {
         return false;
     }
-    peer->pending.clear();
-    peer->pendingHead = 0;
-    setInterest(epfd, peer, false);
+    setInterest(epfd, peer, !peer->echo.empty());
     return true;
 }
 
 /** Handles readable input; returns false when the peer is done. */
 bool onReadable(int epfd, Peer *peer, char *buffer) {
     for (int round = 0; round < 16; ++round) {
-        if (peer->role == Role::echo && !peer->pending.empty()) {
+        if (peer->role == Role::echo && !peer->echo.empty()) {
             return true; // backpressure: read more once the echo queue drained
         }
         const ssize_t n = recv(peer->fd, buffer, chunk, 0);
@@ -105,14 +94,10 @@ bool onReadable(int epfd, Peer *peer, char *buffer) {
             }
         }
         if (peer->role == Role::echo) {
-            const ssize_t sent = send(peer->fd, buffer, static_cast<std::size_t>(n), MSG_NOSIGNAL);
-            if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            if (!peer->echo.echo(peer->fd, buffer, static_cast<std::size_t>(n))) {
                 return false;
             }
-            const std::size_t done = sent > 0 ? static_cast<std::size_t>(sent) : 0;
-            if (done < static_cast<std::size_t>(n)) {
-                peer->pending.assign(buffer + done, buffer + n);
-                peer->pendingHead = 0;
+            if (!peer->echo.empty()) {
                 setInterest(epfd, peer, true);
             }
         }

@@ -44,6 +44,8 @@
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 
+#include "echo_queue.hpp"
+
 namespace {
 
 struct Options {
@@ -85,8 +87,7 @@ struct Conn {
 /** A connection the load generator accepted as the backend (--serve): echoes what it reads. */
 struct EchoPeer {
     int fd = -1;
-    std::vector<char> pending; // bytes the socket did not take yet
-    std::size_t head = 0;
+    EchoQueue owed;
 };
 
 // epoll's data.u64 for the listener and echo peers carries a tag in its low bit; a client
@@ -123,7 +124,7 @@ private:
     bool serve();
     void dispatch(const epoll_event &event);
     void acceptPeers();
-    void echo(EchoPeer *peer, std::uint32_t events);
+    void echo(EchoPeer *peer);
     void closePeer(EchoPeer *peer);
     void report(double seconds);
 
@@ -179,7 +180,7 @@ void LoadGen::dispatch(const epoll_event &event) {
     if (event.data.u64 == listenerKey) {
         acceptPeers();
     } else if ((event.data.u64 & echoTag) != 0) {
-        echo(reinterpret_cast<EchoPeer *>(event.data.u64 & ~echoTag), event.events);
+        echo(reinterpret_cast<EchoPeer *>(event.data.u64 & ~echoTag));
     } else {
         drive(*static_cast<Conn *>(event.data.ptr), event.events);
     }
@@ -208,45 +209,27 @@ void LoadGen::closePeer(EchoPeer *peer) {
     std::erase_if(peers_, [peer](const auto &p) { return p.get() == peer; });
 }
 
-void LoadGen::echo(EchoPeer *peer, std::uint32_t events) {
-    // Bytes waiting for the socket go first; while any wait, the peer is not read (EPOLLOUT
-    // only), so a peer that does not read its replies cannot grow them without bound.
-    while (peer->head < peer->pending.size()) {
-        const ssize_t n = send(peer->fd, peer->pending.data() + peer->head,
-                               peer->pending.size() - peer->head, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EWOULDBLOCK) {
-                return;
-            }
-            closePeer(peer);
-            return;
-        }
-        peer->head += static_cast<std::size_t>(n);
+void LoadGen::echo(EchoPeer *peer) {
+    // While bytes are owed the peer waits for EPOLLOUT alone and is not read, so a peer that
+    // does not read its replies cannot grow them without bound.
+    const bool wasOwing = !peer->owed.empty();
+    if (!peer->owed.flush(peer->fd)) {
+        closePeer(peer);
+        return;
     }
-    const bool wasWaiting = !peer->pending.empty();
-    peer->pending.clear();
-    peer->head = 0;
-    if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0 || wasWaiting) {
-        const ssize_t got = recv(peer->fd, buffer_.data(), buffer_.size(), 0);
-        if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
-            closePeer(peer);
-            return;
-        }
-        if (got > 0) {
-            const ssize_t n =
-                send(peer->fd, buffer_.data(), static_cast<std::size_t>(got), MSG_NOSIGNAL);
-            const std::size_t sent = n > 0 ? static_cast<std::size_t>(n) : 0;
-            if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-                closePeer(peer);
-                return;
-            }
-            peer->pending.assign(buffer_.data() + sent, buffer_.data() + got);
-        }
+    if (!peer->owed.empty()) {
+        return;
     }
-    epoll_event ev{};
-    ev.events = peer->pending.empty() ? EPOLLIN : EPOLLOUT;
-    ev.data.u64 = reinterpret_cast<std::uint64_t>(peer) | echoTag;
-    if (wasWaiting != !peer->pending.empty()) {
+    const ssize_t got = recv(peer->fd, buffer_.data(), buffer_.size(), 0);
+    if (got == 0 || (got < 0 && errno != EAGAIN && errno != EWOULDBLOCK) ||
+        (got > 0 && !peer->owed.echo(peer->fd, buffer_.data(), static_cast<std::size_t>(got)))) {
+        closePeer(peer);
+        return;
+    }
+    if (wasOwing != !peer->owed.empty()) {
+        epoll_event ev{};
+        ev.events = peer->owed.empty() ? EPOLLIN : EPOLLOUT;
+        ev.data.u64 = reinterpret_cast<std::uint64_t>(peer) | echoTag;
         epoll_ctl(epfd_, EPOLL_CTL_MOD, peer->fd, &ev);
     }
 }
