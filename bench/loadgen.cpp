@@ -484,7 +484,8 @@ void LoadGen::drive(Conn &c, std::uint32_t events) {
             break;
         }
         case Stage::receiving: {
-            const long n = ioRead(c, buffer_.data(), message_.size() - c.offset);
+            const long n =
+                ioRead(c, buffer_.data(), std::min(buffer_.size(), message_.size() - c.offset));
             if (n < 0) {
                 finish(c, true);
                 return;
