@@ -20,6 +20,7 @@ use matplotlib through bench/charts.py, skipped with a note when it is missing).
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -372,6 +373,20 @@ class Bench:
         self.backend.terminate()
         self.backend.wait()
 
+    @contextlib.contextmanager
+    def load_generator_serving(self, serving=True):
+        """For the round trips: bench/backend steps aside and the load generator serves the
+        backend's port itself (see the module's comment). Yields the load generator's extra
+        arguments; with serving=False nothing changes and they are empty."""
+        if not serving:
+            yield []
+            return
+        self.stop_backend()
+        try:
+            yield ["--serve", str(self.backend_port)]
+        finally:
+            self.start_backend(self.backend_port)
+
     def loadgen(self, port, extra, plain=False, timeout=120):
         argv = [self.tools["loadgen"], "--port", str(port)] + extra + (["--plain"] if plain else [])
         return subprocess.Popen(pinned(LOAD_CPU, argv), stdin=subprocess.PIPE,
@@ -429,40 +444,32 @@ class Bench:
             if not wanted(key):
                 continue
             rounds = self.results["rounds"].setdefault(key, {})
-            serving = key == "rr"
-            if serving:
-                # Round trips: the load generator is the backend too, on the backend's port, so
-                # the CPU beside the terminator runs one thread (see the module's comment).
-                self.stop_backend()
-            for r in range(self.args.rounds):
-                # Rotate the order each round so no terminator always goes first.
-                order = live[r % len(live):] + live[:r % len(live)] if live else []
-                for t in order:
-                    args = [a for a in extra if a != "@rsa"]
-                    if serving:
-                        args += ["--serve", str(self.backend_port)]
-                    port = t.ports["rsa" if "@rsa" in extra else "ecdsa"]
-                    t.refresh_pids()
-                    res = self.measure(port, args, t.pids)
-                    if res is None:
-                        log(f"{t.name} {key}: the load generator failed")
-                        continue
-                    rounds.setdefault(t.key, []).append(res)
-                    log(f"{key:12} r{r + 1} {t.name:8} "
-                        f"wall={self.figure(key, res):10.1f} "
-                        f"per-cpu-s={self.figure(key, res, True):10.1f} cpu={res['cpu']:.2f}s "
-                        f"errors={res['errors']}")
-            if serving:
-                if wanted("rr_direct"):
+            with self.load_generator_serving(key == "rr") as serve:
+                for r in range(self.args.rounds):
+                    # Rotate the order each round so no terminator always goes first.
+                    order = live[r % len(live):] + live[:r % len(live)] if live else []
+                    for t in order:
+                        args = [a for a in extra if a != "@rsa"] + serve
+                        port = t.ports["rsa" if "@rsa" in extra else "ecdsa"]
+                        t.refresh_pids()
+                        res = self.measure(port, args, t.pids)
+                        if res is None:
+                            log(f"{t.name} {key}: the load generator failed")
+                            continue
+                        rounds.setdefault(t.key, []).append(res)
+                        log(f"{key:12} r{r + 1} {t.name:8} "
+                            f"wall={self.figure(key, res):10.1f} "
+                            f"per-cpu-s={self.figure(key, res, True):10.1f} "
+                            f"cpu={res['cpu']:.2f}s errors={res['errors']}")
+                if serve and wanted("rr_direct"):
                     # The baseline: the same load generator talking to its own echo, no terminator.
                     base = self.results["rounds"].setdefault("rr_direct", {})
                     for r in range(self.args.rounds):
                         res = self.measure(self.backend_port,
-                                           ["--mode", "rr", "--conns", "64", "--size", "100",
-                                            "--serve", str(self.backend_port)], [], plain=True)
+                                           ["--mode", "rr", "--conns", "64", "--size", "100"] +
+                                           serve, [], plain=True)
                         if res:
                             base.setdefault("backend", []).append(res)
-                self.start_backend(self.backend_port)
         proxy = next((t for t in live if "plain" in t.ports), None)
         if proxy is not None and wanted("tcp_conn"):
             # The cost of the connections alone: HAProxy proxying the same exchange without TLS.
@@ -590,17 +597,15 @@ class Bench:
                     continue
                 data = self.work / f"perf-{key}.data"
                 args = [a for a in extra if a != "@rsa"]
-                if key == "rr":  # as measured: the load generator is the backend too
-                    self.stop_backend()
-                    args += ["--serve", str(self.backend_port)]
-                p = self.loadgen(term.ports["ecdsa"], ["--warmup", "0.5", "--duration", "6"] + args)
-                p.stdout.readline()  # "start": the warm-up is over
-                rec = subprocess.run(["perf", "record", "-q", "-g", "-o", str(data), "-p",
-                                      str(term.proc.pid), "--", "sleep", "4"],
-                                     capture_output=True, text=True)
-                p.communicate()
-                if key == "rr":
-                    self.start_backend(self.backend_port)
+                # As measured: for the round trips the load generator is the backend too.
+                with self.load_generator_serving(key == "rr") as serve:
+                    p = self.loadgen(term.ports["ecdsa"],
+                                     ["--warmup", "0.5", "--duration", "6"] + args + serve)
+                    p.stdout.readline()  # "start": the warm-up is over
+                    rec = subprocess.run(["perf", "record", "-q", "-g", "-o", str(data), "-p",
+                                          str(term.proc.pid), "--", "sleep", "4"],
+                                         capture_output=True, text=True)
+                    p.communicate()
                 def perf_report(*extra_args, limit=30):
                     out = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "-g",
                                           "none"] + list(extra_args),
