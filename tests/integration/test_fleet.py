@@ -43,7 +43,7 @@ from harness import (
     wait_peer_close,
     wait_until,
 )
-from test_ops import logfmt_fields, metrics
+from test_ops import complete_lines, logfmt_fields, metrics
 from test_tls_features import key_line
 
 INSTANCES = 3
@@ -332,11 +332,8 @@ class Fleet:
             raise AssertionError(f"{e}; haproxy sees {self.hap.servers()}\n" + self.hap.log_tail()) from None
 
     def access_lines(self, i, generation=None):
-        try:
-            text = self.access_path(i, generation).read_text()
-        except FileNotFoundError:
-            return []
-        return [dict(logfmt_fields(line)) for line in text.splitlines()]
+        lines = complete_lines(self.access_path(i, generation)) or []
+        return [dict(logfmt_fields(line)) for line in lines]
 
     def log_marks(self):
         """How many access-log lines every process has written so far, for served_by(since=)."""

@@ -130,14 +130,21 @@ def logfmt_fields(line):
     return out
 
 
+def complete_lines(path):
+    """The lines of a log file another process appends to, without one it is still writing: a
+    reader can see part of a write(2) to a regular file. None while the file does not exist."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def access_lines(path, n, timeout=10):
     """Waits until the file holds at least n lines; returns them."""
     def read():
-        try:
-            lines = path.read_text().splitlines()
-        except FileNotFoundError:
-            return None
-        return lines if len(lines) >= n else None
+        lines = complete_lines(path)
+        return lines if lines is not None and len(lines) >= n else None
 
     return wait_until(read, timeout, f"{n} access-log lines in {path}")
 
