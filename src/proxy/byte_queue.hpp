@@ -3,6 +3,7 @@
 // (pinned); the unsent tail is moved to the front only while nothing is pinned.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -13,7 +14,11 @@ namespace sluice::proxy {
 
 class ByteQueue {
 public:
-    void setCapacity(std::size_t capacity) { capacity_ = capacity; }
+    /** Capped at 4 GiB - 1 (the configuration allows 64 MiB): offsets are 32-bit, as every
+     * idle connection holds two queues. */
+    void setCapacity(std::size_t capacity) {
+        capacity_ = static_cast<std::uint32_t>(std::min<std::size_t>(capacity, UINT32_MAX));
+    }
     std::size_t capacity() const { return capacity_; }
 
     std::span<const std::uint8_t> data() const { return {buffer_.get() + head_, tail_ - head_}; }
@@ -40,11 +45,11 @@ public:
     }
 
     /** Adds `n` bytes written into the last space(). */
-    void commit(std::size_t n) { tail_ += n; }
+    void commit(std::size_t n) { tail_ += static_cast<std::uint32_t>(n); }
 
     /** Drops `n` bytes from the front; frees the buffer when it empties. */
     void consume(std::size_t n) {
-        head_ += n;
+        head_ += static_cast<std::uint32_t>(n);
         releaseIfEmpty();
     }
 
@@ -58,9 +63,9 @@ public:
 
 private:
     std::unique_ptr<std::uint8_t[]> buffer_;
-    std::size_t capacity_ = 0;
-    std::size_t head_ = 0;
-    std::size_t tail_ = 0;
+    std::uint32_t capacity_ = 0;
+    std::uint32_t head_ = 0;
+    std::uint32_t tail_ = 0;
 };
 
 } // namespace sluice::proxy

@@ -54,7 +54,7 @@ int pendingSocketError(uv_stream_t *stream) {
  */
 template <typename Request>
 int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, Request request,
-              uv_write_cb done, std::size_t &inFlight) {
+              uv_write_cb done, std::uint32_t &inFlight) {
     uv_buf_t buf = uv_buf_init(const_cast<char *>(reinterpret_cast<const char *>(bytes.data())),
                                static_cast<unsigned>(bytes.size()));
     const int sent = uv_try_write(stream, &buf, 1);
@@ -65,7 +65,7 @@ int writeSome(uv_stream_t *stream, std::span<const std::uint8_t> bytes, Request 
     if (err != 0) {
         return err;
     }
-    inFlight = bytes.size();
+    inFlight = static_cast<std::uint32_t>(bytes.size());
     return 0;
 }
 
@@ -98,11 +98,8 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
     openHandles_ = 1;
     // The client socket has the listener's socket options already: it inherits them from the
     // listening socket, where the Listener set them.
-    acceptedAt_ = lastActivity_ = uv_now(loop);
+    lastActivity_ = uv_now(loop);
     acceptedHr_ = uv_hrtime();
-    startUnixMicros_ = std::chrono::duration_cast<std::chrono::microseconds>(
-                           std::chrono::system_clock::now().time_since_epoch())
-                           .count();
     stats().connectionAccepted();
     awaitingProxy_ = !settings_->acceptProxyFrom.empty();
     clientIn_.setCapacity(settings_->buffers.plaintext);
@@ -330,7 +327,7 @@ bool Connection::downEnded() const {
         return true;
     }
     if (local_) {
-        return local_->shutdown;
+        return local_->shutdownCalled;
     }
     if (backendEngine_) {
         const EngineStatus status = backendEngine_->status();
@@ -398,12 +395,12 @@ bool Connection::checkEngines() {
             armTimer();
             return true;
         }
-        if (status.handshakeDone && handshakeNanos_ < 0) {
+        if (status.handshakeDone && handshakeMicros_ < 0) {
             endHandshakeCount();
             const auto &info = engine_->handshake();
-            handshakeNanos_ = static_cast<std::int64_t>(uv_hrtime() - acceptedHr_);
-            stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed,
-                                  static_cast<std::uint64_t>(handshakeNanos_));
+            const std::uint64_t nanos = uv_hrtime() - acceptedHr_;
+            handshakeMicros_ = micros(nanos);
+            stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed, nanos);
             if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
                 log::debug("handshake listener=" + settings_->name + " peer=" + peerText() +
                            " protocol=" + info.protocol + " cipher=" + info.cipher +
@@ -486,7 +483,7 @@ bool Connection::moveUp() {
 
 template <typename Next, typename Consume>
 int Connection::writeFrom(uv_stream_t *stream, uv_write_t Requests::*req, uv_write_cb done,
-                          std::size_t &inFlight, Pinned &pinned, Pinned what, Next next,
+                          std::uint32_t &inFlight, Pinned &pinned, Pinned what, Next next,
                           Consume consume) {
     // Straight from where the bytes wait: what the socket does not take now leaves in one
     // write that pins them until its callback consumes them.
@@ -524,11 +521,15 @@ bool Connection::holdingTickets() {
     return true;
 }
 
+std::int32_t Connection::micros(std::uint64_t nanos) {
+    return static_cast<std::int32_t>(std::min<std::uint64_t>(nanos / 1000, INT32_MAX));
+}
+
 std::uint64_t Connection::ticketsDue() const {
-    if (!engine_ || !engine_->ticketsHeld() || handshakeNanos_ < 0) {
+    if (!engine_ || !engine_->ticketsHeld() || handshakeMicros_ < 0) {
         return 0;
     }
-    return acceptedAt_ + static_cast<std::uint64_t>(handshakeNanos_) / 1000000 + ticketHoldMs;
+    return acceptedMs() + static_cast<std::uint64_t>(handshakeMicros_) / 1000 + ticketHoldMs;
 }
 
 bool Connection::flushClient() {
@@ -608,7 +609,7 @@ bool Connection::propagateCloses() {
         local_->endDelivered = true;
         backendShutdown_ = backendShutdownDone_ = true;
         const bool truncated = engine_ ? !engine_->status().closeNotifyReceived : false;
-        local_->handler->onEnd(*this, truncated);
+        local_->handler->onEnd(*local_, truncated);
         return true;
     }
     // Upstream: the client's end (close_notify, or FIN) becomes the backend's end once every
@@ -841,9 +842,9 @@ void Connection::startBackend() {
     backendStarted_ = true;
     if (engine_) {
         const auto &info = engine_->handshake();
-        pool_ = settings_->route(info.serverName, info.alpn);
+        pool_ = settings_->route(info.serverName, info.alpn).get();
     } else {
-        pool_ = settings_->pool;
+        pool_ = settings_->pool.get();
     }
     if (const HandlerFactory *factory = pool_->handler()) {
         startHandler(*factory);
@@ -914,7 +915,7 @@ void Connection::connectNext() {
         proxy_->outSent = 0;
     }
     phaseStart_ = uv_now(loop);
-    connectStartHr_ = uv_hrtime();
+    connectStartMicros_ = static_cast<std::uint32_t>(uv_hrtime() / 1000);
     const net::SocketAddress target = server.resolved();
     if (target.kind == Address::Kind::unix) {
         uv_pipe_init(loop, &backend_.pipe, 0);
@@ -946,8 +947,10 @@ void Connection::connectNext() {
 }
 
 void Connection::backendConnected() {
-    connectNanos_ = static_cast<std::int64_t>(uv_hrtime() - connectStartHr_);
-    stats().backendConnected(static_cast<std::uint64_t>(connectNanos_));
+    // Modulo 2^32 microseconds (71 minutes), longer than any connect timeout.
+    const std::uint32_t took = static_cast<std::uint32_t>(uv_hrtime() / 1000) - connectStartMicros_;
+    connectMicros_ = static_cast<std::int32_t>(std::min<std::uint32_t>(took, INT32_MAX));
+    stats().backendConnected(std::uint64_t{took} * 1000);
     const auto index = static_cast<std::size_t>(serverIndex_);
     if (pool_->succeeded(index) == HealthChange::recovered) {
         log::info("backend-up backend=" + pool_->name() + " server=" + pool_->server(index).text());
@@ -1036,23 +1039,24 @@ void Connection::releaseServer() {
 // --- In-process handler ------------------------------------------------------------------------
 
 void Connection::startHandler(const HandlerFactory &factory) {
-    local_ = std::make_unique<Local>();
-    local_->info.listener = settings_->name;
-    local_->info.handler = pool_->config().handler;
-    local_->info.client = peerText();
+    local_ = std::make_unique<Local>(*this);
+    StreamInfo &streamInfo = local_->streamInfo;
+    streamInfo.listener = settings_->name;
+    streamInfo.handler = pool_->config().handler;
+    streamInfo.client = peerText();
     if (engine_) {
         const auto &info = engine_->handshake();
-        local_->info.serverName = info.serverName;
-        local_->info.alpn = info.alpn;
-        local_->info.protocol = info.protocol;
-        local_->info.cipher = info.cipher;
-        local_->info.resumed = info.resumed;
-        local_->info.clientIdentity = info.clientIdentity;
-        local_->info.clientVerified = info.clientVerified;
+        streamInfo.serverName = info.serverName;
+        streamInfo.alpn = info.alpn;
+        streamInfo.protocol = info.protocol;
+        streamInfo.cipher = info.cipher;
+        streamInfo.resumed = info.resumed;
+        streamInfo.clientIdentity = info.clientIdentity;
+        streamInfo.clientVerified = info.clientVerified;
     }
     std::string error;
     try {
-        local_->handler = factory(local_->info);
+        local_->handler = factory(streamInfo);
     } catch (const std::exception &e) {
         error = e.what();
     } catch (...) {
@@ -1063,7 +1067,7 @@ void Connection::startHandler(const HandlerFactory &factory) {
         const std::string reason = error.empty() ? "the handler refused the connection"
                                                  : "the handler factory threw: " + error;
         log::warn("handler-refused listener=" + settings_->name + " peer=" + peerText() +
-                  " handler=" + local_->info.handler + " reason=" + quoted(reason));
+                  " handler=" + streamInfo.handler + " reason=" + quoted(reason));
         noteClose(CloseReason::backendFailed, reason);
         backendGone_ = true;
         return;
@@ -1073,8 +1077,8 @@ void Connection::startHandler(const HandlerFactory &factory) {
     local_->idleInitialised = true;
     ++openHandles_;
     backendConnected_ = backendReady_ = true;
-    connectNanos_ = 0;
-    local_->handler->onOpen(*this);
+    connectMicros_ = 0;
+    local_->handler->onOpen(*local_);
 }
 
 bool Connection::moveToHandler() {
@@ -1084,20 +1088,20 @@ bool Connection::moveToHandler() {
     bool progress = false;
     if (local_->aboveHigh && local_->queued <= writeHighWater() / 2) {
         local_->aboveHigh = false;
-        local_->handler->onWritable(*this);
+        local_->handler->onWritable(*local_);
         progress = true;
         if (closing_ || !local_->handler) {
             return true;
         }
     }
-    if (local_->paused || local_->endDelivered) {
+    if (local_->readingPaused || local_->endDelivered) {
         return progress;
     }
     const auto up = upSource();
     if (up.empty()) {
         return progress;
     }
-    local_->handler->onData(*this, up);
+    local_->handler->onData(*local_, up);
     if (closing_) {
         return true;
     }
@@ -1127,17 +1131,12 @@ void Connection::onIdle(uv_idle_t *idle) {
     self->pump();
 }
 
-const StreamInfo &Connection::info() const {
-    static const StreamInfo none;
-    return local_ ? local_->info : none;
-}
-
 std::size_t Connection::writeHighWater() const {
     return settings_->buffers.backend;
 }
 
-bool Connection::write(std::span<const std::uint8_t> data) {
-    if (closing_ || !local_ || local_->shutdown || backendGone_ || clientGone_ || flushing_) {
+bool Connection::handlerWrite(std::span<const std::uint8_t> data) {
+    if (closing_ || !local_ || local_->shutdownCalled || backendGone_ || clientGone_ || flushing_) {
         return false;
     }
     if (data.empty()) {
@@ -1159,15 +1158,15 @@ bool Connection::write(std::span<const std::uint8_t> data) {
     return true;
 }
 
-void Connection::shutdown() {
-    if (closing_ || !local_ || local_->shutdown) {
+void Connection::handlerShutdown() {
+    if (closing_ || !local_ || local_->shutdownCalled) {
         return;
     }
-    local_->shutdown = true;
+    local_->shutdownCalled = true;
     schedulePump();
 }
 
-void Connection::close() {
+void Connection::handlerClose() {
     if (closing_) {
         return;
     }
@@ -1177,11 +1176,11 @@ void Connection::close() {
     closeAll();
 }
 
-void Connection::pauseReading(bool paused) {
-    if (closing_ || !local_ || local_->paused == paused) {
+void Connection::handlerPauseReading(bool paused) {
+    if (closing_ || !local_ || local_->readingPaused == paused) {
         return;
     }
-    local_->paused = paused;
+    local_->readingPaused = paused;
     if (!paused) {
         schedulePump();
     }
@@ -1232,7 +1231,7 @@ std::uint64_t Connection::deadline() const {
     case Phase::flush:
         return at(phaseStart_, t.flush);
     case Phase::handshake:
-        return at(acceptedAt_, t.handshake);
+        return at(acceptedMs(), t.handshake);
     case Phase::connect:
         return at(phaseStart_, pool_ && pool_->config().connectTimeout.count() > 0
                                    ? pool_->config().connectTimeout
@@ -1346,7 +1345,7 @@ void Connection::noteClose(CloseReason reason, std::string_view error) {
 
 void Connection::recordClose() {
     const CloseReason reason = closeReason_;
-    if (engine_ && handshakeNanos_ < 0) {
+    if (engine_ && handshakeMicros_ < 0) {
         stats().handshakeNotDone(
             reason == CloseReason::handshakeFailed || reason == CloseReason::tlsError
                 ? HandshakeResult::failed
@@ -1358,15 +1357,18 @@ void Connection::recordClose() {
         return;
     }
     ConnectionRecord record;
-    record.startUnixMicros = startUnixMicros_;
     record.durationNanos = uv_hrtime() - acceptedHr_;
+    record.startUnixMicros = std::chrono::duration_cast<std::chrono::microseconds>(
+                                 std::chrono::system_clock::now().time_since_epoch())
+                                 .count() -
+                             static_cast<std::int64_t>(record.durationNanos / 1000);
     record.listener = settings_->name;
     record.client = peerText();
     record.backend = local_ ? "handler:" + pool_->config().handler
                      : pool_ && serverIndex_ >= 0
                          ? pool_->server(static_cast<std::size_t>(serverIndex_)).text()
                          : settings_->backendText;
-    if (engine_ && handshakeNanos_ >= 0) {
+    if (engine_ && handshakeMicros_ >= 0) {
         const auto &info = engine_->handshake();
         record.handshakeDone = true;
         record.protocol = info.protocol;
@@ -1376,8 +1378,11 @@ void Connection::recordClose() {
         record.resumed = info.resumed;
         record.clientIdentity = info.clientIdentity;
     }
-    record.handshakeNanos = handshakeNanos_;
-    record.connectNanos = connectNanos_;
+    auto nanos = [](std::int32_t micros) -> std::int64_t {
+        return micros < 0 ? -1 : std::int64_t{micros} * 1000;
+    };
+    record.handshakeNanos = nanos(handshakeMicros_);
+    record.connectNanos = nanos(connectMicros_);
     record.bytesClientToBackend = bytesUp_;
     record.bytesBackendToClient = bytesDown_;
     record.reason = reason;
@@ -1417,7 +1422,7 @@ void Connection::closeAll() {
     if (local_ && local_->handler) {
         // Last words, then the handler goes: nothing of this connection reaches it again.
         auto handler = std::move(local_->handler);
-        handler->onClose(*this, closeReasonName(closeReason_));
+        handler->onClose(*local_, closeReasonName(closeReason_));
     }
     if (backendInitialised_ && !backendClosing_) {
         uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onClose);

@@ -49,14 +49,14 @@ struct ListenerSettings;
  * server of the pool while no client byte has been sent.
  *
  * A pool served by an in-process handler takes the backend socket's place: the handler gets the
- * client's plaintext in onData() and its write()s are queued for encryption (the connection is
- * the handler's Stream).
+ * client's plaintext in onData() and its write()s are queued for encryption (through the
+ * connection's Local, the handler's Stream).
  *
  * Ownership: the Server creates it and is told in connectionClosed() once every handle has been
  * closed; the object deletes itself after that call. Callbacks that arrive after closing began
  * only release what they own.
  */
-class Connection final : private Stream, private Timed, private Warm {
+class Connection final : private Timed, private Warm {
 public:
     /**
      * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
@@ -130,7 +130,7 @@ private:
      */
     template <typename Next, typename Consume>
     int writeFrom(uv_stream_t *stream, uv_write_t Requests::*req, uv_write_cb done,
-                  std::size_t &inFlight, Pinned &pinned, Pinned what, Next next, Consume consume);
+                  std::uint32_t &inFlight, Pinned &pinned, Pinned what, Next next, Consume consume);
     bool flushBackend();
     bool moveDown();
     bool moveUp();
@@ -189,13 +189,12 @@ private:
     void startHandler(const HandlerFactory &factory);
     bool moveToHandler();
     void schedulePump();
-    bool write(std::span<const std::uint8_t> data) override;
-    std::size_t writeQueued() const override { return local_ ? local_->queued : 0; }
-    std::size_t writeHighWater() const override;
-    void shutdown() override;
-    void close() override;
-    void pauseReading(bool paused) override;
-    const StreamInfo &info() const override;
+    // What the handler's Stream calls do.
+    bool handlerWrite(std::span<const std::uint8_t> data);
+    std::size_t writeHighWater() const;
+    void handlerShutdown();
+    void handlerClose();
+    void handlerPauseReading(bool paused);
     static void onClose(uv_handle_t *handle);
 
     uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
@@ -221,6 +220,7 @@ private:
     /** Copies the IP address in `from` (AF_UNSPEC when it is not IPv4 or IPv6). */
     static IpAddress ipAddress(const sockaddr_storage &from);
     IpAddress clientAddress_{};
+    int serverIndex_ = -1; // the server of the current (or last) attempt
 
     /** The PROXY protocol's side, allocated only where a header is read or written. */
     struct Proxy {
@@ -240,10 +240,9 @@ private:
     bool proxyOutDone() const { return !proxy_ || proxy_->outSent == proxy_->out.size(); }
 
     // The backend: its pool, the server in use, and the servers already tried.
-    PoolPtr pool_;
-    int serverIndex_ = -1; // the server of the current (or last) attempt
-    std::uint32_t attempts_ = 0;
+    Pool *pool_ = nullptr; // one of settings_'s pools, which settings_ keeps alive
     TriedServers tried_;
+    std::uint32_t attempts_ = 0;
 
     uv_tcp_t *client_; // owned; freed after its close callback
     union {
@@ -253,10 +252,24 @@ private:
 
     std::unique_ptr<Requests> requests_;
 
-    /** The in-process handler's side, allocated only for a connection routed to one. */
-    struct Local {
+    /**
+     * The in-process handler's side, allocated only for a connection routed to one: the
+     * handler's Stream (a connection to a socket backend carries no vtable for it).
+     */
+    struct Local final : Stream {
+        explicit Local(Connection &connection)
+            : owner(connection) {}
+        bool write(std::span<const std::uint8_t> data) override { return owner.handlerWrite(data); }
+        std::size_t writeQueued() const override { return queued; }
+        std::size_t writeHighWater() const override { return owner.writeHighWater(); }
+        void shutdown() override { owner.handlerShutdown(); }
+        void close() override { owner.handlerClose(); }
+        void pauseReading(bool pause) override { owner.handlerPauseReading(pause); }
+        const StreamInfo &info() const override { return streamInfo; }
+
+        Connection &owner;
         std::unique_ptr<StreamHandler> handler;
-        StreamInfo info;
+        StreamInfo streamInfo;
         // The handler's bytes for the client, in chunks (a deque never moves them, so a write
         // may pin the first); made when the handler writes, dropped when it drains: an empty
         // std::deque already holds over 500 bytes.
@@ -265,8 +278,8 @@ private:
         std::size_t queued = 0;
         uv_idle_t idle{}; // runs the pump soon after a Stream call made outside it
         bool idleInitialised = false;
-        bool shutdown = false; // the handler called shutdown()
-        bool paused = false;
+        bool shutdownCalled = false; // the handler called shutdown()
+        bool readingPaused = false;
         bool endDelivered = false;
         bool aboveHigh = false;
     };
@@ -275,25 +288,32 @@ private:
     ByteQueue clientIn_; // plaintext listener: client bytes waiting for the backend
     ByteQueue reply_;    // plain pool: backend bytes waiting for the client
 
-    std::size_t clientWriteInFlight_ = 0; // bytes pinned by the client socket's write
-    std::size_t backendWriteInFlight_ = 0;
+    // Bytes pinned by each socket's write in flight (one span of a queue: under 4 GiB).
+    std::uint32_t clientWriteInFlight_ = 0;
+    std::uint32_t backendWriteInFlight_ = 0;
 
-    std::uint64_t acceptedAt_ = 0;
+    // uv_now() milliseconds.
     std::uint64_t lastActivity_ = 0;
     std::uint64_t phaseStart_ = 0; // backend connect or final flush start
     std::uint64_t bytesUp_ = 0;
     std::uint64_t bytesDown_ = 0;
-    int openHandles_ = 0;
-    int requestsInFlight_ = 0; // started and not yet called back
-
-    // For metrics and the access log (uv_hrtime() nanoseconds; -1: not reached).
-    std::int64_t startUnixMicros_ = 0;
-    std::uint64_t acceptedHr_ = 0;
-    std::uint64_t connectStartHr_ = 0;
-    std::int64_t handshakeNanos_ = -1;
-    std::int64_t connectNanos_ = -1;
     std::unique_ptr<std::string> closeError_; // with the reason, when it has one
 
+    // When it was accepted (uv_hrtime() nanoseconds): the handshake timeout counts from it, and
+    // the access log's start time is the wall clock less the time since.
+    std::uint64_t acceptedHr_ = 0;
+    std::uint64_t acceptedMs() const { return acceptedHr_ / 1000000; }
+    // For metrics and the access log, in microseconds (saturated at 35 minutes; -1: not
+    // reached): the handshake's end since acceptedHr_, and the backend connect's duration,
+    // timed from connectStartMicros_ (uv_hrtime() microseconds modulo 2^32).
+    std::int32_t handshakeMicros_ = -1;
+    std::int32_t connectMicros_ = -1;
+    std::uint32_t connectStartMicros_ = 0;
+    /** Nanoseconds as saturated microseconds. */
+    static std::int32_t micros(std::uint64_t nanos);
+
+    std::uint8_t openHandles_ = 0;
+    std::uint8_t requestsInFlight_ = 0; // started and not yet called back
     Pinned clientPinned_ = Pinned::none;
     Pinned backendPinned_ = Pinned::none;
     CloseReason closeReason_ = CloseReason::done;

@@ -27,22 +27,24 @@ namespace sluice::proxy {
 class TriedServers {
 public:
     explicit TriedServers(std::size_t count = 0) { reset(count); }
+    ~TriedServers() { release(); }
+    TriedServers(const TriedServers &) = delete;
+    TriedServers &operator=(const TriedServers &) = delete;
 
     /** `count` servers, none tried. */
     void reset(std::size_t count) {
-        count_ = count;
-        bits_ = 0;
-        more_.reset();
+        release();
+        count_ = static_cast<std::uint32_t>(count);
         if (count > 64) {
-            more_ = std::make_unique<std::vector<bool>>(count, false);
+            more_ = new std::vector<bool>(count, false);
         }
     }
     std::size_t size() const { return count_; }
     bool operator[](std::size_t i) const {
-        return more_ ? static_cast<bool>((*more_)[i]) : ((bits_ >> i) & 1U) != 0;
+        return count_ > 64 ? static_cast<bool>((*more_)[i]) : ((bits_ >> i) & 1U) != 0;
     }
     void set(std::size_t i) {
-        if (more_) {
+        if (count_ > 64) {
             (*more_)[i] = true;
         } else {
             bits_ |= std::uint64_t{1} << i;
@@ -59,9 +61,20 @@ public:
     }
 
 private:
-    std::uint64_t bits_ = 0;
-    std::size_t count_ = 0;
-    std::unique_ptr<std::vector<bool>> more_;
+    void release() {
+        if (count_ > 64) {
+            delete more_;
+        }
+        bits_ = 0;
+        count_ = 0;
+    }
+
+    // Every connection holds one: the bits and the vector share their 8 bytes.
+    union {
+        std::uint64_t bits_ = 0;  // up to 64 servers
+        std::vector<bool> *more_; // more than 64 (owned)
+    };
+    std::uint32_t count_ = 0;
 };
 
 /** One server of a pool and what the pool knows about it. */
