@@ -243,6 +243,7 @@ private:
     Pool *pool_ = nullptr; // one of settings_'s pools, which settings_ keeps alive
     TriedServers tried_;
     std::uint32_t attempts_ = 0;
+    std::uint32_t connectStartMicros_ = 0; // uv_hrtime() microseconds modulo 2^32
 
     uv_tcp_t *client_; // owned; freed after its close callback
     union {
@@ -285,12 +286,12 @@ private:
     };
     std::unique_ptr<Local> local_; // non-null: the backend is an in-process handler
 
-    ByteQueue clientIn_; // plaintext listener: client bytes waiting for the backend
-    ByteQueue reply_;    // plain pool: backend bytes waiting for the client
-
-    // Bytes pinned by each socket's write in flight (one span of a queue: under 4 GiB).
-    std::uint32_t clientWriteInFlight_ = 0;
+    // The bytes pinned by each socket's write in flight (one span of a queue: under 4 GiB) sit
+    // in the queues' tail padding.
+    [[no_unique_address]] ByteQueue clientIn_; // plaintext listener: client bytes for the backend
     std::uint32_t backendWriteInFlight_ = 0;
+    [[no_unique_address]] ByteQueue reply_; // plain pool: backend bytes waiting for the client
+    std::uint32_t clientWriteInFlight_ = 0;
 
     // uv_now() milliseconds.
     std::uint64_t lastActivity_ = 0;
@@ -305,21 +306,20 @@ private:
     std::uint64_t acceptedMs() const { return acceptedHr_ / 1000000; }
     // For metrics and the access log, in microseconds (saturated at 35 minutes; -1: not
     // reached): the handshake's end since acceptedHr_, and the backend connect's duration,
-    // timed from connectStartMicros_ (uv_hrtime() microseconds modulo 2^32).
+    // timed from connectStartMicros_.
     std::int32_t handshakeMicros_ = -1;
     std::int32_t connectMicros_ = -1;
-    std::uint32_t connectStartMicros_ = 0;
     /** Nanoseconds as saturated microseconds. */
     static std::int32_t micros(std::uint64_t nanos);
 
-    std::uint8_t openHandles_ = 0;
-    std::uint8_t requestsInFlight_ = 0; // started and not yet called back
     Pinned clientPinned_ = Pinned::none;
     Pinned backendPinned_ = Pinned::none;
     CloseReason closeReason_ = CloseReason::done;
 
-    // One bit each: a connection is mostly waiting, and its size is what idle costs.
-    bool awaitingProxy_ : 1 = false; // the PROXY header has not arrived yet
+    // Bits: a connection is mostly waiting, and its size is what idle costs.
+    std::uint8_t openHandles_ : 3 = 0;      // client, backend, the handler's idle
+    std::uint8_t requestsInFlight_ : 4 = 0; // started and not yet called back (at most 5)
+    bool awaitingProxy_ : 1 = false;        // the PROXY header has not arrived yet
     bool clientReading_ : 1 = false;
     bool clientEof_ : 1 = false;      // the client's FIN (or a read error) arrived
     bool clientGone_ : 1 = false;     // the client socket failed: nothing more can be sent
