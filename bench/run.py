@@ -456,6 +456,7 @@ class Bench:
                         if res is None:
                             log(f"{t.name} {key}: the load generator failed")
                             continue
+                        res["round"] = r
                         rounds.setdefault(t.key, []).append(res)
                         log(f"{key:12} r{r + 1} {t.name:8} "
                             f"wall={self.figure(key, res):10.1f} "
@@ -777,6 +778,25 @@ def ratio(mine, peers, lower_better=False):
     return f"**{mine / best:.2f}×**"
 
 
+def same_round_ratio(results, key):
+    """The median over rounds of sluice's figure per terminator CPU-second divided by the best
+    peer's in the same round: every terminator runs once per round, within seconds of each
+    other, so a slow spell of the machine that spans a round weighs on all of them alike."""
+    per = results["rounds"].get(key, {})
+    by_round = {}
+    for term, runs in per.items():
+        for i, r in enumerate(runs):
+            value = Bench.figure(key, r, True)
+            if value:
+                by_round.setdefault(r.get("round", i), {})[term] = value
+    ratios = [figs["sluice"] / max(v for t, v in figs.items() if t != "sluice")
+              for figs in by_round.values()
+              if "sluice" in figs and any(t != "sluice" for t in figs)]
+    if not ratios:
+        return "—"
+    return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
+
+
 def render(results):
     s = summarize(results)
     measured = (list(s.values()) + list(results.get("idle", {}).values()) +
@@ -820,13 +840,16 @@ def render(results):
     titles = {k: (t, u) for k, t, _, u in WORKLOADS}
     add("## Per terminator CPU-second")
     add("")
-    add("Handshakes, round trips or MB per second of CPU the terminator used (higher is better).")
+    add("Handshakes, round trips or MB per second of CPU the terminator used (higher is better). "
+        "The last column pairs the figures of each round instead: sluice's divided by the best "
+        "peer's in the same round, median over the rounds (lowest–highest in brackets).")
     add("")
-    add(header)
-    add(rule)
+    add(header + " same round |")
+    add(rule + "---:|")
     for key, (title, unit) in titles.items():
         if key in s:
-            add(row(f"{title} ({unit})", {t: s[key][t]["cpu"] for t in s[key]}))
+            add(row(f"{title} ({unit})", {t: s[key][t]["cpu"] for t in s[key]}) +
+                f" {same_round_ratio(results, key)} |")
     add("")
     add("## Per wall-clock second")
     add("")
