@@ -74,27 +74,46 @@ constexpr std::uint64_t ticketHoldMs = 50;
 
 } // namespace
 
-void Connection::start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client, const sockaddr_storage &peer, std::string ipKey) {
-    auto *connection = new Connection(server, std::move(settings), client, peer);
-    // The key is the client's address, or empty (nothing counted) before a PROXY header.
-    if (connection->closing_) {
-        server.handshakeEnded(ipKey); // the constructor failed and closed it
-    } else {
-        connection->handshakeCounted_ = !ipKey.empty();
+Connection *Connection::accept(Server &server, uv_stream_t *listening) {
+    auto *connection = new Connection(server);
+    uv_tcp_init(server.loop(), &connection->client_);
+    connection->client_.data = connection;
+    if (uv_accept(listening, connection->clientStream()) != 0) {
+        connection->refuse();
+        return nullptr;
     }
-    server.connectionOpened(connection, *connection->settings_);
-    connection->pump();
+    return connection;
 }
 
-Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                       uv_tcp_t *client, const sockaddr_storage &peer)
-    : server_(server)
-    , settings_(std::move(settings))
-    , clientAddress_(ipAddress(peer))
-    , client_(client) {
+int Connection::clientFd() const {
+    uv_os_fd_t fd = -1;
+    return uv_fileno(reinterpret_cast<const uv_handle_t *>(&client_), &fd) == 0 ? fd : -1;
+}
+
+void Connection::refuse() {
+    uv_close(reinterpret_cast<uv_handle_t *>(&client_),
+             [](uv_handle_t *handle) { delete static_cast<Connection *>(handle->data); });
+}
+
+void Connection::start(std::shared_ptr<const ListenerSettings> settings,
+                       const sockaddr_storage &peer, std::string ipKey) {
+    settings_ = std::move(settings);
+    // The key is the client's address, or empty (nothing counted) before a PROXY header.
+    if (begin(peer)) {
+        handshakeCounted_ = !ipKey.empty();
+    } else {
+        server_.handshakeEnded(ipKey); // it failed and began closing
+    }
+    server_.connectionOpened(this, *settings_);
+    pump();
+}
+
+Connection::Connection(Server &server)
+    : server_(server) {}
+
+bool Connection::begin(const sockaddr_storage &peer) {
     uv_loop_t *loop = server_.loop();
-    client_->data = this;
+    clientAddress_ = ipAddress(peer);
     openHandles_ = 1;
     // The client socket has the listener's socket options already: it inherits them from the
     // listening socket, where the Listener set them.
@@ -117,10 +136,11 @@ Connection::Connection(Server &server, std::shared_ptr<const ListenerSettings> s
                        " reason=" + quoted(error));
             noteClose(CloseReason::internal, error);
             closeAll();
-            return;
+            return false;
         }
     }
     armTimer();
+    return true;
 }
 
 Connection::~Connection() = default;
@@ -856,7 +876,7 @@ void Connection::startBackend() {
         Proxy &p = proxy();
         uv_os_fd_t fd = -1;
         socklen_t length = sizeof p.local;
-        if (!p.localKnown && (uv_fileno(reinterpret_cast<uv_handle_t *>(client_), &fd) != 0 ||
+        if (!p.localKnown && (uv_fileno(reinterpret_cast<uv_handle_t *>(&client_), &fd) != 0 ||
                               getsockname(fd, &p.local.any, &length) != 0)) {
             p.local.any.sa_family = AF_UNSPEC;
         }
@@ -1411,8 +1431,8 @@ void Connection::closeAll() {
         log::debug("connection-closed listener=" + settings_->name + " peer=" + peerText() +
                    " up=" + std::to_string(bytesUp_) + " down=" + std::to_string(bytesDown_));
     }
-    if (!resetClient_ || uv_tcp_close_reset(client_, onClose) != 0) {
-        uv_close(reinterpret_cast<uv_handle_t *>(client_), onClose);
+    if (!resetClient_ || uv_tcp_close_reset(&client_, onClose) != 0) {
+        uv_close(reinterpret_cast<uv_handle_t *>(&client_), onClose);
     }
     server_.deadlines().cancel(*this);
     server_.forgetBuffers(*this);
@@ -1435,12 +1455,7 @@ void Connection::closeAll() {
 }
 
 void Connection::onClose(uv_handle_t *handle) {
-    auto *self = static_cast<Connection *>(handle->data);
-    if (handle == reinterpret_cast<uv_handle_t *>(self->client_)) {
-        delete self->client_;
-        self->client_ = nullptr;
-    }
-    self->handleClosed();
+    static_cast<Connection *>(handle->data)->handleClosed();
 }
 
 void Connection::handleClosed() {

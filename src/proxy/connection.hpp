@@ -52,20 +52,30 @@ struct ListenerSettings;
  * client's plaintext in onData() and its write()s are queued for encryption (through the
  * connection's Local, the handler's Stream).
  *
- * Ownership: the Server creates it and is told in connectionClosed() once every handle has been
- * closed; the object deletes itself after that call. Callbacks that arrive after closing began
- * only release what they own.
+ * Ownership: a Listener accepts into it (accept(), then start() or refuse()); once started, the
+ * Server is told in connectionClosed() when every handle has been closed, and the object deletes
+ * itself after that call. Callbacks that arrive after closing began only release what they own.
  */
 class Connection final : private Timed, private Warm {
 public:
     /**
-     * Takes a freshly initialised, accepted client handle (allocated by the caller). `ipKey` is
-     * the client address the caller counted with Server::handshakeStarting() (empty: none); the
-     * connection calls handshakeEnded() once, when its handshake completes or it closes,
-     * whichever is first.
+     * Accepts the next pending client of `listening` into a new connection's own handle (one
+     * allocation holds both). Null when the accept failed (that connection closes itself).
+     * The caller then calls start() or refuse().
      */
-    static void start(Server &server, std::shared_ptr<const ListenerSettings> settings,
-                      uv_tcp_t *client, const sockaddr_storage &peer, std::string ipKey = {});
+    static Connection *accept(Server &server, uv_stream_t *listening);
+    /** The accepted client socket's descriptor (-1 if libuv has none). */
+    int clientFd() const;
+    /** Closes the accepted client at once; the object deletes itself when the handle closed.
+     * Nothing was counted for it. */
+    void refuse();
+    /**
+     * Starts the accepted connection. `ipKey` is the client address the caller counted with
+     * Server::handshakeStarting() (empty: none); the connection calls handshakeEnded() once,
+     * when its handshake completes or it closes, whichever is first.
+     */
+    void start(std::shared_ptr<const ListenerSettings> settings, const sockaddr_storage &peer,
+               std::string ipKey = {});
 
     Connection(const Connection &) = delete;
     Connection &operator=(const Connection &) = delete;
@@ -80,9 +90,10 @@ public:
     static bool releaseBuffers(Warm &warm);
 
 private:
-    Connection(Server &server, std::shared_ptr<const ListenerSettings> settings, uv_tcp_t *client,
-               const sockaddr_storage &peer);
+    explicit Connection(Server &server);
     ~Connection();
+    /** The rest of start(): false when it failed and began closing. */
+    bool begin(const sockaddr_storage &peer);
 
     /** What an in-flight write pinned: its bytes stay put until the write completes. */
     enum class Pinned : std::uint8_t { none, cipher, plain, header };
@@ -197,7 +208,7 @@ private:
     void handlerPauseReading(bool paused);
     static void onClose(uv_handle_t *handle);
 
-    uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(client_); }
+    uv_stream_t *clientStream() { return reinterpret_cast<uv_stream_t *>(&client_); }
     uv_stream_t *backendStream() { return reinterpret_cast<uv_stream_t *>(&backend_); }
 
     friend class Server; // links its list of live connections through prev/nextInServer_
@@ -245,7 +256,7 @@ private:
     std::uint32_t attempts_ = 0;
     std::uint32_t connectStartMicros_ = 0; // uv_hrtime() microseconds modulo 2^32
 
-    uv_tcp_t *client_; // owned; freed after its close callback
+    uv_tcp_t client_{};
     union {
         uv_tcp_t tcp;
         uv_pipe_t pipe;

@@ -109,22 +109,16 @@ void Listener::onConnection(uv_stream_t *stream, int status) {
 }
 
 void Listener::acceptOne() {
-    auto *client = new uv_tcp_t;
-    uv_tcp_init(server_.loop(), client);
-    const int err = uv_accept(reinterpret_cast<uv_stream_t *>(handle_),
-                              reinterpret_cast<uv_stream_t *>(client));
-    if (err != 0) {
-        uv_close(reinterpret_cast<uv_handle_t *>(client),
-                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+    Connection *connection = Connection::accept(server_, reinterpret_cast<uv_stream_t *>(handle_));
+    if (connection == nullptr) {
         return;
     }
     server_.counters().accepted++;
     // One getpeername() serves the allow list, the handshake limit and the connection's logs.
-    uv_os_fd_t fd = -1;
+    const int fd = connection->clientFd();
     sockaddr_storage peer{};
     socklen_t length = sizeof peer;
-    if (uv_fileno(reinterpret_cast<uv_handle_t *>(client), &fd) != 0 ||
-        getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0) {
+    if (fd < 0 || getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0) {
         peer.ss_family = AF_UNSPEC;
     }
     std::string ipKey;
@@ -141,8 +135,7 @@ void Listener::acceptOne() {
                 log::warn("proxy-source-refused listener=" + settings_->name +
                           " peer=" + net::format(reinterpret_cast<const sockaddr *>(&peer)));
             }
-            uv_close(reinterpret_cast<uv_handle_t *>(client),
-                     [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+            connection->refuse();
             return;
         }
     } else {
@@ -153,11 +146,10 @@ void Listener::acceptOne() {
         // any TLS work, so one source cannot hold every slot with silent connections.
         server_.counters().handshakeLimited++;
         stats().handshakeLimited();
-        uv_close(reinterpret_cast<uv_handle_t *>(client),
-                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_tcp_t *>(handle); });
+        connection->refuse();
         return;
     }
-    Connection::start(server_, settings_, client, peer, std::move(ipKey));
+    connection->start(settings_, peer, std::move(ipKey));
 }
 
 void Listener::retryAccept() {
