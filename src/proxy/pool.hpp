@@ -34,10 +34,10 @@ public:
     /** `count` servers, none tried. */
     void reset(std::size_t count) {
         release();
-        count_ = static_cast<std::uint32_t>(count);
         if (count > 64) {
             more_ = new std::vector<bool>(count, false);
         }
+        count_ = static_cast<std::uint32_t>(count); // after the vector: it says which is live
     }
     std::size_t size() const { return count_; }
     bool operator[](std::size_t i) const {
