@@ -780,8 +780,8 @@ def ratio(mine, peers, lower_better=False):
 
 def same_round_ratio(results, key):
     """The median over rounds of sluice's figure per terminator CPU-second divided by the best
-    peer's in the same round: every terminator runs once per round, within seconds of each
-    other, so a slow spell of the machine that spans a round weighs on all of them alike."""
+    peer's in the same round: every terminator runs once per round, one after the other, so a
+    slow spell of the machine that spans a round weighs on all of them alike."""
     per = results["rounds"].get(key, {})
     by_round = {}
     for term, runs in per.items():

@@ -874,13 +874,14 @@ void Connection::startBackend() {
     const BackendConfig &config = pool_->config();
     if (config.proxyProtocol != ProxyProtocol::off) {
         Proxy &p = proxy();
-        uv_os_fd_t fd = -1;
-        socklen_t length = sizeof p.local;
-        if (!p.localKnown && (uv_fileno(reinterpret_cast<uv_handle_t *>(&client_), &fd) != 0 ||
-                              getsockname(fd, &p.local.any, &length) != 0)) {
-            p.local.any.sa_family = AF_UNSPEC;
+        if (!p.localKnown) {
+            const int fd = clientFd();
+            socklen_t length = sizeof p.local;
+            if (fd < 0 || getsockname(fd, &p.local.any, &length) != 0) {
+                p.local.any.sa_family = AF_UNSPEC;
+            }
+            p.localKnown = true;
         }
-        p.localKnown = true;
         const auto *source =
             clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
         const auto *destination = p.local.any.sa_family == AF_UNSPEC ? nullptr : &p.local.any;
@@ -968,9 +969,10 @@ void Connection::connectNext() {
 
 void Connection::backendConnected() {
     // Modulo 2^32 microseconds (71 minutes), longer than any connect timeout.
-    const std::uint32_t took = static_cast<std::uint32_t>(uv_hrtime() / 1000) - connectStartMicros_;
-    connectMicros_ = static_cast<std::int32_t>(std::min<std::uint32_t>(took, INT32_MAX));
-    stats().backendConnected(std::uint64_t{took} * 1000);
+    const std::uint64_t nanos =
+        std::uint64_t{static_cast<std::uint32_t>(uv_hrtime() / 1000) - connectStartMicros_} * 1000;
+    connectMicros_ = micros(nanos);
+    stats().backendConnected(nanos);
     const auto index = static_cast<std::size_t>(serverIndex_);
     if (pool_->succeeded(index) == HealthChange::recovered) {
         log::info("backend-up backend=" + pool_->name() + " server=" + pool_->server(index).text());
@@ -1156,7 +1158,7 @@ std::size_t Connection::writeHighWater() const {
 }
 
 bool Connection::handlerWrite(std::span<const std::uint8_t> data) {
-    if (closing_ || !local_ || local_->shutdownCalled || backendGone_ || clientGone_ || flushing_) {
+    if (closing_ || local_->shutdownCalled || backendGone_ || clientGone_ || flushing_) {
         return false;
     }
     if (data.empty()) {
@@ -1179,7 +1181,7 @@ bool Connection::handlerWrite(std::span<const std::uint8_t> data) {
 }
 
 void Connection::handlerShutdown() {
-    if (closing_ || !local_ || local_->shutdownCalled) {
+    if (closing_ || local_->shutdownCalled) {
         return;
     }
     local_->shutdownCalled = true;
@@ -1197,7 +1199,7 @@ void Connection::handlerClose() {
 }
 
 void Connection::handlerPauseReading(bool paused) {
-    if (closing_ || !local_ || local_->readingPaused == paused) {
+    if (closing_ || local_->readingPaused == paused) {
         return;
     }
     local_->readingPaused = paused;

@@ -200,7 +200,7 @@ private:
     void startHandler(const HandlerFactory &factory);
     bool moveToHandler();
     void schedulePump();
-    // What the handler's Stream calls do.
+    // What the handler's Stream (local_, set whenever these are called) does.
     bool handlerWrite(std::span<const std::uint8_t> data);
     std::size_t writeHighWater() const;
     void handlerShutdown();
