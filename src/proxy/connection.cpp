@@ -546,8 +546,13 @@ std::int32_t Connection::micros(std::uint64_t nanos) {
 }
 
 std::uint64_t Connection::ticketsDue() const {
-    if (!engine_ || !engine_->ticketsHeld() || handshakeMicros_ < 0) {
+    if (!engine_ || !engine_->ticketsHeld()) {
         return 0;
+    }
+    if (handshakeMicros_ < 0) {
+        // The handshake ended in this pump, in the read that precedes flushClient(), and
+        // checkEngines() has yet to record when: the hold starts now.
+        return uv_now(server_.loop()) + ticketHoldMs;
     }
     return acceptedMs() + static_cast<std::uint64_t>(handshakeMicros_) / 1000 + ticketHoldMs;
 }

@@ -441,6 +441,44 @@ def test_tls13_ticket_arrives_when_the_backend_never_replies(t):
         s.close()
 
 
+def test_tls13_ticket_waits_for_the_first_reply(t):
+    # sluice holds a TLS 1.3 ticket for up to 50 ms so that the backend's first reply takes it
+    # along in one write. With a backend that stays silent the ticket leaves on its own, and not
+    # before the hold is over: one sent as the handshake ends would arrive within a millisecond
+    # or two. The client is Python's ssl over memory BIOs, so the socket shows when the bytes
+    # after the handshake arrive. (A slow machine only makes them later.)
+    silent = t.backend(SilentBackend())
+    d = t.sluice(listener(t, silent))
+    ctx = server_context(min_version=ssl.TLSVersion.TLSv1_3, max_version=ssl.TLSVersion.TLSv1_3)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    with socket.create_connection(d.addr(), timeout=10) as raw:
+        s = ctx.wrap_bio(incoming, outgoing, server_hostname="alpha.example")
+        while True:
+            try:
+                s.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                raw.sendall(outgoing.read())
+                data = raw.recv(65536)
+                check(data, "sluice closed during the handshake")
+                incoming.write(data)
+        raw.sendall(outgoing.read())  # the client's Finished: sluice's handshake ends on it
+        sent = time.monotonic()
+        readable, _, _ = select.select([raw], [], [], 5)
+        arrived = time.monotonic()
+        check(readable, "no ticket within 5 s after the handshake")
+        incoming.write(raw.recv(65536))
+        try:
+            got = s.read(4096)
+            check(False, f"the silent backend answered {got!r}")
+        except ssl.SSLWantReadError:
+            pass
+        check(s.session is not None and s.session.has_ticket, "what arrived was not a ticket")
+        waited = arrived - sent
+        check(waited >= 0.040, f"the ticket came {waited * 1000:.1f} ms after the handshake: "
+              "it did not wait for a reply")
+
+
 def test_ticket_keys_shared_between_processes(t):
     k1, k2 = key_line(), key_line()
     a = start(t, tls={"ticket_keys": write_keys(t, "a.keys", [k1])})
