@@ -9,6 +9,7 @@
 #include <openssl/core_names.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
+#include <openssl/ssl.h>
 
 #include "tls/context.hpp"
 #include "tls/errors.hpp"
@@ -155,9 +156,8 @@ std::size_t TicketKeyRing::size() const {
     return keys_.size();
 }
 
-int ticketKeyCallback(TicketKeyRing &ring, ssl_st * /*ssl*/, unsigned char *keyName,
-                      unsigned char *iv, evp_cipher_ctx_st *cipher, evp_mac_ctx_st *mac,
-                      int encrypt) {
+int ticketKeyCallback(TicketKeyRing &ring, ssl_st *ssl, unsigned char *keyName, unsigned char *iv,
+                      evp_cipher_ctx_st *cipher, evp_mac_ctx_st *mac, int encrypt) {
     // Fetched once: OpenSSL 3 looks a legacy EVP_aes_256_cbc() up in its provider store again on
     // every init, which is once per ticket issued or opened.
     static EVP_CIPHER *const aes = EVP_CIPHER_fetch(nullptr, "AES-256-CBC", nullptr);
@@ -179,6 +179,12 @@ int ticketKeyCallback(TicketKeyRing &ring, ssl_st * /*ssl*/, unsigned char *keyN
         }
         if (aes == nullptr || EVP_DecryptInit_ex(cipher, aes, nullptr, key.aes.data(), iv) != 1) {
             return -1;
+        }
+        // A TLS 1.3 client uses a ticket once (RFC 8446, C.4), and OpenSSL sends a resumed
+        // connection a new one only when told to renew: always, as its own keys do. TLS 1.2
+        // clients keep their ticket, so only the previous keys' tickets are replaced there.
+        if (SSL_version(ssl) == TLS1_3_VERSION) {
+            result = 2;
         }
     }
     char digest[] = "SHA256";

@@ -385,6 +385,29 @@ def test_resumption_tls13_tls12_tickets_and_cache(t):
     check(resumes(d.addr(), ctx, first["session"]), "TLS 1.2 session-ID cache did not resume")
 
 
+def test_tls13_resumption_brings_a_fresh_ticket(t):
+    # A TLS 1.3 client uses each ticket once (RFC 8446, C.4): a resumed connection must bring a
+    # new ticket, or every other connection of such a client is a full handshake. OpenSSL names
+    # a client session after the ticket it holds, so a new ticket shows as a new session ID.
+    d = start(t)
+    ctx = server_context(min_version=ssl.TLSVersion.TLSv1_3, max_version=ssl.TLSVersion.TLSv1_3)
+    session = connect(d.addr(), ctx, "alpha.example")["session"]
+    check(session is not None and session.has_ticket, "no ticket after a full handshake")
+    for n in range(1, 4):
+        resumed = connect(d.addr(), ctx, "alpha.example", session=session)
+        check(resumed["reused"], f"resumption {n} with the latest ticket did not resume")
+        fresh = resumed["session"]
+        check(fresh is not None and fresh.has_ticket and fresh.id != session.id,
+              f"resumption {n} brought no new ticket")
+        session = fresh
+    # TLS 1.2 tickets are reused by design; a ticket of the current key is not replaced.
+    ctx = server_context(min_version=ssl.TLSVersion.TLSv1_2, max_version=ssl.TLSVersion.TLSv1_2)
+    first = connect(d.addr(), ctx, "alpha.example")["session"]
+    again = connect(d.addr(), ctx, "alpha.example", session=first)
+    check(again["reused"], "TLS 1.2 ticket not resumed")
+    check(again["session"].id == first.id, "a TLS 1.2 ticket of the current key was replaced")
+
+
 def test_resumption_disabled_by_config(t):
     d = start(t, session_tickets=0, session_cache=0)
     for version, no_ticket in (
