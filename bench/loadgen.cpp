@@ -7,6 +7,7 @@
 //   handshake  new connection, full handshake, one 32-byte echo, close_notify, close; repeat
 //              (with --total N, stop after N connections instead of after --duration)
 //   resume     the same, offering the session (ticket) of the previous connection
+//              ("tickets" counts the connections that brought a new ticket)
 //   rr         --conns keep-alive connections, each with one --size-byte echo in flight
 //   download   --conns connections reading an endless stream from the backend
 //   upload     --conns connections writing an endless stream to the backend
@@ -82,6 +83,7 @@ struct Conn {
     std::uint32_t registered = 0; // epoll events currently registered; 0 = not in epoll
     std::size_t offset = 0;       // bytes of the current message sent or received
     std::uint64_t sentAt = 0;
+    SSL_SESSION *offered = nullptr; // resume: the session offered (a reference held)
 };
 
 /** A connection the load generator accepted as the backend (--serve): echoes what it reads. */
@@ -396,6 +398,7 @@ void LoadGen::finish(Conn &c, bool failed) {
     if (c.ssl != nullptr) {
         SSL_free(c.ssl);
     }
+    SSL_SESSION_free(c.offered);
     if (c.fd >= 0) {
         close(c.fd); // also leaves the epoll set
     }
@@ -425,6 +428,8 @@ void LoadGen::drive(Conn &c, std::uint32_t events) {
             SSL_set_connect_state(c.ssl);
             if (o_.mode == "resume" && session_ != nullptr) {
                 SSL_set_session(c.ssl, session_);
+                SSL_SESSION_up_ref(session_);
+                c.offered = session_;
             }
             c.stage = Stage::handshaking;
         }
@@ -525,7 +530,8 @@ void LoadGen::drive(Conn &c, std::uint32_t events) {
             if (o_.mode == "resume") {
                 SSL_SESSION *latest = SSL_get1_session(c.ssl);
                 if (latest != nullptr && SSL_SESSION_is_resumable(latest) == 1) {
-                    if (inWindow(t) && SSL_SESSION_has_ticket(latest) == 1) {
+                    // OpenSSL keeps the offered session unless a new ticket replaced it.
+                    if (inWindow(t) && latest != c.offered && SSL_SESSION_has_ticket(latest) == 1) {
                         tickets_++;
                     }
                     SSL_SESSION_free(session_);

@@ -891,7 +891,7 @@ def render(results):
             if r["completed"]:
                 res_notes.append(f"{NAMES[t]} {titles[key][0].split(', ')[1]}: "
                                  f"{100 * r['resumed'] / r['completed']:.0f}% resumed, "
-                                 f"{100 * r['tickets'] / r['completed']:.0f}% with a ticket")
+                                 f"{100 * r['tickets'] / r['completed']:.0f}% brought a new ticket")
     if res_notes:
         add("Resumption check (share of measured connections): " + "; ".join(res_notes) + ".")
         add("")
