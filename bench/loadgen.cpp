@@ -776,6 +776,7 @@ int LoadGen::run() {
         if (c.ssl != nullptr) {
             SSL_free(c.ssl);
         }
+        SSL_SESSION_free(c.offered);
         if (c.fd >= 0) {
             close(c.fd);
         }
