@@ -86,6 +86,16 @@ struct Conn {
     SSL_SESSION *offered = nullptr; // resume: the session offered (a reference held)
 };
 
+/** Frees what `c` holds and closes its socket (which also leaves the epoll set). */
+void release(Conn &c) {
+    SSL_free(c.ssl);
+    SSL_SESSION_free(c.offered);
+    if (c.fd >= 0) {
+        close(c.fd);
+    }
+    c = Conn{};
+}
+
 /** A connection the load generator accepted as the backend (--serve): echoes what it reads. */
 struct EchoPeer {
     int fd = -1;
@@ -395,14 +405,7 @@ void LoadGen::finish(Conn &c, bool failed) {
     } else if (c.ssl != nullptr) {
         SSL_shutdown(c.ssl); // sends close_notify; the reply is not waited for
     }
-    if (c.ssl != nullptr) {
-        SSL_free(c.ssl);
-    }
-    SSL_SESSION_free(c.offered);
-    if (c.fd >= 0) {
-        close(c.fd); // also leaves the epoll set
-    }
-    c = Conn{};
+    release(c);
     if (!stopping_ && (newConnMode() || failed) && o_.mode != "idle") {
         startConn(c);
     }
@@ -773,13 +776,7 @@ int LoadGen::run() {
     stopping_ = true;
     report(static_cast<double>(end_ - start_) / 1e9);
     for (auto &c : conns_) {
-        if (c.ssl != nullptr) {
-            SSL_free(c.ssl);
-        }
-        SSL_SESSION_free(c.offered);
-        if (c.fd >= 0) {
-            close(c.fd);
-        }
+        release(c);
     }
     return 0;
 }
