@@ -91,6 +91,25 @@ public:
         return connected_ && back == data;
     }
 
+    /** Sends `data`, then reads until `want` bytes came back, the stream ended or a read timed
+     * out: what came, in order. */
+    std::string request(const std::string &data, std::size_t want) {
+        std::string reply;
+        if (!connected_ || SSL_write(ssl_, data.data(), static_cast<int>(data.size())) !=
+                               static_cast<int>(data.size())) {
+            return reply;
+        }
+        while (reply.size() < want) {
+            char buffer[16384];
+            const int r = SSL_read(ssl_, buffer, sizeof buffer);
+            if (r <= 0) {
+                break;
+            }
+            reply.append(buffer, static_cast<std::size_t>(r));
+        }
+        return reply;
+    }
+
     /** The server certificate's subject CN; empty without a handshake. */
     std::string peerName() const {
         X509 *peer = ssl_ != nullptr ? SSL_get1_peer_certificate(ssl_) : nullptr;

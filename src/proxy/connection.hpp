@@ -88,6 +88,9 @@ public:
     /** The Server's WarmList calls this when the connection was idle for a sweep: frees its
      * pairs and request blocks; true when nothing is held any more. */
     static bool releaseBuffers(Warm &warm);
+    /** The Server calls this in the loop's check phase for a connection that held a TLS tail
+     * (holdingTail()) in this turn: the tail goes now, read or no read. */
+    void releaseTail();
 
 private:
     explicit Connection(Server &server);
@@ -130,6 +133,10 @@ private:
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
     std::uint64_t ticketsDue() const;
+    /** True while a short TLS tail waits for the backend read that libuv makes next. */
+    bool holdingTail();
+    /** A held tail shorter than this (one full record's plaintext) waits for the next read. */
+    static constexpr std::size_t tailBytes = 16 * 1024;
     /** The client's address as logged ("203.0.113.7:51234"): the PROXY header's, once read. */
     std::string peerText() const { return net::format(&clientAddress_.any); }
     bool flushClient();
@@ -344,6 +351,8 @@ private:
     bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)
     bool backendReading_ : 1 = false;
     bool backendEof_ : 1 = false;         // the backend's FIN arrived
+    bool backendReadFull_ : 1 = false;    // the last backend read filled its buffer
+    bool tailHeld_ : 1 = false;           // a TLS tail waits: the Server's check will send it
     bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
     bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine
     bool backendShutdown_ : 1 = false;

@@ -134,6 +134,10 @@ void Server::closeBackgroundTimers() {
             *timer = nullptr;
         }
     }
+    if (tailCheck_ != nullptr) {
+        net::freeHandle(tailCheck_);
+        tailCheck_ = nullptr;
+    }
 }
 
 void Server::adopt(ListenSocket socket) {
@@ -380,6 +384,38 @@ bool Server::keepBuffers(Connection &connection, std::size_t bytes) {
 
 void Server::forgetBuffers(Connection &connection) {
     warm_.remove(connection);
+}
+
+void Server::holdTail(Connection &connection) {
+    if (tailCheck_ == nullptr) {
+        tailCheck_ = net::newCheck(loop_, this);
+        uv_unref(reinterpret_cast<uv_handle_t *>(tailCheck_)); // the connection keeps the loop
+    }
+    tails_.push_back(&connection);
+    if (uv_is_active(reinterpret_cast<uv_handle_t *>(tailCheck_)) == 0) {
+        uv_check_start(tailCheck_, onTailCheck);
+    }
+}
+
+void Server::forgetTail(Connection &connection) {
+    for (auto *list : {&tails_, &releasing_}) {
+        std::replace(list->begin(), list->end(), &connection, static_cast<Connection *>(nullptr));
+    }
+}
+
+void Server::onTailCheck(uv_check_t *check) {
+    auto *self = static_cast<Server *>(check->data);
+    self->releasing_.swap(self->tails_);
+    // By index: a release may close other connections, which forgetTail() turns to null here.
+    for (std::size_t i = 0; i < self->releasing_.size(); ++i) {
+        if (Connection *connection = self->releasing_[i]) {
+            connection->releaseTail();
+        }
+    }
+    self->releasing_.clear();
+    if (self->tails_.empty()) {
+        uv_check_stop(check);
+    }
 }
 
 void Server::onSweep(uv_timer_t *timer) {

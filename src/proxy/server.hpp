@@ -175,6 +175,10 @@ public:
     bool keepBuffers(Connection &connection, std::size_t bytes);
     /** `connection` is closing: the sweep leaves it alone. */
     void forgetBuffers(Connection &connection);
+    /** `connection` holds a TLS tail for its backend's next read: the loop's check phase (after
+     * this turn's I/O) calls its releaseTail() unless forgetTail() came first. */
+    void holdTail(Connection &connection);
+    void forgetTail(Connection &connection);
 
 private:
     void adopt(ListenSocket socket);
@@ -189,6 +193,7 @@ private:
     void noteActivity();
     static void onQuiet(uv_timer_t *timer);
     static void onSweep(uv_timer_t *timer);
+    static void onTailCheck(uv_check_t *check);
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
@@ -217,6 +222,12 @@ private:
      * busy worker to release memory. */
     static constexpr std::uint64_t minimumFall = 32;
     bool quietArmed_ = false;
+    // Connections holding a TLS tail in this turn of the loop, and the check that releases
+    // them (made by the first holdTail(); closed by the drain). The second vector is the one
+    // being released, so a release that holds again lands in the first.
+    std::vector<Connection *> tails_;
+    std::vector<Connection *> releasing_;
+    uv_check_t *tailCheck_ = nullptr;
     std::function<void(bool)> drained_;
     bool draining_ = false;
     bool forced_ = false;

@@ -12,12 +12,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <linux/sockios.h>
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
 #include <random>
 #include <span>
 #include <string>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <thread>
@@ -139,6 +141,79 @@ private:
     std::thread acceptor_;
     std::mutex mutex_;
     std::vector<std::thread> connections_;
+};
+
+// --- A backend that answers with one burst ---------------------------------------------------
+
+/**
+ * Serves one connection: reads a 2-byte request, then writes `reply` in one go once the test
+ * says go (with its loop still), and waits until the kernel has handed all of it to sluice's
+ * socket, so sluice finds the whole reply waiting when its loop runs again. It keeps the
+ * connection open until sluice closes it.
+ */
+class BurstBackend {
+public:
+    explicit BurstBackend(std::string reply)
+        : reply_(std::move(reply)) {
+        fd_ = sluice::test::listenLoopback(port_);
+        thread_ = std::thread([this] { serve(); });
+    }
+    ~BurstBackend() {
+        go.store(true);
+        ::shutdown(fd_, SHUT_RDWR);
+        thread_.join();
+        ::close(fd_);
+    }
+    BurstBackend(const BurstBackend &) = delete;
+    BurstBackend &operator=(const BurstBackend &) = delete;
+
+    std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+
+    std::atomic<bool> requested{false}; // the request arrived
+    std::atomic<bool> go{false};        // set by the test: write the reply now
+    std::atomic<bool> written{false};   // the reply sits in sluice's socket, all of it
+
+private:
+    void serve() {
+        const int client = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+        if (client < 0) {
+            return;
+        }
+        char request[2];
+        std::size_t got = 0;
+        while (got < sizeof request) {
+            const ssize_t n = ::read(client, request + got, sizeof request - got);
+            if (n <= 0) {
+                ::close(client);
+                return;
+            }
+            got += static_cast<std::size_t>(n);
+        }
+        requested.store(true);
+        for (int i = 0; i < 10000 && !go.load(); ++i) {
+            std::this_thread::sleep_for(1ms);
+        }
+        if (::write(client, reply_.data(), reply_.size()) == static_cast<ssize_t>(reply_.size())) {
+            // Loopback delivers within the write; nothing unacknowledged means it has landed.
+            for (int i = 0; i < 10000; ++i) {
+                int unacknowledged = 0;
+                if (::ioctl(client, SIOCOUTQ, &unacknowledged) != 0 || unacknowledged == 0) {
+                    break;
+                }
+                std::this_thread::sleep_for(1ms);
+            }
+        }
+        written.store(true);
+        char byte = 0;
+        while (::read(client, &byte, 1) > 0) {
+        }
+        ::close(client);
+    }
+
+    std::string reply_;
+    int fd_ = -1;
+    int port_ = 0;
+    std::thread thread_;
 };
 
 // --- A blocking OpenSSL client ------------------------------------------------------------------
@@ -559,6 +634,54 @@ TEST_CASE("destroying a running Server cuts its connections and closes its handl
     server.reset();
     uv_run(loop.get(), UV_RUN_DEFAULT); // the Loop destructor checks that nothing is left
     CHECK(held.finishCut());
+}
+
+TEST_CASE("a burst that libuv reads to the last byte without a final read arrives whole") {
+    // libuv reads a readable socket until a read comes back short, 32 reads at most; sluice
+    // holds a TLS tail shorter than a record while that next read may bring more. Here the
+    // backend's reply is exactly 32 buffers: the 32nd read empties the socket, libuv stops
+    // without the read that would have found it empty, and the tail must still leave (the
+    // loop's check phase sends it), not wait for bytes that never come.
+    constexpr std::size_t bufferBytes = 1000;
+    const std::string reply = randomBytes(32 * bufferBytes);
+    const auto &certs = certificates();
+    BurstBackend backend(reply);
+    Loop loop;
+    auto config = configFor(backend.address(), certs.certA, certs.keyA);
+    config.global.buffers.backend = bufferBytes;
+    sluice::Server server(loop.get(), config);
+    server.start();
+    const std::string address = server.addresses().at(0).second;
+
+    std::string received;
+    std::atomic<bool> done{false};
+    std::thread client([&] {
+        TlsClient tls(address);
+        if (tls.ok()) {
+            received = tls.request("go", reply.size());
+        }
+        done.store(true);
+    });
+    // Bounded waits: each ends by itself when something is broken.
+    for (int i = 0; i < 10000 && !backend.requested.load() && !done.load(); ++i) {
+        uv_run(loop.get(), UV_RUN_NOWAIT);
+        std::this_thread::sleep_for(1ms);
+    }
+    CHECK(backend.requested.load());
+    backend.go.store(true); // the loop stands still while the reply is written
+    for (int i = 0; i < 10000 && !backend.written.load(); ++i) {
+        std::this_thread::sleep_for(1ms);
+    }
+    CHECK(backend.written.load());
+    for (int i = 0; i < 20000 && !done.load(); ++i) {
+        uv_run(loop.get(), UV_RUN_NOWAIT);
+        std::this_thread::sleep_for(1ms);
+    }
+    client.join();
+    CHECK(received.size() == reply.size());
+    CHECK((received == reply)); // in order, byte for byte (not printed: binary)
+    REQUIRE(server.stop(nullptr));
+    uv_run(loop.get(), UV_RUN_DEFAULT);
 }
 
 TEST_CASE("a moved Server keeps running; the moved-from one is empty") {
