@@ -562,9 +562,10 @@ bool Connection::holdingTail() {
     // whole pairs: a 64 KiB read becomes 65,624 bytes of records, written as 32 KiB, 32 KiB and
     // 88 bytes, a third of the writes and TCP segments for 0.1% of the bytes. When a read filled
     // its buffer, libuv reads again before anything else runs, so a tail shorter than a record
-    // waits for that read's records and leaves in their write. It never waits past this turn of
-    // the loop: the next read's callback (bytes, EAGAIN, EOF or an error) or, should libuv have
-    // stopped reading (it caps the reads one readiness makes), the Server's check phase ends it.
+    // waits for that read's records and leaves in their write. Only the pump of that read holds
+    // (backendReadFull_), and never past this turn of the loop: the next read's callback
+    // (bytes, EAGAIN, EOF or an error) or, should libuv have stopped reading (it caps the reads
+    // one readiness makes), the Server's check, which follows the poll phase that reads, ends it.
     if (!backendReadFull_ || !engine_ || flushing_ || !downSource().empty() ||
         engine_->cipherOutPending() >= tailBytes) {
         return false;
@@ -578,7 +579,6 @@ bool Connection::holdingTail() {
 
 void Connection::releaseTail() {
     tailHeld_ = false;
-    backendReadFull_ = false;
     pump();
 }
 
@@ -1659,8 +1659,6 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     if (self->closing_ || self->backendClosing_) {
         return;
     }
-    // libuv reads again at once after a read that filled the buffer (see holdingTail()).
-    self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
     if (nread > 0) {
         if (self->backendEngine_) {
             self->backendEngine_->commitCipherIn(static_cast<std::size_t>(nread));
@@ -1694,7 +1692,12 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     if (!self->backendEngine_ && nread <= 0) {
         self->reply_.releaseIfEmpty();
     }
+    // libuv reads again at once after a read that filled the buffer: only this pump may hold
+    // a TLS tail back for it (holdingTail()). The connection outlives the call (its memory goes
+    // in a close callback).
+    self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
     self->pump();
+    self->backendReadFull_ = false;
 }
 
 void Connection::onBackendWrite(uv_write_t *req, int status) {

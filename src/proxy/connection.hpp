@@ -351,7 +351,7 @@ private:
     bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)
     bool backendReading_ : 1 = false;
     bool backendEof_ : 1 = false;         // the backend's FIN arrived
-    bool backendReadFull_ : 1 = false;    // the last backend read filled its buffer
+    bool backendReadFull_ : 1 = false;    // in onBackendRead's pump: that read filled its buffer
     bool tailHeld_ : 1 = false;           // a TLS tail waits: the Server's check will send it
     bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
     bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine

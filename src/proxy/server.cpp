@@ -405,8 +405,10 @@ void Server::forgetTail(Connection &connection) {
 
 void Server::onTailCheck(uv_check_t *check) {
     auto *self = static_cast<Server *>(check->data);
+    // Tails are held only in backend read callbacks, which run in the poll phase, so none is
+    // added while this runs; a release that closes a connection turns its entry null here
+    // (forgetTail()), hence by index.
     self->releasing_.swap(self->tails_);
-    // By index: a release may close other connections, which forgetTail() turns to null here.
     for (std::size_t i = 0; i < self->releasing_.size(); ++i) {
         if (Connection *connection = self->releasing_[i]) {
             connection->releaseTail();
