@@ -118,6 +118,9 @@ struct Buffers {
         std::size_t{32} * 1024; ///< each half of the TLS engine's BIO pair: two full records
     std::size_t plaintext = std::size_t{64} * 1024; ///< decrypted bytes waiting for the backend
     std::size_t backend = std::size_t{64} * 1024;   ///< backend bytes waiting for encryption
+    /// Each half of the pair once a connection moves bulk (a read fills it, or a write finds
+    /// it full): made again at this size when next empty. No larger than tls: never grows.
+    std::size_t tlsBulk = std::size_t{64} * 1024;
 };
 
 /** Socket options applied to accepted client sockets (listener) or backend sockets (backend). */

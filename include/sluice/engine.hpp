@@ -78,6 +78,13 @@ enum class Role { server, client };
 struct EngineOptions {
     /** Bytes buffered by each half of the BIO pair (ciphertext in and out); at least 1. */
     std::size_t pairSize = 16 * 1024;
+    /**
+     * What each half grows to once the connection moves bulk: a read that fills the empty
+     * pair, or a write the full pair refuses. The pair is made again at this size when both
+     * halves are next empty (and no cipherInSpace() span is out), so fewer, larger transport
+     * reads and writes carry a transfer. At most pairSize (0 included): it keeps pairSize.
+     */
+    std::size_t bulkPairSize = 0;
     /** Most decrypted bytes held for the consumer before SSL_read stops; at least 1. */
     std::size_t plaintextBudget = 64 * 1024;
     /** Client role: the SNI name to send and verify against; empty sends none. */
@@ -263,6 +270,9 @@ public:
     /** Bytes of ciphertext queued for the transport, across the pair's wrap point. */
     std::size_t cipherOutPending() const;
 
+    /** Bytes the BIO pair's two halves take while it exists (0 once released). */
+    std::size_t pairBytes() const { return network_ != nullptr ? 2 * pairSize_ : 0; }
+
     /**
      * With EngineOptions::holdTickets: true while the ciphertext queued is exactly the TLS 1.3
      * session tickets that ended the handshake. A driver may leave them in cipherOut() until
@@ -286,6 +296,8 @@ private:
     void runShutdown();
     void discardInput();
     bool ensurePair();
+    /** Makes the pair again at bulkPairSize_ once bulk was seen and both halves are empty. */
+    void growPair();
     bool streamOpen() const;
     static void onInfo(const ssl_st *ssl, int where, int value);
     void fail(ErrorSource source, std::string reason);
@@ -298,6 +310,7 @@ private:
     Role role_ = Role::server;
     std::size_t plaintextBudget_ = 0;
     std::size_t pairSize_ = 0;
+    std::size_t bulkPairSize_ = 0;  // 0: the pair never grows
     std::size_t refusedLength_ = 0; // length of the last offer write() refused
     std::size_t plainWritten_ = 0;  // plaintext bytes encrypted so far
     std::size_t smallRecordBytes_ = 0;
@@ -322,6 +335,8 @@ private:
     bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
     bool holdTickets_ = false;
+    bool bulkSeen_ = false;       // the pair filled: grow it when next empty
+    bool spaceLent_ = false;      // a cipherInSpace() span is out: the pair must stay
     std::size_t ticketsHeld_ = 0; // bytes of held tickets at the front of the pair; 0: none
     // Ciphertext in the pair for the transport, noted after every call that can change it
     // (asking the pair costs a BIO_ctrl, and a pump asks a dozen times).

@@ -776,10 +776,13 @@ private:
         }
         if (const toml::node *node = table.get("buffers")) {
             const toml::table &buffers = asTable(*node, "global.buffers");
-            checkKeys(buffers, "global.buffers", {"tls", "plaintext", "backend"});
+            checkKeys(buffers, "global.buffers", {"tls", "tls_bulk", "plaintext", "backend"});
             // The TLS engine must hold at least one record header plus a useful fragment.
             if (const toml::node *value = buffers.get("tls")) {
                 global.buffers.tls = size(*value, "global.buffers.tls", 512, maxBuffer);
+            }
+            if (const toml::node *value = buffers.get("tls_bulk")) {
+                global.buffers.tlsBulk = size(*value, "global.buffers.tls_bulk", 512, maxBuffer);
             }
             if (const toml::node *value = buffers.get("plaintext")) {
                 global.buffers.plaintext = size(*value, "global.buffers.plaintext", 1, maxBuffer);

@@ -69,6 +69,9 @@ std::unique_ptr<Engine> Engine::create(ssl_ctx_st *ctx, Role role, const EngineO
         return report("SSL_new: " + tls::drainErrors().reason);
     }
     engine->pairSize_ = std::max<std::size_t>(1, std::min(options.pairSize, maxCall));
+    if (options.bulkPairSize > engine->pairSize_) {
+        engine->bulkPairSize_ = std::min(options.bulkPairSize, maxCall);
+    }
     // Partial writes let write() report exactly what was taken; a moving buffer lets the caller
     // re-offer the same bytes from a different address; idle connections give back OpenSSL's
     // record buffers.
@@ -133,6 +136,22 @@ bool Engine::ensurePair() {
     return true;
 }
 
+void Engine::growPair() {
+    if (!bulkSeen_ || spaceLent_ || network_ == nullptr || BIO_ctrl_pending(network_) > 0 ||
+        BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0) {
+        return;
+    }
+    // Nothing is queued in the pair (OpenSSL may still hold part of a record in its own
+    // buffers; that reaches the new pair): swapping it loses no byte.
+    bulkSeen_ = false;
+    SSL_set_bio(ssl_, nullptr, nullptr);
+    BIO_free(network_);
+    network_ = nullptr;
+    pairSize_ = bulkPairSize_;
+    bulkPairSize_ = 0;
+    (void)ensurePair(); // a failure is recorded; the next call that needs the pair sees it
+}
+
 bool Engine::releaseIdleBuffers() {
     if (network_ == nullptr) {
         return true;
@@ -181,6 +200,7 @@ std::span<std::uint8_t> Engine::cipherInSpace() {
     // After a failure the space is still offered: what arrives is discarded, so the transport
     // can be drained until the peer's FIN. cipherInCapacity() agrees, so a driver that reads
     // while capacity is non-zero never spins on an empty span.
+    growPair();
     if (transportEof_ || !ensurePair()) {
         return {};
     }
@@ -189,6 +209,7 @@ std::span<std::uint8_t> Engine::cipherInSpace() {
     if (n <= 0) {
         return {};
     }
+    spaceLent_ = true;
     return {reinterpret_cast<std::uint8_t *>(space), static_cast<std::size_t>(n)};
 }
 
@@ -200,6 +221,7 @@ std::size_t Engine::cipherInCapacity() const {
 }
 
 void Engine::commitCipherIn(std::size_t n) {
+    spaceLent_ = false;
     if (n == 0 || transportEof_ || network_ == nullptr) {
         return;
     }
@@ -208,11 +230,15 @@ void Engine::commitCipherIn(std::size_t n) {
     if (avail <= 0) {
         return;
     }
+    if (bulkPairSize_ > 0 && n >= pairSize_) {
+        bulkSeen_ = true; // one read filled the whole pair
+    }
     BIO_nwrite(network_, &space, static_cast<int>(std::min<std::size_t>(n, avail)));
     run();
 }
 
 void Engine::cipherInEof() {
+    spaceLent_ = false;
     if (transportEof_) {
         return;
     }
@@ -284,6 +310,7 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
                                      " refused");
         return 0;
     }
+    growPair();
     if (!ensurePair()) {
         return 0;
     }
@@ -306,6 +333,9 @@ std::size_t Engine::write(std::span<const std::uint8_t> data) {
     // The rule is stated on what the caller offered (up to one full record), not on the part
     // the engine tried, so a caller can follow it without knowing the record size in use.
     refusedLength_ = std::min(data.size(), maxRecordPlaintext);
+    if (bulkPairSize_ > 0 && SSL_get_error(ssl_, ret) == SSL_ERROR_WANT_WRITE) {
+        bulkSeen_ = true; // more to send than the pair holds
+    }
     // WANT_WRITE: the pair is full and OpenSSL may hold part of a record; the caller drains and
     // offers the same bytes again, which completes it. WANT_READ: a post-handshake exchange
     // must finish first. Anything else is fatal.

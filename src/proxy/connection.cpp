@@ -127,6 +127,7 @@ bool Connection::begin(const sockaddr_storage &peer) {
     if (!settings_->plaintext) {
         EngineOptions options;
         options.pairSize = settings_->buffers.tls;
+        options.bulkPairSize = settings_->buffers.tlsBulk;
         options.plaintextBudget = settings_->buffers.plaintext;
         options.holdTickets = true; // see holdingTickets()
         std::string error;
@@ -203,8 +204,9 @@ void Connection::pump() {
     // once it is idle, or they go now when busy connections already hold all they may. One
     // without a pair (a plaintext listener to a plain pool) has nothing worth keeping.
     if (!closing_) {
-        const std::size_t pairs = (engine_ ? 1 : 0) + (backendEngine_ ? 1 : 0);
-        if (pairs == 0 || !server_.keepBuffers(*this, pairs * 2 * settings_->buffers.tls)) {
+        const std::size_t bytes = (engine_ ? engine_->pairBytes() : 0) +
+                                  (backendEngine_ ? backendEngine_->pairBytes() : 0);
+        if (bytes == 0 || !server_.keepBuffers(*this, bytes)) {
             releaseIdleBuffers();
         }
     }
@@ -1622,6 +1624,7 @@ void Connection::onBackendConnect(uv_connect_t *req, int status) {
     if (ssl_ctx_st *context = self->pool_->tlsContext()) {
         EngineOptions options;
         options.pairSize = self->settings_->buffers.tls;
+        options.bulkPairSize = self->settings_->buffers.tlsBulk;
         options.plaintextBudget = self->settings_->buffers.backend;
         options.serverName = self->pool_->serverName(static_cast<std::size_t>(self->serverIndex_));
         options.smallRecordBytes = 0; // a backend reads whole records as well as small ones

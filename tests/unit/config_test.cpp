@@ -90,6 +90,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.releaseMemoryAfter == 1s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.buffers.tls == 32 * 1024);
+    CHECK(config.global.buffers.tlsBulk == 64 * 1024);
     CHECK(config.global.buffers.plaintext == 64 * 1024);
     CHECK(config.global.buffers.backend == 64 * 1024);
 
@@ -142,7 +143,7 @@ drain_timeout = "1500ms"
 drain_delay = "2s"
 release_memory_after = "0s"
 log_level = "debug"
-buffers = { tls = "4KiB", plaintext = 1000, backend = "2MB" }
+buffers = { tls = "4KiB", tls_bulk = "1MiB", plaintext = 1000, backend = "2MB" }
 
 [tls]
 min_version = "1.3"
@@ -179,6 +180,7 @@ backlog = 64
     CHECK(config.global.releaseMemoryAfter == 0s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK(config.global.buffers.tls == 4096);
+    CHECK(config.global.buffers.tlsBulk == 1024 * 1024);
     CHECK(config.global.buffers.plaintext == 1000);
     CHECK(config.global.buffers.backend == 2000000);
 

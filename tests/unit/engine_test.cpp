@@ -270,8 +270,13 @@ public:
             violation(e, "cipherOut() empty disagrees with cipherOutPending()");
         if (out.size() > pending)
             violation(e, "cipherOut() larger than cipherOutPending()");
-        if (pending > e.options.pairSize)
-            violation(e, "cipherOutPending() above pairSize: " + std::to_string(pending));
+        // A grown pair (bulkPairSize) holds more, and says so in pairBytes().
+        if (pending > e.options.pairSize && pending > engine.pairBytes() / 2)
+            violation(e, "cipherOutPending() above the pair's size: " + std::to_string(pending));
+        if (engine.pairBytes() != 0 && engine.pairBytes() != 2 * e.options.pairSize &&
+            engine.pairBytes() != 2 * e.options.bulkPairSize)
+            violation(e, "pairBytes() neither pairSize nor bulkPairSize: " +
+                             std::to_string(engine.pairBytes()));
         if (engine.finished() && pending > 0)
             violation(e, "finished() with ciphertext still to send");
         if (st.handshakeDone && engine.handshake().protocol.empty())
@@ -931,6 +936,79 @@ TEST_CASE("idle engines release their pair and re-create it on the next byte") {
         transfer(*c, pump, {}, {});
         checkClean(pump);
     }
+}
+
+TEST_CASE("a pair that fills grows to bulkPairSize once empty; small exchanges keep it small") {
+    const std::uint32_t seed = testSeed();
+    INFO("seed " << seed);
+    std::mt19937 rng(seed);
+    EngineOptions server = serverOptions(16 * KiB);
+    EngineOptions client = clientOptions(16 * KiB);
+    server.bulkPairSize = client.bulkPairSize = 64 * KiB;
+    {
+        auto c = connect({}, {}, server, client);
+        Pump pump(c->client, c->server, PumpOptions{}, seed);
+        handshake(*c, pump);
+        transfer(*c, pump, randomBytes(1000, rng), randomBytes(1000, rng));
+        CHECK(c->server.engine->pairBytes() == 2 * 16 * KiB);
+        CHECK(c->client.engine->pairBytes() == 2 * 16 * KiB);
+        // Bulk both ways: the pairs grow mid-stream and not a byte is lost or reordered.
+        transfer(*c, pump, randomBytes(2 * MiB, rng), randomBytes(2 * MiB, rng));
+        CHECK(c->server.engine->pairBytes() == 2 * 64 * KiB);
+        CHECK(c->client.engine->pairBytes() == 2 * 64 * KiB);
+        // Released when idle, and made again at the grown size.
+        CHECK(c->server.engine->releaseIdleBuffers());
+        CHECK(c->server.engine->pairBytes() == 0);
+        CHECK(c->server.engine->cipherInCapacity() == 64 * KiB);
+        transfer(*c, pump, randomBytes(100 * KiB, rng), randomBytes(100 * KiB, rng));
+        checkClean(pump);
+    }
+    {
+        // A lent span pins the pair: growth waits until the span is committed.
+        auto c = connect({}, {}, server, client);
+        Pump pump(c->client, c->server, PumpOptions{}, seed);
+        handshake(*c, pump);
+        Engine &engine = *c->server.engine;
+        const auto lent = engine.cipherInSpace();
+        REQUIRE(lent.size() == 16 * KiB);
+        const Bytes down = randomBytes(256 * KiB, rng);
+        std::size_t taken = writeSome(c->server, down, pump); // refused once the pair is full
+        REQUIRE(taken < down.size());
+        const Bytes flight = takeCipherOut(c->server, pump); // the pair is empty again
+        REQUIRE(feed(c->client, flight, pump) == flight.size());
+        taken += writeSome(c->server, std::span(down).subspan(taken), pump);
+        CHECK(engine.pairBytes() == 2 * 16 * KiB); // `lent` still points into this pair
+        engine.commitCipherIn(0);                  // ... up to here
+        const Bytes more = takeCipherOut(c->server, pump);
+        REQUIRE(feed(c->client, more, pump) == more.size());
+        taken += writeSome(c->server, std::span(down).subspan(taken), pump);
+        CHECK(engine.pairBytes() == 2 * 64 * KiB); // grown at the first chance after
+        c->server.outgoing = down;
+        c->server.accepted = taken;
+        const Outcome outcome = pump.run(
+            [&] { return c->server.allSent() && c->client.received.size() == down.size(); });
+        CHECK(outcome == Outcome::done);
+        CHECK_SAME_BYTES(down, c->client.received);
+        checkClean(pump);
+    }
+    {
+        // Spans held across steps (as an in-flight write holds them): byte-exact either way.
+        auto c = connect({}, {}, server, client);
+        PumpOptions options;
+        options.pinned = true;
+        options.randomChunks = true;
+        Pump pump(c->client, c->server, options, seed);
+        handshake(*c, pump);
+        transfer(*c, pump, randomBytes(1 * MiB, rng), randomBytes(1 * MiB, rng));
+        checkClean(pump);
+    }
+    // Without bulkPairSize the same volume leaves the pair as it was made.
+    auto c = connect({}, {}, serverOptions(16 * KiB), clientOptions(16 * KiB));
+    Pump pump(c->client, c->server, PumpOptions{}, seed);
+    handshake(*c, pump);
+    transfer(*c, pump, randomBytes(1 * MiB, rng), randomBytes(1 * MiB, rng));
+    CHECK(c->server.engine->pairBytes() == 2 * 16 * KiB);
+    checkClean(pump);
 }
 
 TEST_CASE("held TLS 1.3 tickets leave with the first reply or on release; TLS 1.2 holds none") {
