@@ -561,13 +561,14 @@ std::uint64_t Connection::ticketsDue() const {
 
 bool Connection::holdingTail() {
     // Bulk from the backend arrives in reads of buffers.backend, and their TLS rarely fills
-    // whole pairs: a 64 KiB read becomes 65,624 bytes of records, written as 32 KiB, 32 KiB and
-    // 88 bytes, a third of the writes and TCP segments for 0.1% of the bytes. When a read filled
-    // its buffer, libuv reads again before anything else runs, so a tail shorter than a record
-    // waits for that read's records and leaves in their write. Only the pump of that read holds
-    // (backendReadFull_), and never past this turn of the loop: the next read's callback
-    // (bytes, EAGAIN, EOF or an error) or, should libuv have stopped reading (it caps the reads
-    // one readiness makes), the Server's check, which follows the poll phase that reads, ends it.
+    // whole pairs: a 64 KiB read becomes 65,624 bytes of records, written as full pairs and an
+    // 88-byte tail, one write and TCP segment in three (in two, once the pair grew to 64 KiB)
+    // for 0.1% of the bytes. When a read filled its buffer, libuv reads again before anything
+    // else runs, so a tail shorter than a record waits for that read's records and leaves in
+    // their write. Only the pump of that read holds (backendReadFull_), and never past this
+    // turn of the loop: the next read's callback (bytes, EAGAIN, EOF or an error) or, should
+    // libuv have stopped reading (it caps the reads one readiness makes), the Server's check,
+    // which follows the poll phase that reads, ends it.
     if (!backendReadFull_ || !engine_ || flushing_ || !downSource().empty() ||
         engine_->cipherOutPending() >= tailBytes) {
         return false;
