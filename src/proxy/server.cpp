@@ -398,26 +398,20 @@ void Server::holdTail(Connection &connection) {
 }
 
 void Server::forgetTail(Connection &connection) {
-    for (auto *list : {&tails_, &releasing_}) {
-        std::replace(list->begin(), list->end(), &connection, static_cast<Connection *>(nullptr));
-    }
+    std::replace(tails_.begin(), tails_.end(), &connection, static_cast<Connection *>(nullptr));
 }
 
 void Server::onTailCheck(uv_check_t *check) {
     auto *self = static_cast<Server *>(check->data);
-    // Tails are held only in backend read callbacks, which run in the poll phase, so none is
-    // added while this runs; a release that closes a connection turns its entry null here
-    // (forgetTail()), hence by index.
-    self->releasing_.swap(self->tails_);
-    for (std::size_t i = 0; i < self->releasing_.size(); ++i) {
-        if (Connection *connection = self->releasing_[i]) {
+    // By index: a release that closes a connection turns its entry null (forgetTail()). Tails
+    // are held only in backend read callbacks, in the poll phase, so none is added here.
+    for (std::size_t i = 0; i < self->tails_.size(); ++i) {
+        if (Connection *connection = self->tails_[i]) {
             connection->releaseTail();
         }
     }
-    self->releasing_.clear();
-    if (self->tails_.empty()) {
-        uv_check_stop(check);
-    }
+    self->tails_.clear();
+    uv_check_stop(check);
 }
 
 void Server::onSweep(uv_timer_t *timer) {

@@ -223,10 +223,8 @@ private:
     static constexpr std::uint64_t minimumFall = 32;
     bool quietArmed_ = false;
     // Connections holding a TLS tail in this turn of the loop, and the check that releases
-    // them (made by the first holdTail(); closed by the drain). The second vector is the one
-    // being released, so a release that holds again lands in the first.
+    // them (made by the first holdTail(); closed by the drain).
     std::vector<Connection *> tails_;
-    std::vector<Connection *> releasing_;
     uv_check_t *tailCheck_ = nullptr;
     std::function<void(bool)> drained_;
     bool draining_ = false;
