@@ -143,6 +143,10 @@ enum class Balance {
 /** The PROXY protocol header sent to a backend before any other byte. */
 enum class ProxyProtocol { off, v1, v2 };
 
+/** When a connection's backend connect starts: once the client's handshake is done, or once
+ * its ClientHello is accepted, so the connect overlaps the rest of the handshake. */
+enum class ConnectAfter { handshake, hello };
+
 /** TLS from a backend pool to its servers (re-encryption, or client mode). */
 struct BackendTls {
     bool enabled = false;
@@ -174,6 +178,9 @@ struct BackendConfig {
     Duration failTimeout = std::chrono::seconds(10);
     /** How often host names are resolved again; 0: at start and reload only. */
     Duration resolveInterval{0};
+    /** hello: connect as soon as the ClientHello is accepted (SNI and ALPN known); a handshake
+     * that fails after it closes that backend connection before any byte is sent. */
+    ConnectAfter connectAfter = ConnectAfter::handshake;
     ProxyProtocol proxyProtocol = ProxyProtocol::off;
     /** v2: also send the client certificate (DER) in a TLV (type 0xE0), up to this many bytes;
      * 0: never. A larger certificate is left out (its flags and CN are still sent). */

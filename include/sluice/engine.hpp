@@ -134,7 +134,10 @@ enum class ErrorSource { none, peer, local };
 
 /** What the engine knows after the last call. Cheap to copy. */
 struct EngineStatus {
-    bool handshakeDone = false;       ///< the handshake completed (HandshakeInfo is valid)
+    bool handshakeDone = false; ///< the handshake completed (HandshakeInfo is valid)
+    /** Server role: the ClientHello was accepted and answered (HandshakeInfo's serverName and
+     * alpn are set); the rest of the handshake may still fail. */
+    bool helloAccepted = false;
     bool plaintextReady = false;      ///< plainOut() is not empty
     bool ciphertextPending = false;   ///< cipherOut() is not empty: send it
     bool closeNotifyReceived = false; ///< the peer sent close_notify
@@ -237,7 +240,8 @@ public:
     /** Flags describing the current state; see EngineStatus. */
     EngineStatus status() const;
 
-    /** The handshake's facts; empty fields until status().handshakeDone. */
+    /** The handshake's facts; empty fields until status().handshakeDone, except serverName and
+     * alpn, which a server has from status().helloAccepted on. */
     const HandshakeInfo &handshake() const { return info_; }
 
     /**
@@ -302,6 +306,7 @@ private:
     static void onInfo(const ssl_st *ssl, int where, int value);
     void fail(ErrorSource source, std::string reason);
     bool handleResult(int ret, const char *operation);
+    void recordHello();
     void recordHandshake();
     bool failed() const { return errorSource_ != ErrorSource::none; }
 
@@ -326,6 +331,7 @@ private:
     ErrorSource errorSource_ = ErrorSource::none;
     std::string errorReason_;
     bool handshakeDone_ = false;
+    bool helloAccepted_ = false;
     bool closeNotifyReceived_ = false;
     bool truncated_ = false;
     bool transportEof_ = false;

@@ -1051,9 +1051,9 @@ private:
     BackendConfig loadBackend(const toml::table &table, const std::string &path,
                               const std::string &name) const {
         checkKeys(table, path,
-                  {"servers", "handler", "balance", "connect_timeout", "attempts", "max_fails",
-                   "fail_timeout", "resolve_interval", "proxy_protocol", "proxy_client_cert_max",
-                   "tls", "socket"});
+                  {"servers", "handler", "balance", "connect_timeout", "connect_after", "attempts",
+                   "max_fails", "fail_timeout", "resolve_interval", "proxy_protocol",
+                   "proxy_client_cert_max", "tls", "socket"});
         BackendConfig backend;
         backend.name = name;
 
@@ -1106,6 +1106,11 @@ private:
         }
         if (const toml::node *node = table.get("connect_timeout")) {
             backend.connectTimeout = duration(*node, child(path, "connect_timeout"));
+        }
+        if (const toml::node *node = table.get("connect_after")) {
+            backend.connectAfter = choice<ConnectAfter>(
+                *node, child(path, "connect_after"),
+                {{"handshake", ConnectAfter::handshake}, {"hello", ConnectAfter::hello}});
         }
         if (const toml::node *node = table.get("attempts")) {
             backend.attempts =

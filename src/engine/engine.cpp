@@ -389,6 +389,7 @@ bool Engine::requestKeyUpdate(bool requestPeer) {
 EngineStatus Engine::status() const {
     EngineStatus s;
     s.handshakeDone = handshakeDone_;
+    s.helloAccepted = helloAccepted_;
     s.plaintextReady = plainTail_ > plainHead_;
     s.ciphertextPending = cipherOutPending() > 0;
     s.closeNotifyReceived = closeNotifyReceived_;
@@ -534,13 +535,16 @@ void Engine::runHandshake() {
         return;
     }
     handleResult(ret, "handshake");
+    // A server that answered without failing has parsed the ClientHello and chosen its
+    // certificate and ALPN protocol (a HelloRetryRequest included): the hello is accepted.
+    if (role_ == Role::server && !helloAccepted_ && !failed() &&
+        queryOutPending() > pendingBefore) {
+        recordHello();
+    }
 }
 
-void Engine::recordHandshake() {
-    info_.protocol = SSL_get_version(ssl_);
-    if (const char *cipher = SSL_get_cipher_name(ssl_)) {
-        info_.cipher = cipher;
-    }
+void Engine::recordHello() {
+    helloAccepted_ = role_ == Role::server;
     if (role_ == Role::server) {
         if (const char *name = SSL_get_servername(ssl_, TLSEXT_NAMETYPE_host_name)) {
             info_.serverName = name;
@@ -552,6 +556,14 @@ void Engine::recordHandshake() {
     if (alpn != nullptr) {
         info_.alpn.assign(reinterpret_cast<const char *>(alpn), alpnLength);
     }
+}
+
+void Engine::recordHandshake() {
+    info_.protocol = SSL_get_version(ssl_);
+    if (const char *cipher = SSL_get_cipher_name(ssl_)) {
+        info_.cipher = cipher;
+    }
+    recordHello();
     info_.resumed = SSL_session_reused(ssl_) == 1;
     if (role_ == Role::server) {
         // On a resumed session this is the certificate verified by the original handshake.

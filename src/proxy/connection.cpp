@@ -440,9 +440,26 @@ bool Connection::checkEngines() {
             }
         }
     }
-    if (!flushing_ && !backendStarted_ && clientReady()) {
-        endHandshakeCount();
-        startBackend();
+    if (!flushing_ && !backendStarted_) {
+        if (clientReady()) {
+            endHandshakeCount();
+            startBackend(route());
+            progress = true;
+        } else if (engine_ && !helloRouted_ && !awaitingProxy_ && !proxyInPending() &&
+                   engine_->status().helloAccepted && !engine_->status().failed) {
+            // A pool that connects after the hello overlaps its connect with the rest of the
+            // handshake; an in-process handler has nothing to connect. Asked once.
+            helloRouted_ = true;
+            Pool *pool = route();
+            if (pool->config().connectAfter == ConnectAfter::hello && pool->handler() == nullptr) {
+                startBackend(pool);
+                progress = true;
+            }
+        }
+    }
+    if (proxyHeaderDue_ && clientReady()) {
+        proxyHeaderDue_ = false;
+        buildProxyHeader();
         progress = true;
     }
     if (backendEngine_ && backendConnected_ && !backendGone_ && !backendClosing_) {
@@ -703,7 +720,9 @@ bool Connection::propagateCloses() {
             truncateClient_ = true; // the backend's TLS stream may be cut short: say so
         }
     }
-    if (downEnded() && downSource().empty()) {
+    // The backend's end reaches a client whose handshake is done, like its bytes (a connect
+    // started at the hello can fail or end before that).
+    if (downEnded() && downSource().empty() && clientReady()) {
         const bool clientFlushed =
             clientWriteInFlight_ == 0 && (!engine_ || engine_->cipherOutPending() == 0);
         if (truncateClient_) {
@@ -891,62 +910,73 @@ bool Connection::takeProxyHeader() {
 
 // --- Backend -----------------------------------------------------------------------------------
 
-void Connection::startBackend() {
-    backendStarted_ = true;
+Pool *Connection::route() const {
     if (engine_) {
         const auto &info = engine_->handshake();
-        pool_ = settings_->route(info.serverName, info.alpn).get();
-    } else {
-        pool_ = settings_->pool.get();
+        return settings_->route(info.serverName, info.alpn).get();
     }
+    return settings_->pool.get();
+}
+
+void Connection::startBackend(Pool *pool) {
+    backendStarted_ = true;
+    pool_ = pool;
     if (const HandlerFactory *factory = pool_->handler()) {
         startHandler(*factory);
         return;
     }
     tried_.reset(pool_->size());
-    const BackendConfig &config = pool_->config();
-    if (config.proxyProtocol != ProxyProtocol::off) {
-        Proxy &p = proxy();
-        if (!p.localKnown) {
-            const int fd = clientFd();
-            socklen_t length = sizeof p.local;
-            if (fd < 0 || getsockname(fd, &p.local.any, &length) != 0) {
-                p.local.any.sa_family = AF_UNSPEC;
-            }
-            p.localKnown = true;
-        }
-        const auto *source =
-            clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
-        const auto *destination = p.local.any.sa_family == AF_UNSPEC ? nullptr : &p.local.any;
-        if (config.proxyProtocol == ProxyProtocol::v1) {
-            p.out = buildProxyV1(source, destination);
+    if (pool_->config().proxyProtocol != ProxyProtocol::off) {
+        // Its TLS facts are known once the handshake is done; until then nothing is sent.
+        if (clientReady()) {
+            buildProxyHeader();
         } else {
-            ProxyTlvFacts facts;
-            if (engine_) {
-                const auto &info = engine_->handshake();
-                const ConnectionFacts more = engine_->facts(config.proxyClientCertMax);
-                facts.tls = true;
-                facts.alpn = info.alpn;
-                facts.authority = info.serverName;
-                facts.version = info.protocol;
-                facts.cipher = info.cipher;
-                facts.sigAlg = more.signatureAlgorithm;
-                facts.keyAlg = more.keyAlgorithm;
-                facts.clientCertSession = more.peerCertificate;
-                facts.clientCertConnection = more.peerCertificate && !info.resumed;
-                // Zero only for a certificate that was presented and verified (with the
-                // listener's allow lists); X509_V_ERR_UNSPECIFIED (1) when there was none.
-                facts.verifyResult = more.peerCertificate && info.clientVerified ? 0
-                                     : more.verifyResult != 0
-                                         ? static_cast<std::uint32_t>(more.verifyResult)
-                                         : 1;
-                facts.clientCn = more.peerCommonName;
-                facts.clientCertDer = more.peerCertificateDer;
-            }
-            p.out = buildProxyV2(source, destination, &facts);
+            proxyHeaderDue_ = true;
         }
     }
     connectNext();
+}
+
+void Connection::buildProxyHeader() {
+    const BackendConfig &config = pool_->config();
+    Proxy &p = proxy();
+    if (!p.localKnown) {
+        const int fd = clientFd();
+        socklen_t length = sizeof p.local;
+        if (fd < 0 || getsockname(fd, &p.local.any, &length) != 0) {
+            p.local.any.sa_family = AF_UNSPEC;
+        }
+        p.localKnown = true;
+    }
+    const auto *source = clientAddress_.any.sa_family == AF_UNSPEC ? nullptr : &clientAddress_.any;
+    const auto *destination = p.local.any.sa_family == AF_UNSPEC ? nullptr : &p.local.any;
+    if (config.proxyProtocol == ProxyProtocol::v1) {
+        p.out = buildProxyV1(source, destination);
+    } else {
+        ProxyTlvFacts facts;
+        if (engine_) {
+            const auto &info = engine_->handshake();
+            const ConnectionFacts more = engine_->facts(config.proxyClientCertMax);
+            facts.tls = true;
+            facts.alpn = info.alpn;
+            facts.authority = info.serverName;
+            facts.version = info.protocol;
+            facts.cipher = info.cipher;
+            facts.sigAlg = more.signatureAlgorithm;
+            facts.keyAlg = more.keyAlgorithm;
+            facts.clientCertSession = more.peerCertificate;
+            facts.clientCertConnection = more.peerCertificate && !info.resumed;
+            // Zero only for a certificate that was presented and verified (with the
+            // listener's allow lists); X509_V_ERR_UNSPECIFIED (1) when there was none.
+            facts.verifyResult = more.peerCertificate && info.clientVerified ? 0
+                                 : more.verifyResult != 0
+                                     ? static_cast<std::uint32_t>(more.verifyResult)
+                                     : 1;
+            facts.clientCn = more.peerCommonName;
+            facts.clientCertDer = more.peerCertificateDer;
+        }
+        p.out = buildProxyV2(source, destination, &facts);
+    }
 }
 
 void Connection::connectNext() {
@@ -1250,7 +1280,7 @@ Connection::Phase Connection::phase() const {
     if (!clientReady()) {
         return Phase::handshake;
     }
-    if (backendStarted_ && !backendReady_ && !backendGone_) {
+    if (connecting()) {
         return Phase::connect;
     }
     const EngineStatus status = engine_ ? engine_->status() : EngineStatus{};
@@ -1285,18 +1315,31 @@ std::uint64_t Connection::deadline() const {
     switch (phase()) {
     case Phase::flush:
         return at(phaseStart_, t.flush);
-    case Phase::handshake:
-        return at(acceptedMs(), t.handshake);
+    case Phase::handshake: {
+        // A connect started at the hello keeps its own limit while the handshake goes on.
+        const std::uint64_t handshake = at(acceptedMs(), t.handshake);
+        const std::uint64_t connect = connecting() ? connectDeadline() : 0;
+        return connect != 0 && (handshake == 0 || connect < handshake) ? connect : handshake;
+    }
     case Phase::connect:
-        return at(phaseStart_, pool_ && pool_->config().connectTimeout.count() > 0
-                                   ? pool_->config().connectTimeout
-                                   : t.connect);
+        return connectDeadline();
     case Phase::halfClose:
         return at(lastActivity_, t.halfClose);
     case Phase::idle:
         break;
     }
     return at(lastActivity_, t.idle);
+}
+
+bool Connection::connecting() const {
+    return backendStarted_ && !backendReady_ && !backendGone_;
+}
+
+std::uint64_t Connection::connectDeadline() const {
+    const Duration limit = pool_ && pool_->config().connectTimeout.count() > 0
+                               ? pool_->config().connectTimeout
+                               : settings_->timeouts.connect;
+    return limit.count() > 0 ? phaseStart_ + static_cast<std::uint64_t>(limit.count()) : 0;
 }
 
 void Connection::armTimer() {
@@ -1335,7 +1378,9 @@ void Connection::fireDeadline(Timed &timed) {
         return;
     }
     const Phase phase = self->phase();
-    if (phase == Phase::connect) {
+    const std::uint64_t connectDue = self->connecting() ? self->connectDeadline() : 0;
+    if (phase == Phase::connect || (phase == Phase::handshake && connectDue != 0 &&
+                                    uv_now(self->server_.loop()) >= connectDue)) {
         // A server that does not answer counts against it, and the next one may take over.
         if (self->backendClosing_) {
             self->armTimer();

@@ -169,7 +169,14 @@ private:
     bool backendReady() const; // plaintext may flow to the backend
 
     bool takeProxyHeader();
-    void startBackend();
+    /** The pool the handshake's SNI and ALPN (or the listener) pick. */
+    Pool *route() const;
+    void startBackend(Pool *pool);
+    void buildProxyHeader();
+    /** A backend connect is started and not yet ready (its TLS included). */
+    bool connecting() const;
+    /** When the current connect attempt times out; 0: never. */
+    std::uint64_t connectDeadline() const;
     void connectNext();
     void backendConnected();
     void backendFailed(const char *what, int status, std::string detail = {});
@@ -255,7 +262,9 @@ private:
     /** Bytes read with the PROXY header wait to be handed on. */
     bool proxyInPending() const { return proxy_ && proxy_->in; }
     /** Every byte of the PROXY header for the backend (if any) has been written. */
-    bool proxyOutDone() const { return !proxy_ || proxy_->outSent == proxy_->out.size(); }
+    bool proxyOutDone() const {
+        return !proxyHeaderDue_ && (!proxy_ || proxy_->outSent == proxy_->out.size());
+    }
 
     // The backend: its pool, the server in use, and the servers already tried.
     Pool *pool_ = nullptr; // one of settings_'s pools, which settings_ keeps alive
@@ -346,6 +355,8 @@ private:
     bool backendInitialised_ : 1 = false; // the backend handle is open (not yet closing)
     bool backendClosing_ : 1 = false;     // closing the handle of a failed attempt
     bool backendStarted_ : 1 = false;
+    bool helloRouted_ : 1 = false;    // the accepted hello's pool was asked for connect_after
+    bool proxyHeaderDue_ : 1 = false; // connected at the hello: the header waits for the handshake
     bool backendConnected_ : 1 = false;  // the socket connected
     bool backendConnecting_ : 1 = false; // a TCP connect is in flight
     bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)

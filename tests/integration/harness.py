@@ -668,6 +668,15 @@ class TlsClient:
         self.run_until(lambda: not self.pending, deadline - time.monotonic(), "the last handshake flight to leave")
         return self
 
+    def send_hello(self, timeout=None):
+        """Sends the ClientHello and stops there; handshake() goes on from it."""
+        try:
+            self.obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        self._drain_out()
+        return self.run_until(lambda: not self.pending, timeout, "the ClientHello to leave")
+
     def _flush_best_effort(self):
         try:
             if self.pending:

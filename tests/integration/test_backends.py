@@ -21,6 +21,7 @@ import time
 
 import proxyproto
 from backends import (
+    Backend,
     BlackholeBackend,
     EchoBackend,
     PoolBackend,
@@ -1242,3 +1243,109 @@ def test_socket_options_applied_to_both_sides(t):
         check_sockets(d, {"no_delay": True, "keep_alive": True, "idle": 23, "sndbuf": 2 * 256 * 1024,
                           "rcvbuf": 2 * 128 * 1024},
                       {"no_delay": False, "keep_alive": False, "sndbuf": 2 * 64 * 1024})
+
+
+# ---------------------------------------------------------------------------------------------
+# connect_after: the backend connect starts with the accepted ClientHello, or after the handshake.
+
+
+def test_connect_after_hello_overlaps_the_handshake(t):
+    greeting = b"220 ready\r\n"
+    early = t.backend(PoolBackend(tag=greeting))
+    late = t.backend(PoolBackend(tag=greeting))
+    framed = t.backend(PoolBackend(proxy=True))
+    d = start(t, [t.listener("early", name="early"), t.listener("late", name="late"),
+                  t.listener("framed", name="framed")],
+              {"early": {"servers": [early.address], "connect_after": "hello"},
+               "late": {"servers": [late.address]},
+               "framed": {"servers": [framed.address], "connect_after": "hello",
+                          "proxy_protocol": "v2"}})
+    sig_key = cert_algorithms(cert_path("server-ecdsa.crt"))
+    payload = pattern_bytes(200_000)
+    for name, be in (("early", early), ("late", late), ("framed", framed)):
+        c = t.client(d.addr(name)).send_hello()
+        if name == "late":
+            # The default: no backend connection while the handshake is not done.
+            time.sleep(0.3)
+            check(be.accepted == 0, "the backend was connected before the handshake was done")
+        else:
+            wait_until(lambda: be.accepted == 1, 5, f"{name}: the connect that starts at the hello")
+        c.handshake()
+        wait_until(lambda: be.accepted == 1, 5, f"{name}: the backend connection")
+        c.sendall(payload)
+        want = (b"" if name == "framed" else greeting) + payload
+        got = c.recv_exact(len(want))
+        # A greeting sent while the client's handshake went on arrives first, then the echo.
+        check(got == want, f"{name}: {len(got)} bytes back, not the greeting and the echo in order")
+        finish_clean(c)
+        conn = be.wait_done()
+        check(conn.received == len(payload) and conn.error is None,
+              f"{name}: the backend got {conn.received} of {len(payload)} bytes ({conn.error})")
+    # The PROXY header still comes first, with the facts of the handshake that finished later.
+    h = framed.conn().header
+    check(framed.conn().header_error is None, f"bad header: {framed.conn().header_error}")
+    check_tls_tlvs(h, c, "localhost", None, sig_key)
+
+
+class LateResetBackend(Backend):
+    """Resets each connection (SO_LINGER 0) a moment after accepting it without a byte: late
+    enough that sluice has seen the connect complete, so the reset ends a ready backend."""
+
+    def handle(self, c):
+        time.sleep(0.3)
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + bytes(4))
+
+
+def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
+    greeting = b"220 ready\r\n"
+    be = t.backend(PoolBackend(tag=greeting))
+    hole = t.backend(BlackholeBackend())
+    long_handshake = {"handshake": "30s"}
+    resets = t.backend(LateResetBackend())
+    d = start(t, [t.listener("app", name="app"),
+                  t.listener("hole", name="hole", timeouts=long_handshake),
+                  t.listener("refused", name="refused", timeouts=long_handshake),
+                  t.listener("reset", name="reset", timeouts=long_handshake)],
+              {"app": {"servers": [be.address], "connect_after": "hello"},
+               "hole": {"servers": [hole.address], "connect_after": "hello", "connect_timeout": "1s",
+                        "attempts": 1},
+               "refused": {"servers": [refused_address()], "connect_after": "hello"},
+               "reset": {"servers": [resets.address], "connect_after": "hello"}})
+
+    # A client that refuses sluice's certificate: the backend connection made at its hello
+    # closes without one byte, and the greeting goes nowhere.
+    c = t.client(d.addr("app"), server_hostname="wrong.example")
+    try:
+        c.handshake()
+        check(False, "a client that checks for another name completed the handshake")
+    except HandshakeFailed:
+        pass
+    conn = be.wait_done(0)
+    check(conn.received == 0 and conn.eof, f"the backend got {conn.received} bytes (eof {conn.eof})")
+    check(c.nrecv == 0, f"the client got {c.nrecv} plaintext bytes")
+
+    # A connect that hangs times out during the handshake (connect_timeout, not the handshake's
+    # 30s); the client still completes its handshake, then gets a clean close and no byte.
+    # A backend that resets during the handshake: the handshake completes, then the end is cut
+    # (no close_notify), as when it resets after the handshake.
+    # TLS 1.2: its client sends Finished before the server does, so its handshake completes
+    # only if sluice finishes it (a TLS 1.3 client would not notice a server gone by then).
+    tls12 = client_context(max_version=ssl.TLSVersion.TLSv1_2)
+    for name in ("hole", "refused", "reset"):
+        start_at = time.monotonic()
+        c = t.client(d.addr(name), ctx=tls12).send_hello()
+        if name == "hole":
+            d.wait_log(r"timeout listener=hole .*phase=connect", timeout=5)
+            secs = time.monotonic() - start_at
+            check(secs <= 1 + TIMING_MARGIN, f"the connect timed out after {secs:.2f}s, limit 1s")
+        d.wait_log(rf"backend-failed listener={name} ", timeout=5)
+        c.handshake()
+        c.recv_until_closed(timeout=5)
+        check(c.close_notify == (name != "reset") and c.nrecv == 0, f"{name}: {c.ending()}")
+
+    # Everyone else is served, byte for byte.
+    c = t.client(d.addr("app"), keep=True).handshake()
+    c.sendall(b"still serving")
+    check(c.recv_exact(len(greeting) + 13) == greeting + b"still serving", "no greeting and echo")
+    finish_clean(c)
+    d.assert_alive()

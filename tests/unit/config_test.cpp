@@ -821,6 +821,7 @@ TEST_CASE("[backend.NAME]: defaults, every key, and file order") {
 servers = ["127.0.0.1:8080", "[::1]:8081", "unix:run/app.sock", "app.internal:443"]
 balance = "least-connections"
 connect_timeout = "2s"
+connect_after = "hello"
 attempts = 2
 max_fails = 0
 fail_timeout = "30s"
@@ -869,6 +870,7 @@ backend = "zeta"
     CHECK(zeta.servers[3].host == "app.internal");
     CHECK(zeta.balance == sluice::Balance::leastConnections);
     CHECK(zeta.connectTimeout == 2s);
+    CHECK(zeta.connectAfter == sluice::ConnectAfter::hello);
     CHECK(zeta.attempts == 2);
     CHECK(zeta.maxFails == 0);
     CHECK(zeta.failTimeout == 30s);
@@ -895,6 +897,7 @@ backend = "zeta"
     CHECK(alpha.servers[0].text() == "127.0.0.1:9000");
     CHECK(alpha.balance == sluice::Balance::roundRobin);
     CHECK(alpha.connectTimeout == 0s);
+    CHECK(alpha.connectAfter == sluice::ConnectAfter::handshake);
     CHECK(alpha.attempts == 0);
     CHECK(alpha.maxFails == 3);
     CHECK(alpha.failTimeout == 10s);
@@ -932,6 +935,9 @@ TEST_CASE("[backend.NAME]: each accepted value of balance, proxy_protocol and th
     CHECK(backend("balance = \"least-connections\"\n").balance ==
           sluice::Balance::leastConnections);
     CHECK(backend("balance = \"first\"\n").balance == sluice::Balance::first);
+    CHECK(backend("connect_after = \"handshake\"\n").connectAfter ==
+          sluice::ConnectAfter::handshake);
+    CHECK(backend("connect_after = \"hello\"\n").connectAfter == sluice::ConnectAfter::hello);
     CHECK(backend("proxy_protocol = \"off\"\n").proxyProtocol == sluice::ProxyProtocol::off);
     CHECK(backend("proxy_protocol = \"v1\"\n").proxyProtocol == sluice::ProxyProtocol::v1);
     CHECK(backend("proxy_protocol = \"v2\"\n").proxyProtocol == sluice::ProxyProtocol::v2);
@@ -979,6 +985,9 @@ TEST_CASE("[backend.NAME]: bad values are named") {
     CHECK(error(servers + "connect_timeout = \"3 s\"\n") ==
           "t.toml:3:19: backend.b.connect_timeout: bad duration \"3 s\": expected a number "
           "followed by ms, s, m or h");
+    CHECK(error(servers + "connect_after = \"accept\"\n") ==
+          "t.toml:3:17: backend.b.connect_after: expected \"handshake\" or \"hello\", got "
+          "\"accept\"");
     CHECK(error(servers + "attempts = 1001\n") ==
           "t.toml:3:12: backend.b.attempts: must be between 0 and 1000, got 1001");
     CHECK(error(servers + "max_fails = -1\n") ==

@@ -1499,6 +1499,39 @@ TEST_CASE("a server engine starts its handshake at the client's first byte") {
     }
 }
 
+TEST_CASE("a server accepts the ClientHello before its handshake is done, and knows the SNI") {
+    for (const TlsVersion v : {TlsVersion::tls13, TlsVersion::tls12}) {
+        CAPTURE(versionName(v));
+        auto c = connect(version(v), version(TlsVersion::any));
+        Engine &server = *c->server.engine;
+        Pump pump(c->client, c->server, PumpOptions{}, 1);
+        const Bytes hello = takeCipherOut(c->client, pump);
+        REQUIRE(hello.size() > 1);
+        // A ClientHello short of its last byte is not yet one.
+        feed(c->server, std::span(hello).first(hello.size() - 1), pump);
+        CHECK_FALSE(server.status().helloAccepted);
+        CHECK(server.handshake().serverName.empty());
+        feed(c->server, std::span(hello).last(1), pump);
+        CHECK(server.status().helloAccepted);
+        CHECK(server.status().ciphertextPending);
+        CHECK_FALSE(server.status().handshakeDone);
+        CHECK(server.handshake().serverName == "localhost");
+        CHECK(server.handshake().protocol.empty()); // the rest waits for the handshake
+        handshake(*c, pump);
+        CHECK(server.status().helloAccepted);
+        CHECK(server.handshake().protocol == versionName(v));
+        CHECK_FALSE(c->client.engine->status().helloAccepted); // a server's notion only
+        checkClean(pump);
+    }
+    // A hello the server refuses (no version in common) is answered with an alert only.
+    auto c = connect(version(TlsVersion::tls13), version(TlsVersion::tls12));
+    Pump pump(c->client, c->server, PumpOptions{}, 1);
+    feed(c->server, takeCipherOut(c->client, pump), pump);
+    CHECK(c->server.engine->status().failed);
+    CHECK_FALSE(c->server.engine->status().helloAccepted);
+    CHECK(c->server.engine->status().ciphertextPending); // the alert
+}
+
 TEST_CASE("a half-closed engine gives its pair back and still sends the other direction") {
     const std::uint32_t seed = testSeed();
     INFO("seed " << seed);
@@ -1710,6 +1743,7 @@ TEST_CASE("garbage instead of a ClientHello fails the server as the peer's fault
         CHECK_FALSE(server.engine->errorReason().empty());
         CHECK(server.engine->plainOut().empty());
         CHECK_FALSE(server.engine->status().handshakeDone);
+        CHECK_FALSE(server.engine->status().helloAccepted);
         exerciseAfterFailure(server, pump);
         checkClean(pump);
     }
