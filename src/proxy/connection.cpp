@@ -452,6 +452,7 @@ bool Connection::checkEngines() {
             helloRouted_ = true;
             Pool *pool = route();
             if (pool->config().connectAfter == ConnectAfter::hello && pool->handler() == nullptr) {
+                helloStarted_ = true;
                 startBackend(pool);
                 progress = true;
             }
@@ -1109,8 +1110,38 @@ void Connection::onBackendClosed(uv_handle_t *handle) {
     // Nothing points into the failed attempt's engine any more.
     self->backendEngine_.reset();
     self->reply_.releaseIfEmpty();
-    self->connectNext();
+    if (self->reconnectPending_) {
+        // The pump starts the backend again once the client's handshake is done.
+        self->reconnectPending_ = false;
+        self->backendStarted_ = self->proxyHeaderDue_ = false;
+        self->backendConnected_ = self->backendReady_ = self->backendEof_ = false;
+    } else {
+        self->connectNext();
+    }
     self->pump();
+}
+
+bool Connection::endedQuietlyEarly() const {
+    // Connected at the hello, then closed (an idle timeout, a reset) before the client's
+    // handshake was done and without one byte for the client: as if never made.
+    return helloStarted_ && !clientReady() && !flushing_ && backendReady_ &&
+           (backendEngine_ ? backendEngine_->plainOut().empty() : reply_.empty());
+}
+
+void Connection::reconnectAfterHandshake() {
+    if (log::enabled(LogLevel::debug)) {
+        log::debug("backend-closed-early listener=" + settings_->name + " peer=" + peerText() +
+                   " backend=" + pool_->name() + " next=after-handshake");
+    }
+    releaseServer();
+    if (backendReading_) {
+        uv_read_stop(backendStream());
+        backendReading_ = false;
+    }
+    helloStarted_ = false;
+    reconnectPending_ = true;
+    backendClosing_ = true;
+    uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
 }
 
 void Connection::releaseServer() {
@@ -1718,6 +1749,9 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     } else if (nread == UV_ENOBUFS) {
         uv_read_stop(stream);
         self->backendReading_ = false;
+    } else if (nread != UV_ENOBUFS && nread < 0 && self->endedQuietlyEarly()) {
+        self->reconnectAfterHandshake();
+        return;
     } else if (nread == UV_EOF) {
         uv_read_stop(stream);
         self->backendReading_ = false;

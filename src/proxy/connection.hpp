@@ -181,6 +181,9 @@ private:
     void backendConnected();
     void backendFailed(const char *what, int status, std::string detail = {});
     void releaseServer();
+    /** The backend connected at the hello has ended before the client's handshake, unheard. */
+    bool endedQuietlyEarly() const;
+    void reconnectAfterHandshake();
     void armTimer();
     std::uint64_t deadline() const;
     /** What the connection waits for, which picks the timeout that applies. */
@@ -355,7 +358,9 @@ private:
     bool backendInitialised_ : 1 = false; // the backend handle is open (not yet closing)
     bool backendClosing_ : 1 = false;     // closing the handle of a failed attempt
     bool backendStarted_ : 1 = false;
-    bool helloRouted_ : 1 = false;    // the accepted hello's pool was asked for connect_after
+    bool helloRouted_ : 1 = false;      // the accepted hello's pool was asked for connect_after
+    bool helloStarted_ : 1 = false;     // the backend attempt in use began at the hello
+    bool reconnectPending_ : 1 = false; // closing that attempt: connect after the handshake
     bool proxyHeaderDue_ : 1 = false; // connected at the hello: the header waits for the handshake
     bool backendConnected_ : 1 = false;  // the socket connected
     bool backendConnecting_ : 1 = false; // a TCP connect is in flight

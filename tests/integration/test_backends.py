@@ -1287,13 +1287,36 @@ def test_connect_after_hello_overlaps_the_handshake(t):
     check_tls_tlvs(h, c, "localhost", None, sig_key)
 
 
-class LateResetBackend(Backend):
-    """Resets each connection (SO_LINGER 0) a moment after accepting it without a byte: late
-    enough that sluice has seen the connect complete, so the reset ends a ready backend."""
+class QuietFirstBackend(Backend):
+    """Ends its first connection a moment after accepting it, without a byte (a FIN, or with
+    `reset` an RST), as a server with a short idle timeout does; echoes on every later one."""
+
+    def __init__(self, reset, *a, **kw):
+        self.reset = reset
+        super().__init__(*a, **kw)
 
     def handle(self, c):
-        time.sleep(0.3)
-        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + bytes(4))
+        if c.index == 0:
+            time.sleep(0.3)  # long enough for sluice to have seen the connect complete
+            if self.reset:
+                c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + bytes(4))
+            return
+        while d := c.sock.recv(65536):
+            c.received += len(d)
+            self.send_all(c, d)
+        c.sock.shutdown(socket.SHUT_WR)
+
+
+def holds_connection_to(pid, port):
+    """The process has a TCP socket connected to this port."""
+    found = False
+    for s in sockets_of(pid):
+        with s:
+            try:
+                found = found or s.getpeername()[1] == port
+            except OSError:
+                pass
+    return found
 
 
 def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
@@ -1301,16 +1324,18 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
     be = t.backend(PoolBackend(tag=greeting))
     hole = t.backend(BlackholeBackend())
     long_handshake = {"handshake": "30s"}
-    resets = t.backend(LateResetBackend())
+    quiet = {"fin": t.backend(QuietFirstBackend(False)), "reset": t.backend(QuietFirstBackend(True))}
     d = start(t, [t.listener("app", name="app"),
                   t.listener("hole", name="hole", timeouts=long_handshake),
                   t.listener("refused", name="refused", timeouts=long_handshake),
+                  t.listener("fin", name="fin", timeouts=long_handshake),
                   t.listener("reset", name="reset", timeouts=long_handshake)],
               {"app": {"servers": [be.address], "connect_after": "hello"},
                "hole": {"servers": [hole.address], "connect_after": "hello", "connect_timeout": "1s",
                         "attempts": 1},
                "refused": {"servers": [refused_address()], "connect_after": "hello"},
-               "reset": {"servers": [resets.address], "connect_after": "hello"}})
+               "fin": {"servers": [quiet["fin"].address], "connect_after": "hello"},
+               "reset": {"servers": [quiet["reset"].address], "connect_after": "hello"}})
 
     # A client that refuses sluice's certificate: the backend connection made at its hello
     # closes without one byte, and the greeting goes nowhere.
@@ -1321,17 +1346,17 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
     except HandshakeFailed:
         pass
     conn = be.wait_done(0)
-    check(conn.received == 0 and conn.eof, f"the backend got {conn.received} bytes (eof {conn.eof})")
+    # A FIN, or a reset when the close found the greeting still unread: closed either way.
+    check(conn.received == 0 and (conn.eof or conn.reset),
+          f"the backend got {conn.received} bytes (eof {conn.eof}, reset {conn.reset}, {conn.error})")
     check(c.nrecv == 0, f"the client got {c.nrecv} plaintext bytes")
 
     # A connect that hangs times out during the handshake (connect_timeout, not the handshake's
     # 30s); the client still completes its handshake, then gets a clean close and no byte.
-    # A backend that resets during the handshake: the handshake completes, then the end is cut
-    # (no close_notify), as when it resets after the handshake.
     # TLS 1.2: its client sends Finished before the server does, so its handshake completes
     # only if sluice finishes it (a TLS 1.3 client would not notice a server gone by then).
     tls12 = client_context(max_version=ssl.TLSVersion.TLSv1_2)
-    for name in ("hole", "refused", "reset"):
+    for name in ("hole", "refused"):
         start_at = time.monotonic()
         c = t.client(d.addr(name), ctx=tls12).send_hello()
         if name == "hole":
@@ -1341,7 +1366,21 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
         d.wait_log(rf"backend-failed listener={name} ", timeout=5)
         c.handshake()
         c.recv_until_closed(timeout=5)
-        check(c.close_notify == (name != "reset") and c.nrecv == 0, f"{name}: {c.ending()}")
+        check(c.close_notify and c.nrecv == 0, f"{name}: {c.ending()}")
+
+    # A server that ends the connection made at the hello (FIN or reset) before the handshake is
+    # done, without a byte: sluice connects again once it is, and the client notices nothing.
+    for name, be_quiet in quiet.items():
+        c = t.client(d.addr(name), ctx=tls12, keep=True).send_hello()
+        port = int(be_quiet.address.rsplit(":", 1)[1])
+        be_quiet.wait_done(0)
+        wait_until(lambda: not holds_connection_to(d.pid, port), 5, f"{name}: sluice to drop it")
+        c.handshake()
+        c.sendall(b"after an early end")
+        check(c.recv_exact(18) == b"after an early end", f"{name}: {c.ending()}")
+        finish_clean(c)
+        check(be_quiet.accepted == 2, f"{name}: {be_quiet.accepted} backend connections, not 2")
+        check(be_quiet.wait_done(1).received == 18, f"{name}: the second connection's bytes")
 
     # Everyone else is served, byte for byte.
     c = t.client(d.addr("app"), keep=True).handshake()
