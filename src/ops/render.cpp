@@ -122,6 +122,11 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
              "Times the heap's free memory was handed back to the operating system after a "
              "burst (global.release_memory_after).");
     e.sample("sluice_memory_releases_total", {}, s.memoryReleases);
+    e.family("sluice_backend_unused_total", "counter",
+             "Backend connections made once the ClientHello was accepted (connect_after = "
+             "\"hello\") and closed before the client's handshake was done: the handshake "
+             "failed, or the server closed it first and was connected again after.");
+    e.sample("sluice_backend_unused_total", {}, s.backendUnused);
 
     e.family("sluice_handshakes_total", "counter",
              "TLS handshakes by result: ok, failed (alert), timeout, aborted (peer left).");

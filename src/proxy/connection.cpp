@@ -1133,6 +1133,7 @@ void Connection::reconnectAfterHandshake() {
         log::debug("backend-closed-early listener=" + settings_->name + " peer=" + peerText() +
                    " backend=" + pool_->name() + " next=after-handshake");
     }
+    stats().backendUnused();
     releaseServer();
     if (backendReading_) {
         uv_read_stop(backendStream());
@@ -1535,6 +1536,9 @@ void Connection::closeAll() {
         return;
     }
     closing_ = true;
+    if (helloStarted_ && !clientReady() && (backendConnected_ || backendConnecting_)) {
+        stats().backendUnused(); // its client's handshake never finished
+    }
     endHandshakeCount();
     releaseServer();
     recordClose();

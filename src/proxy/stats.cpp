@@ -182,6 +182,7 @@ StatsSnapshot Stats::snapshot() const {
     out.handshakeLimited = handshakeLimited_.load(relaxed);
     out.proxySourceRefused = proxySourceRefused_.load(relaxed);
     out.memoryReleases = memoryReleases_.load(relaxed);
+    out.backendUnused = backendUnused_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);
     out.startUnixSeconds = startUnixSeconds_;
@@ -214,6 +215,7 @@ void Stats::resetForTests() {
     handshakeLimited_ = 0;
     proxySourceRefused_ = 0;
     memoryReleases_ = 0;
+    backendUnused_ = 0;
     reloadsOk_ = 0;
     reloadsFailed_ = 0;
     std::lock_guard lock(reloadMutex_);

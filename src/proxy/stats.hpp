@@ -91,6 +91,7 @@ struct StatsSnapshot {
     std::uint64_t handshakeLimited = 0;   ///< closed at accept: their IP had too many handshakes
     std::uint64_t proxySourceRefused = 0; ///< closed at accept: not an accept_proxy_from source
     std::uint64_t memoryReleases = 0;     ///< times free heap memory was handed back after a burst
+    std::uint64_t backendUnused = 0;      ///< connected at the hello, closed before the handshake
     std::uint64_t reloadsOk = 0;
     std::uint64_t reloadsFailed = 0;
     std::int64_t lastReloadUnixSeconds = 0; ///< 0: no reload yet
@@ -122,6 +123,8 @@ public:
     void proxySourceRefused() { proxySourceRefused_.fetch_add(1, relaxed); }
     /** Free heap memory was handed back to the operating system (global.release_memory_after). */
     void memoryReleased() { memoryReleases_.fetch_add(1, relaxed); }
+    /** A backend connection made at the hello (connect_after) closed before the handshake. */
+    void backendUnused() { backendUnused_.fetch_add(1, relaxed); }
     /** Records the outcome of a reload (SIGHUP or API): counted, and shown by /status. */
     void recordReload(bool ok, std::string message);
 
@@ -148,6 +151,7 @@ private:
     std::atomic<std::uint64_t> handshakeLimited_{0};
     std::atomic<std::uint64_t> proxySourceRefused_{0};
     std::atomic<std::uint64_t> memoryReleases_{0};
+    std::atomic<std::uint64_t> backendUnused_{0};
     std::atomic<std::uint64_t> reloadsOk_{0};
     std::atomic<std::uint64_t> reloadsFailed_{0};
     std::int64_t startUnixSeconds_ = 0;

@@ -1335,7 +1335,10 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
                         "attempts": 1},
                "refused": {"servers": [refused_address()], "connect_after": "hello"},
                "fin": {"servers": [quiet["fin"].address], "connect_after": "hello"},
-               "reset": {"servers": [quiet["reset"].address], "connect_after": "hello"}})
+               "reset": {"servers": [quiet["reset"].address], "connect_after": "hello"}},
+              admin=True)
+    unused = "sluice_backend_unused_total"
+    check(metrics(d.admin).get(unused) == 0, f"{unused} before any connection")
 
     # A client that refuses sluice's certificate: the backend connection made at its hello
     # closes without one byte, and the greeting goes nowhere.
@@ -1346,6 +1349,7 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
     except HandshakeFailed:
         pass
     conn = be.wait_done(0)
+    wait_until(lambda: metrics(d.admin).get(unused) == 1, 5, f"{unused} to count it")
     # A FIN, or a reset when the close found the greeting still unread: closed either way.
     check(conn.received == 0 and (conn.eof or conn.reset),
           f"the backend got {conn.received} bytes (eof {conn.eof}, reset {conn.reset}, {conn.error})")
@@ -1381,6 +1385,8 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
         finish_clean(c)
         check(be_quiet.accepted == 2, f"{name}: {be_quiet.accepted} backend connections, not 2")
         check(be_quiet.wait_done(1).received == 18, f"{name}: the second connection's bytes")
+    # The certificate refusal and the two early ends; connects that never succeeded are not.
+    check(metrics(d.admin).get(unused) == 3, f"{unused} = {metrics(d.admin).get(unused)}, not 3")
 
     # Everyone else is served, byte for byte.
     c = t.client(d.addr("app"), keep=True).handshake()
