@@ -1325,12 +1325,15 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
     hole = t.backend(BlackholeBackend())
     long_handshake = {"handshake": "30s"}
     quiet = {"fin": t.backend(QuietFirstBackend(False)), "reset": t.backend(QuietFirstBackend(True))}
+    stalled = t.backend(PoolBackend())
     d = start(t, [t.listener("app", name="app"),
+                  t.listener("stall", name="stall", timeouts={"handshake": "1s"}),
                   t.listener("hole", name="hole", timeouts=long_handshake),
                   t.listener("refused", name="refused", timeouts=long_handshake),
                   t.listener("fin", name="fin", timeouts=long_handshake),
                   t.listener("reset", name="reset", timeouts=long_handshake)],
               {"app": {"servers": [be.address], "connect_after": "hello"},
+               "stall": {"servers": [stalled.address], "connect_after": "hello"},
                "hole": {"servers": [hole.address], "connect_after": "hello", "connect_timeout": "1s",
                         "attempts": 1},
                "refused": {"servers": [refused_address()], "connect_after": "hello"},
@@ -1385,8 +1388,18 @@ def test_connect_after_hello_when_the_handshake_or_the_backend_fails(t):
         finish_clean(c)
         check(be_quiet.accepted == 2, f"{name}: {be_quiet.accepted} backend connections, not 2")
         check(be_quiet.wait_done(1).received == 18, f"{name}: the second connection's bytes")
-    # The certificate refusal and the two early ends; connects that never succeeded are not.
-    check(metrics(d.admin).get(unused) == 3, f"{unused} = {metrics(d.admin).get(unused)}, not 3")
+    # A client that stalls after its hello: the server connection lasts as long as the handshake
+    # may (1 s here), then closes without a byte.
+    c = t.client(d.addr("stall")).send_hello()
+    wait_until(lambda: stalled.accepted == 1, 5, "the connect at the hello")
+    conn = stalled.wait_done(0, timeout=5)
+    secs = conn.closed_at - conn.accepted_at
+    check(0.5 <= secs <= 1 + TIMING_MARGIN and conn.received == 0,
+          f"the stalled handshake's server connection closed after {secs:.2f}s with {conn.received} bytes")
+
+    # The certificate refusal, the stall and the two early ends; connects that never succeeded are
+    # not counted.
+    check(metrics(d.admin).get(unused) == 4, f"{unused} = {metrics(d.admin).get(unused)}, not 4")
 
     # Everyone else is served, byte for byte.
     c = t.client(d.addr("app"), keep=True).handshake()
