@@ -544,8 +544,8 @@ void Engine::runHandshake() {
 }
 
 void Engine::recordHello() {
-    helloAccepted_ = role_ == Role::server;
     if (role_ == Role::server) {
+        helloAccepted_ = true;
         if (const char *name = SSL_get_servername(ssl_, TLSEXT_NAMETYPE_host_name)) {
             info_.serverName = name;
         }

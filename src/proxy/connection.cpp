@@ -446,9 +446,10 @@ bool Connection::checkEngines() {
             startBackend(route());
             progress = true;
         } else if (engine_ && !helloRouted_ && !awaitingProxy_ && !proxyInPending() &&
-                   engine_->status().helloAccepted && !engine_->status().failed) {
+                   engine_->status().helloAccepted) {
             // A pool that connects after the hello overlaps its connect with the rest of the
-            // handshake; an in-process handler has nothing to connect. Asked once.
+            // handshake; an in-process handler has nothing to connect. Asked once (a failed
+            // engine turned the connection to flushing above).
             helloRouted_ = true;
             Pool *pool = route();
             if (pool->config().connectAfter == ConnectAfter::hello && pool->handler() == nullptr) {
@@ -1753,7 +1754,7 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     } else if (nread == UV_ENOBUFS) {
         uv_read_stop(stream);
         self->backendReading_ = false;
-    } else if (nread != UV_ENOBUFS && nread < 0 && self->endedQuietlyEarly()) {
+    } else if (nread < 0 && self->endedQuietlyEarly()) {
         self->reconnectAfterHandshake();
         return;
     } else if (nread == UV_EOF) {
