@@ -5,7 +5,7 @@
 SLUICE_PACKAGES=(
     meson ninja-build g++ pkg-config
     libuv1-dev libssl-dev doctest-dev libtomlplusplus-dev libcurl4-openssl-dev
-    openssl curl gnutls-bin python3 clang-format cmake
+    openssl curl gnutls-bin python3 clang-format cmake strace
     haproxy
 )
 

@@ -592,21 +592,40 @@ bool Connection::holdingTail() {
         engine_->cipherOutPending() >= tailBytes) {
         return false;
     }
-    if (!tailHeld_) {
-        tailHeld_ = true;
-        server_.holdTail(*this);
-    }
+    holdWrites();
     return true;
 }
 
-void Connection::releaseTail() {
-    tailHeld_ = false;
+bool Connection::holdingWrites() {
+    // A read that did not fill its buffer is this socket's last in this turn of the loop, and
+    // other sockets' reads may follow it in the same poll. Writes wait for the check phase
+    // that follows them all: a peer on this host (a backend, or a client on loopback) asleep
+    // in epoll_wait() is then woken once for the turn's writes rather than after each read,
+    // and wakes to all of them, where a write after every read woke it for one at a time.
+    // A read that filled its buffer (bulk) writes at once: libuv reads that socket again
+    // first, and holdingTail() keeps back only what is too short to leave alone.
+    if (!partialRead_) {
+        return false;
+    }
+    holdWrites();
+    return true;
+}
+
+void Connection::holdWrites() {
+    if (!writesHeld_) {
+        writesHeld_ = true;
+        server_.holdWrites(*this);
+    }
+}
+
+void Connection::releaseWrites() {
+    writesHeld_ = false;
     pump();
 }
 
 bool Connection::flushClient() {
     if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_ ||
-        holdingTickets() || holdingTail()) {
+        holdingTickets() || holdingTail() || holdingWrites()) {
         return false;
     }
     // TLS from the client engine's pair; to a plaintext client, the backend's plaintext.
@@ -632,7 +651,7 @@ bool Connection::flushClient() {
 
 bool Connection::flushBackend() {
     if (local_ || !backendConnected_ || backendGone_ || backendClosing_ ||
-        backendWriteInFlight_ > 0 || closing_ || backendShutdown_) {
+        backendWriteInFlight_ > 0 || closing_ || backendShutdown_ || holdingWrites()) {
         return false;
     }
     auto write = [this](Pinned what, auto next, auto consume) {
@@ -1552,9 +1571,9 @@ void Connection::closeAll() {
     }
     server_.deadlines().cancel(*this);
     server_.forgetBuffers(*this);
-    if (tailHeld_) {
-        tailHeld_ = false;
-        server_.forgetTail(*this);
+    if (writesHeld_) {
+        writesHeld_ = false;
+        server_.forgetHeldWrites(*this);
     }
     if (local_ && local_->idleInitialised) {
         uv_close(reinterpret_cast<uv_handle_t *>(&local_->idle), onClose);
@@ -1610,7 +1629,7 @@ void Connection::onClientAlloc(uv_handle_t *handle, size_t, uv_buf_t *buf) {
     *buf = uv_buf_init(reinterpret_cast<char *>(space.data()), static_cast<unsigned>(space.size()));
 }
 
-void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *) {
+void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
     auto *self = static_cast<Connection *>(stream->data);
     if (self->closing_) {
         return;
@@ -1652,7 +1671,10 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
     if (!self->engine_ && nread <= 0) {
         self->clientIn_.releaseIfEmpty();
     }
+    // The connection outlives the call (its memory goes in a close callback).
+    self->partialRead_ = nread > 0 && static_cast<std::size_t>(nread) < buf->len;
     self->pump();
+    self->partialRead_ = false;
 }
 
 void Connection::onClientWrite(uv_write_t *req, int status) {
@@ -1781,11 +1803,13 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
         self->reply_.releaseIfEmpty();
     }
     // libuv reads again at once after a read that filled the buffer: only this pump may hold
-    // a TLS tail back for it (holdingTail()). The connection outlives the call (its memory goes
-    // in a close callback).
+    // a TLS tail back for it (holdingTail()); after a shorter read every write waits for the
+    // check phase (holdingWrites()). The connection outlives the call (its memory goes in a
+    // close callback).
     self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
+    self->partialRead_ = nread > 0 && !self->backendReadFull_;
     self->pump();
-    self->backendReadFull_ = false;
+    self->backendReadFull_ = self->partialRead_ = false;
 }
 
 void Connection::onBackendWrite(uv_write_t *req, int status) {

@@ -88,9 +88,9 @@ public:
     /** The Server's WarmList calls this when the connection was idle for a sweep: frees its
      * pairs and request blocks; true when nothing is held any more. */
     static bool releaseBuffers(Warm &warm);
-    /** The Server calls this in the loop's check phase for a connection that held a TLS tail
-     * (holdingTail()) in this turn: the tail goes now, read or no read. */
-    void releaseTail();
+    /** The Server calls this in the loop's check phase for a connection that held its writes
+     * in this turn (holdingWrites(), holdingTail()): they go now, read or no read. */
+    void releaseWrites();
 
 private:
     explicit Connection(Server &server);
@@ -133,8 +133,13 @@ private:
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
     std::uint64_t ticketsDue() const;
+    /** True in the pump of a read that did not fill its buffer: writes wait for the loop's
+     * check phase, after every other read of this turn. */
+    bool holdingWrites();
     /** True while a short TLS tail waits for the backend read that libuv makes next. */
     bool holdingTail();
+    /** Has the Server's check call releaseWrites() in this turn of the loop. */
+    void holdWrites();
     /** A held tail shorter than this (one full record's plaintext) waits for the next read. */
     static constexpr std::size_t tailBytes = 16 * 1024;
     /** The client's address as logged ("203.0.113.7:51234"): the PROXY header's, once read. */
@@ -368,7 +373,8 @@ private:
     bool backendReading_ : 1 = false;
     bool backendEof_ : 1 = false;         // the backend's FIN arrived
     bool backendReadFull_ : 1 = false;    // in onBackendRead's pump: that read filled its buffer
-    bool tailHeld_ : 1 = false;           // a TLS tail waits: the Server's check will send it
+    bool partialRead_ : 1 = false;        // in a read callback's pump: it did not fill its buffer
+    bool writesHeld_ : 1 = false;         // writes wait: the Server's check will send them
     bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
     bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine
     bool backendShutdown_ : 1 = false;

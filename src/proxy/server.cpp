@@ -134,9 +134,9 @@ void Server::closeBackgroundTimers() {
             *timer = nullptr;
         }
     }
-    if (tailCheck_ != nullptr) {
-        net::freeHandle(tailCheck_);
-        tailCheck_ = nullptr;
+    if (writeCheck_ != nullptr) {
+        net::freeHandle(writeCheck_);
+        writeCheck_ = nullptr;
     }
 }
 
@@ -386,31 +386,32 @@ void Server::forgetBuffers(Connection &connection) {
     warm_.remove(connection);
 }
 
-void Server::holdTail(Connection &connection) {
-    if (tailCheck_ == nullptr) {
-        tailCheck_ = net::newCheck(loop_, this);
-        uv_unref(reinterpret_cast<uv_handle_t *>(tailCheck_)); // the connection keeps the loop
+void Server::holdWrites(Connection &connection) {
+    if (writeCheck_ == nullptr) {
+        writeCheck_ = net::newCheck(loop_, this);
+        uv_unref(reinterpret_cast<uv_handle_t *>(writeCheck_)); // the connection keeps the loop
     }
-    tails_.push_back(&connection);
-    if (uv_is_active(reinterpret_cast<uv_handle_t *>(tailCheck_)) == 0) {
-        uv_check_start(tailCheck_, onTailCheck);
+    heldWrites_.push_back(&connection);
+    if (uv_is_active(reinterpret_cast<uv_handle_t *>(writeCheck_)) == 0) {
+        uv_check_start(writeCheck_, onWriteCheck);
     }
 }
 
-void Server::forgetTail(Connection &connection) {
-    std::replace(tails_.begin(), tails_.end(), &connection, static_cast<Connection *>(nullptr));
+void Server::forgetHeldWrites(Connection &connection) {
+    std::replace(heldWrites_.begin(), heldWrites_.end(), &connection,
+                 static_cast<Connection *>(nullptr));
 }
 
-void Server::onTailCheck(uv_check_t *check) {
+void Server::onWriteCheck(uv_check_t *check) {
     auto *self = static_cast<Server *>(check->data);
-    // By index: a release that closes a connection turns its entry null (forgetTail()). Tails
-    // are held only in backend read callbacks, in the poll phase, so none is added here.
-    for (std::size_t i = 0; i < self->tails_.size(); ++i) {
-        if (Connection *connection = self->tails_[i]) {
-            connection->releaseTail();
+    // By index: a release that closes a connection turns its entry null (forgetHeldWrites()).
+    // Writes are held only in read callbacks, in the poll phase, so none is added here.
+    for (std::size_t i = 0; i < self->heldWrites_.size(); ++i) {
+        if (Connection *connection = self->heldWrites_[i]) {
+            connection->releaseWrites();
         }
     }
-    self->tails_.clear();
+    self->heldWrites_.clear();
     uv_check_stop(check);
 }
 

@@ -175,10 +175,10 @@ public:
     bool keepBuffers(Connection &connection, std::size_t bytes);
     /** `connection` is closing: the sweep leaves it alone. */
     void forgetBuffers(Connection &connection);
-    /** `connection` holds a TLS tail for its backend's next read: the loop's check phase (after
-     * this turn's I/O) calls its releaseTail() unless forgetTail() came first. */
-    void holdTail(Connection &connection);
-    void forgetTail(Connection &connection);
+    /** `connection` holds writes back in a read callback: the loop's check phase (after this
+     * turn's I/O) calls its releaseWrites() unless forgetHeldWrites() came first. */
+    void holdWrites(Connection &connection);
+    void forgetHeldWrites(Connection &connection);
 
 private:
     void adopt(ListenSocket socket);
@@ -193,7 +193,7 @@ private:
     void noteActivity();
     static void onQuiet(uv_timer_t *timer);
     static void onSweep(uv_timer_t *timer);
-    static void onTailCheck(uv_check_t *check);
+    static void onWriteCheck(uv_check_t *check);
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
@@ -222,10 +222,10 @@ private:
      * busy worker to release memory. */
     static constexpr std::uint64_t minimumFall = 32;
     bool quietArmed_ = false;
-    // Connections holding a TLS tail in this turn of the loop, and the check that releases
-    // them (made by the first holdTail(); closed by the drain).
-    std::vector<Connection *> tails_;
-    uv_check_t *tailCheck_ = nullptr;
+    // Connections holding writes in this turn of the loop, and the check that releases them
+    // (made by the first holdWrites(); closed by the drain).
+    std::vector<Connection *> heldWrites_;
+    uv_check_t *writeCheck_ = nullptr;
     std::function<void(bool)> drained_;
     bool draining_ = false;
     bool forced_ = false;

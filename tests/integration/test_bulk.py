@@ -2,6 +2,10 @@
 that stays bounded while one side stalls (LESSONS #10)."""
 
 import os
+import re
+import shutil
+import signal
+import subprocess
 import threading
 import time
 
@@ -233,3 +237,57 @@ def test_small_writes_are_not_delayed(t):
     check(per_turn < scaled(0.02, 0.05), f"a small round trip takes {per_turn * 1000:.1f} ms on loopback")
     c.close_write_tls()
     c.recv_until_closed()
+
+
+@timeout(60)
+def test_writes_of_one_turn_leave_together(t):
+    # Requests that arrive together are read together, then written together: sluice reads
+    # every connection that the poll found readable before it writes any of them (the loop's
+    # check phase sends what those reads produced), so a backend asleep in epoll_wait() is
+    # woken once for the lot rather than once per request. The daemon is stopped while four
+    # clients each send a request, then traced (strace) as it wakes to all four at once.
+    strace = shutil.which("strace")
+    check(strace, "strace is not installed (scripts/test installs it)")
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo))
+    size = 100
+    clients = [t.client(d.addr()).handshake() for _ in range(4)]
+    for i, c in enumerate(clients):  # each backend connected and warm
+        c.sendall(bytes([i]) * size)
+        c.recv_exact(size, timeout=10)
+    trace = t.tmp / "strace.out"
+    d.signal(signal.SIGSTOP)
+    try:
+        for i, c in enumerate(clients):
+            c.sendall(bytes([16 + i]) * size, timeout=10)  # into the stopped daemon's sockets
+        tracer = subprocess.Popen(
+            [strace, "-f", "-e", "trace=read,write,writev", "-o", str(trace), "-p", str(d.pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        t.defer(lambda: tracer.poll() is None and tracer.kill())
+        said = []  # strace's own lines ("Process N attached with 2 threads")
+        threading.Thread(target=lambda: said.extend(tracer.stderr), daemon=True).start()
+        wait_until(lambda: any("attached" in line for line in said), 10, "strace to attach")
+    finally:
+        d.signal(signal.SIGCONT)
+    for i, c in enumerate(clients):
+        c.recv_exact(2 * size, timeout=10)
+        check(c.data[size:] == bytes([16 + i]) * size, f"client {i} got back {bytes(c.data)!r}")
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait(10)
+    calls = []  # (call, bytes) of every successful read and write, in order
+    for line in trace.read_text().splitlines():
+        m = re.search(r"\b(read|write|writev)\(\d+, .*\) = (\d+)$", line)
+        if m:
+            calls.append((m.group(1), int(m.group(2))))
+    # A 100-byte request is a 122-byte TLS record from the client and 100 bytes to the backend.
+    requests = [i for i, (call, n) in enumerate(calls) if call == "read" and n > size]
+    forwards = [i for i, (call, n) in enumerate(calls) if call != "read" and n == size]
+    check(
+        len(requests) == 4 and len(forwards) == 4,
+        f"expected 4 requests read and 4 forwarded, traced: {calls}",
+    )
+    check(requests[-1] < forwards[0], f"a request was forwarded before the others were read: {calls}")
