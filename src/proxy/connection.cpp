@@ -271,6 +271,10 @@ Connection::Proxy &Connection::proxy() {
     return *proxy_;
 }
 
+bool Connection::batchable() const {
+    return clientReady() && (!backendEngine_ || backendEngine_->status().handshakeDone);
+}
+
 bool Connection::clientReady() const {
     if (awaitingProxy_ || proxyInPending()) {
         return false;
@@ -603,8 +607,12 @@ bool Connection::holdingWrites() {
     // in epoll_wait() is then woken once for the turn's writes rather than after each read,
     // and wakes to all of them, where a write after every read woke it for one at a time.
     // A read that filled its buffer (bulk) writes at once: libuv reads that socket again
-    // first, and holdingTail() keeps back only what is too short to leave alone.
-    if (!partialRead_) {
+    // first, and holdingTail() keeps back only what is too short to leave alone. So does a
+    // read during a handshake (batchable()): its flight can cost a signature (an RSA-2048 one
+    // takes a millisecond), and holding every flight of the turn until its last was signed
+    // kept clients waiting and left the worker idle between turns (RSA TLS 1.3 handshakes
+    // fell from a full core to 0.81 of one).
+    if (!batchWrites_) {
         return false;
     }
     holdWrites();
@@ -1672,9 +1680,10 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
         self->clientIn_.releaseIfEmpty();
     }
     // The connection outlives the call (its memory goes in a close callback).
-    self->partialRead_ = nread > 0 && static_cast<std::size_t>(nread) < buf->len;
+    self->batchWrites_ =
+        nread > 0 && static_cast<std::size_t>(nread) < buf->len && self->batchable();
     self->pump();
-    self->partialRead_ = false;
+    self->batchWrites_ = false;
 }
 
 void Connection::onClientWrite(uv_write_t *req, int status) {
@@ -1807,9 +1816,9 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
     // check phase (holdingWrites()). The connection outlives the call (its memory goes in a
     // close callback).
     self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
-    self->partialRead_ = nread > 0 && !self->backendReadFull_;
+    self->batchWrites_ = nread > 0 && !self->backendReadFull_ && self->batchable();
     self->pump();
-    self->backendReadFull_ = self->partialRead_ = false;
+    self->backendReadFull_ = self->batchWrites_ = false;
 }
 
 void Connection::onBackendWrite(uv_write_t *req, int status) {

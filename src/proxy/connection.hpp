@@ -133,8 +133,8 @@ private:
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
     std::uint64_t ticketsDue() const;
-    /** True in the pump of a read that did not fill its buffer: writes wait for the loop's
-     * check phase, after every other read of this turn. */
+    /** True in the pump of a read that did not fill its buffer, once the handshakes are done:
+     * writes wait for the loop's check phase, after every other read of this turn. */
     bool holdingWrites();
     /** True while a short TLS tail waits for the backend read that libuv makes next. */
     bool holdingTail();
@@ -170,7 +170,10 @@ private:
     std::span<const std::uint8_t> downSource();
     void downConsume(std::size_t n);
     bool downEnded() const;
-    bool clientReady() const;  // the client handshake (and PROXY header) is done
+    bool clientReady() const; // the client handshake (and PROXY header) is done
+    /** Every handshake is done: the writes of a read that did not fill its buffer may wait
+     * for the turn's other reads (holdingWrites()). */
+    bool batchable() const;
     bool backendReady() const; // plaintext may flow to the backend
 
     bool takeProxyHeader();
@@ -371,11 +374,11 @@ private:
     bool backendConnecting_ : 1 = false; // a TCP connect is in flight
     bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)
     bool backendReading_ : 1 = false;
-    bool backendEof_ : 1 = false;         // the backend's FIN arrived
-    bool backendReadFull_ : 1 = false;    // in onBackendRead's pump: that read filled its buffer
-    bool partialRead_ : 1 = false;        // in a read callback's pump: it did not fill its buffer
-    bool writesHeld_ : 1 = false;         // writes wait: the Server's check will send them
-    bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
+    bool backendEof_ : 1 = false;      // the backend's FIN arrived
+    bool backendReadFull_ : 1 = false; // in onBackendRead's pump: that read filled its buffer
+    bool batchWrites_ : 1 = false; // in a read callback's pump: holdingWrites() holds the writes
+    bool writesHeld_ : 1 = false;  // writes wait: the Server's check will send them
+    bool backendGone_ : 1 = false; // refused, reset or failed: nothing more to or from it
     bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine
     bool backendShutdown_ : 1 = false;
     bool backendShutdownDone_ : 1 = false;

@@ -239,6 +239,11 @@ def test_small_writes_are_not_delayed(t):
     c.recv_until_closed()
 
 
+def stopped(pid, task):
+    with open(f"/proc/{pid}/task/{task}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
 @timeout(60)
 def test_writes_of_one_turn_leave_together(t):
     # Requests that arrive together are read together, then written together: sluice reads
@@ -258,6 +263,11 @@ def test_writes_of_one_turn_leave_together(t):
     trace = t.tmp / "strace.out"
     d.signal(signal.SIGSTOP)
     try:
+        wait_until(
+            lambda: all(stopped(d.pid, task) for task in os.listdir(f"/proc/{d.pid}/task")),
+            10,
+            "the daemon to stop",
+        )
         for i, c in enumerate(clients):
             c.sendall(bytes([16 + i]) * size, timeout=10)  # into the stopped daemon's sockets
         tracer = subprocess.Popen(
