@@ -156,6 +156,7 @@ class Terminator:
         self.error = None
         self.version = ""
         self.pids = []
+        self.wrap = []  # a command the terminator runs under (callgrind, for --instructions)
 
     def render(self, template, out, extra=None):
         text = (HERE / "peers" / template).read_text()
@@ -188,7 +189,8 @@ class Terminator:
             ready_r, ready_w = os.pipe()
             argv += ["--ready-fd", str(ready_w)]
             pass_fds = (ready_w,)
-        self.proc = subprocess.Popen(pinned(TERMINATOR_CPU, argv), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(pinned(TERMINATOR_CPU, self.wrap + argv),
+                                     stdin=subprocess.DEVNULL,
                                      stdout=logfile, stderr=logfile, start_new_session=True,
                                      pass_fds=pass_fds)
         ok = True
@@ -214,7 +216,8 @@ class Terminator:
                     self.ports[parts[1]] = int(parts[2].rsplit(":", 1)[1])
             ok = b"ready" in text and "ecdsa" in self.ports and "rsa" in self.ports
         else:
-            ok = all(wait_port(p, self.proc) for p in self.ports.values())
+            wait = 60.0 if self.wrap else 10.0
+            ok = all(wait_port(p, self.proc, wait) for p in self.ports.values())
         if not ok:
             self.error = "did not start: " + self.log_tail()
             self.stop()
@@ -234,7 +237,7 @@ class Terminator:
         if self.proc is not None:
             self.pids = group_pids(self.proc.pid) or [self.proc.pid]
 
-    def stop(self):
+    def stop(self, grace=10):
         if self.proc is None:
             return
         try:
@@ -242,14 +245,18 @@ class Terminator:
         except ProcessLookupError:
             pass
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
             self.proc.wait()
-        # hitch's worker is in the same group; make sure nothing of ours lingers.
+        # hitch's worker is in the same group; make sure nothing of ours lingers (given the
+        # grace period to exit by itself: under callgrind it writes its profile as it goes).
+        deadline = time.monotonic() + grace
+        while group_pids(self.proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
         for pid in group_pids(self.proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -643,6 +650,122 @@ class Bench:
         print(text)
         shutil.rmtree(self.work, ignore_errors=True)
 
+    # --- instructions --------------------------------------------------------------------------
+
+    # Workload, title, load generator arguments, and the two operation counts whose difference
+    # is measured (what a terminator executes to start, warm up and stop cancels out).
+    INSTRUCTION_WORKLOADS = [
+        ("res_12", "resumed handshake, TLS 1.2 ticket",
+         ["--mode", "resume", "--tls", "12", "--conns", "8"], (1000, 3000), "connection"),
+        ("res_13", "resumed handshake, TLS 1.3 ticket",
+         ["--mode", "resume", "--tls", "13", "--conns", "8"], (500, 1500), "connection"),
+        ("hs_ecdsa_13", "full handshake, ECDSA P-256, TLS 1.3",
+         ["--mode", "handshake", "--tls", "13", "--conns", "8"], (300, 900), "connection"),
+        ("rr", "keep-alive round trips, 64 conns, 100 B",
+         ["--mode", "rr", "--tls", "13", "--conns", "64", "--size", "100"], (20000, 60000),
+         "round trip"),
+    ]
+
+    def callgrind_run(self, key, extra, count):
+        """One terminator under callgrind for `count` operations; its cost by object."""
+        # Outside the work folder, which only its owner may enter: hitch's worker writes its
+        # profile as the unprivileged user it runs as.
+        outdir = Path(tempfile.mkdtemp(prefix="sluice-callgrind."))
+        outdir.chmod(0o1777)
+        term = Terminator(key, self.tools, self.work, self.backend_port)
+        term.wrap = ["valgrind", "--tool=callgrind", "--trace-children=yes",
+                     f"--callgrind-out-file={outdir}/callgrind.out.%p"]
+        if not term.start():
+            raise SystemExit(f"bench: {key} did not start under callgrind: {term.error}")
+        try:
+            with self.load_generator_serving(extra[1] == "rr") as serve:
+                p = self.loadgen(term.ports["ecdsa"], ["--warmup", "0", "--duration", "600",
+                                                       "--total", str(count)] + extra + serve)
+                out, _ = p.communicate(timeout=900)
+        finally:
+            term.stop(grace=120)
+        result = json.loads(out.strip().splitlines()[-1])
+        if result.get("completed", 0) < count or result.get("errors", 0):
+            raise SystemExit(f"bench: {key} under callgrind: {result}")
+        by_object = {}
+        for path in outdir.glob("callgrind.out.*"):
+            text = subprocess.run(["callgrind_annotate", "--threshold=100", "--show-percs=no",
+                                   str(path)], capture_output=True, text=True).stdout
+            for line in text.splitlines():
+                # "  1,234  file:function [object]"; glibc's inlined parts name no object.
+                parts = line.split(None, 1)
+                if len(parts) != 2 or not parts[0].replace(",", "").isdigit() or \
+                        ":" not in parts[1] or "PROGRAM TOTALS" in parts[1]:
+                    continue
+                cost = int(parts[0].replace(",", ""))
+                obj = parts[1].rsplit("[", 1)[1].rstrip("]") if parts[1].endswith("]") else \
+                    "libc.so.6" if parts[1].startswith("./") else "other"
+                name = Path(obj).name
+                name = name if name.startswith(("lib", "ld-")) else \
+                    key if name in ("sluice", "hitch", "haproxy") else "other"
+                name = name.split(".so")[0]
+                by_object[name] = by_object.get(name, 0) + cost
+        shutil.rmtree(outdir, ignore_errors=True)
+        if not by_object:
+            raise SystemExit(f"bench: {key} under callgrind left no profile")
+        return by_object
+
+    def instructions(self):
+        """User-space instructions per operation (callgrind), sluice against the peers: a
+        count, unlike CPU time, that the machine's load does not move."""
+        if shutil.which("valgrind") is None:
+            raise SystemExit("bench: --instructions needs valgrind (apt-get install valgrind)")
+        self.certificates()
+        self.start_backend()
+        keys = [k for k in self.args.terminators if k in ("sluice", "hitch", "haproxy")]
+        chosen = [w for w in self.INSTRUCTION_WORKLOADS
+                  if not self.args.workloads or w[0] in self.args.workloads]
+        rows = {}
+        try:
+            for wkey, title, extra, (low, high), unit in chosen:
+                for key in keys:
+                    base = self.callgrind_run(key, extra, low)
+                    more = self.callgrind_run(key, extra, high)
+                    per = {o: (more.get(o, 0) - base.get(o, 0)) / (high - low)
+                           for o in set(base) | set(more)}
+                    rows.setdefault(wkey, {})[key] = per
+                    log(f"instructions {wkey} {key}: {sum(per.values()):,.0f} per {unit}")
+        finally:
+            self.backend.terminate()
+            self.backend.wait()
+        m = machine()
+        lines = [f"# User-space instructions per operation ({m['date']}, {m['nproc']} × "
+                 f"{m['cpu']}, {m['openssl']})", "",
+                 "Counted by callgrind (valgrind) in the terminator's processes: the same "
+                 "workload run twice, to two operation counts, and the difference divided by "
+                 "the difference in operations, so start-up, warm-up and exit cancel out. "
+                 "Kernel work (system calls, TCP) is not counted; a CPU-second figure "
+                 "includes it.", "",
+                 "| workload | " + " | ".join(NAMES[k] for k in keys) +
+                 (" | sluice / " + " / ".join(NAMES[k] for k in keys[1:]) if len(keys) > 1
+                  else "") + " |",
+                 "|---|" + "---:|" * (len(keys) + (1 if len(keys) > 1 else 0))]
+        for wkey, title, _, _, unit in chosen:
+            totals = {k: sum(rows[wkey][k].values()) for k in keys}
+            ratio = ""
+            if len(keys) > 1 and "sluice" in totals:
+                ratio = " | " + " / ".join(f"{totals['sluice'] / totals[k]:.2f}"
+                                           for k in keys[1:])
+            lines.append(f"| {title} (per {unit}) | " +
+                         " | ".join(f"{totals[k]:,.0f}" for k in keys) + ratio + " |")
+        lines += ["", "By object (instructions per operation):", ""]
+        for wkey, title, _, _, unit in chosen:
+            lines.append(f"- {title}:")
+            for k in keys:
+                per = sorted(rows[wkey][k].items(), key=lambda kv: -kv[1])
+                lines.append(f"  - {NAMES[k]}: " + ", ".join(
+                    f"{o} {v:,.0f}" for o, v in per if abs(v) >= 50))
+        text = "\n".join(lines) + "\n"
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "instructions.md").write_text(text)
+        print(text)
+        shutil.rmtree(self.work, ignore_errors=True)
+
     # --- the run -----------------------------------------------------------------------------
 
     def run(self):
@@ -1020,6 +1143,9 @@ def main():
     ap.add_argument("--render", type=str, help="only re-render results.md from a results.json")
     ap.add_argument("--profile", action="store_true",
                     help="perf profiles of sluice only, written to OUT/profile.txt")
+    ap.add_argument("--instructions", action="store_true",
+                    help="user-space instructions per operation under callgrind, sluice and "
+                    "hitch (--only to choose), written to OUT/instructions.md")
     args = ap.parse_args()
     if args.render:
         results = json.loads(Path(args.render).read_text())
@@ -1051,6 +1177,11 @@ def main():
     args.fd_limit = limit
     if args.profile:
         Bench(args).profile()
+        return
+    if args.instructions:
+        if not args.only:
+            args.terminators = ["sluice", "hitch"]
+        Bench(args).instructions()
         return
     Bench(args).run()
 
