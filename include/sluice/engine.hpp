@@ -237,8 +237,22 @@ public:
 
     // --- State ------------------------------------------------------------------------------
 
-    /** Flags describing the current state; see EngineStatus. */
-    EngineStatus status() const;
+    /**
+     * Flags describing the current state; see EngineStatus. Inline: a driver asks after every
+     * step, and each caller reads one or two of the flags.
+     */
+    EngineStatus status() const {
+        EngineStatus s;
+        s.handshakeDone = handshakeDone_;
+        s.helloAccepted = helloAccepted_;
+        s.plaintextReady = plainTail_ > plainHead_;
+        s.ciphertextPending = outPending_ > 0;
+        s.closeNotifyReceived = closeNotifyReceived_;
+        s.truncated = truncated_;
+        s.closeNotifySent = closeNotifySent_;
+        s.failed = failed();
+        return s;
+    }
 
     /** The handshake's facts; empty fields until status().handshakeDone, except serverName and
      * alpn, which a server has from status().helloAccepted on. */

@@ -251,8 +251,8 @@ void Engine::cipherInEof() {
 }
 
 std::span<const std::uint8_t> Engine::cipherOut() {
-    if (network_ == nullptr) {
-        return {};
+    if (network_ == nullptr || cipherOutPending() == 0) {
+        return {}; // without asking the pair: a driver asks after every step
     }
     char *data = nullptr;
     const int n = BIO_nread0(network_, &data);
@@ -384,19 +384,6 @@ bool Engine::requestKeyUpdate(bool requestPeer) {
     postHandshakePending_ = true;
     run();
     return true;
-}
-
-EngineStatus Engine::status() const {
-    EngineStatus s;
-    s.handshakeDone = handshakeDone_;
-    s.helloAccepted = helloAccepted_;
-    s.plaintextReady = plainTail_ > plainHead_;
-    s.ciphertextPending = cipherOutPending() > 0;
-    s.closeNotifyReceived = closeNotifyReceived_;
-    s.truncated = truncated_;
-    s.closeNotifySent = closeNotifySent_;
-    s.failed = failed();
-    return s;
 }
 
 bool Engine::finished() const {
