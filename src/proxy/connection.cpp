@@ -200,15 +200,19 @@ void Connection::pump() {
         maybeFinish();
     } while (pumpAgain_ && !closing_);
     inPump_ = false;
+    if (!closing_) {
+        keepOrReleaseBuffers();
+    }
+}
+
+void Connection::keepOrReleaseBuffers() {
     // A busy connection keeps its pairs for the next pump; the server's sweep releases them
     // once it is idle, or they go now when busy connections already hold all they may. One
     // without a pair (a plaintext listener to a plain pool) has nothing worth keeping.
-    if (!closing_) {
-        const std::size_t bytes = (engine_ ? engine_->pairBytes() : 0) +
-                                  (backendEngine_ ? backendEngine_->pairBytes() : 0);
-        if (bytes == 0 || !server_.keepBuffers(*this, bytes)) {
-            releaseIdleBuffers();
-        }
+    const std::size_t bytes =
+        (engine_ ? engine_->pairBytes() : 0) + (backendEngine_ ? backendEngine_->pairBytes() : 0);
+    if (bytes == 0 || !server_.keepBuffers(*this, bytes)) {
+        releaseIdleBuffers();
     }
 }
 
@@ -600,19 +604,20 @@ bool Connection::holdingTail() {
     return true;
 }
 
-bool Connection::holdingWrites() {
+bool Connection::pumpAtCheck(bool shortRead) {
     // A read that did not fill its buffer is this socket's last in this turn of the loop, and
-    // other sockets' reads may follow it in the same poll. Writes wait for the check phase
-    // that follows them all: a peer on this host (a backend, or a client on loopback) asleep
-    // in epoll_wait() is then woken once for the turn's writes rather than after each read,
-    // and wakes to all of them, where a write after every read woke it for one at a time.
-    // A read that filled its buffer (bulk) writes at once: libuv reads that socket again
-    // first, and holdingTail() keeps back only what is too short to leave alone. So does a
-    // read during a handshake (batchable()): its flight can cost a signature (an RSA-2048 one
-    // takes a millisecond), and holding every flight of the turn until its last was signed
+    // other sockets' reads may follow it in the same poll. Its pump, and so its writes, wait
+    // for the check phase that follows them all: a peer on this host (a backend, or a client
+    // on loopback) asleep in epoll_wait() is then woken once for the turn's writes rather than
+    // after each read, and wakes to all of them, where a write after every read woke it for
+    // one at a time. One pump there does what a pump here and another to write would do.
+    // A read that filled its buffer (bulk) pumps and writes at once: libuv reads that socket
+    // again first, and holdingTail() keeps back only what is too short to leave alone. So does
+    // a read during a handshake (batchable()): its flight can cost a signature (an RSA-2048
+    // one takes a millisecond), and holding every flight of the turn until its last was signed
     // kept clients waiting and left the worker idle between turns (RSA TLS 1.3 handshakes
     // fell from a full core to 0.81 of one).
-    if (!batchWrites_) {
+    if (!shortRead || !batchable()) {
         return false;
     }
     holdWrites();
@@ -633,7 +638,7 @@ void Connection::releaseWrites() {
 
 bool Connection::flushClient() {
     if (clientGone_ || clientWriteInFlight_ > 0 || closing_ || clientShutdown_ ||
-        holdingTickets() || holdingTail() || holdingWrites()) {
+        holdingTickets() || holdingTail()) {
         return false;
     }
     // TLS from the client engine's pair; to a plaintext client, the backend's plaintext.
@@ -659,7 +664,7 @@ bool Connection::flushClient() {
 
 bool Connection::flushBackend() {
     if (local_ || !backendConnected_ || backendGone_ || backendClosing_ ||
-        backendWriteInFlight_ > 0 || closing_ || backendShutdown_ || holdingWrites()) {
+        backendWriteInFlight_ > 0 || closing_ || backendShutdown_) {
         return false;
     }
     auto write = [this](Pinned what, auto next, auto consume) {
@@ -1679,11 +1684,11 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
     if (!self->engine_ && nread <= 0) {
         self->clientIn_.releaseIfEmpty();
     }
-    // The connection outlives the call (its memory goes in a close callback).
-    self->batchWrites_ =
-        nread > 0 && static_cast<std::size_t>(nread) < buf->len && self->batchable();
-    self->pump();
-    self->batchWrites_ = false;
+    if (self->pumpAtCheck(nread > 0 && static_cast<std::size_t>(nread) < buf->len)) {
+        self->keepOrReleaseBuffers(); // as the pump would have
+        return;
+    }
+    self->pump(); // the connection outlives the call (its memory goes in a close callback)
 }
 
 void Connection::onClientWrite(uv_write_t *req, int status) {
@@ -1812,13 +1817,23 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
         self->reply_.releaseIfEmpty();
     }
     // libuv reads again at once after a read that filled the buffer: only this pump may hold
-    // a TLS tail back for it (holdingTail()); after a shorter read every write waits for the
-    // check phase (holdingWrites()). The connection outlives the call (its memory goes in a
+    // a TLS tail back for it (holdingTail()); after a shorter read the pump waits for the
+    // check phase (pumpAtCheck()). The connection outlives the call (its memory goes in a
     // close callback).
+    if (self->pumpAtCheck(nread > 0 && static_cast<std::size_t>(nread) < buf->len)) {
+        // The reply goes into the client's TLS now, which frees the reply buffer before the
+        // next connection's read: waiting for the check, a poll's replies would each hold one
+        // (up to buffers.backend) at the same time, and the heap they leave behind fragments
+        // (faults.idle_connections_give_their_buffers_back).
+        self->inPump_ = true; // a pump this asks for waits for the check's
+        self->moveDown();
+        self->inPump_ = false;
+        self->keepOrReleaseBuffers();
+        return;
+    }
     self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
-    self->batchWrites_ = nread > 0 && !self->backendReadFull_ && self->batchable();
     self->pump();
-    self->backendReadFull_ = self->batchWrites_ = false;
+    self->backendReadFull_ = false;
 }
 
 void Connection::onBackendWrite(uv_write_t *req, int status) {

@@ -88,8 +88,9 @@ public:
     /** The Server's WarmList calls this when the connection was idle for a sweep: frees its
      * pairs and request blocks; true when nothing is held any more. */
     static bool releaseBuffers(Warm &warm);
-    /** The Server calls this in the loop's check phase for a connection that held its writes
-     * in this turn (holdingWrites(), holdingTail()): they go now, read or no read. */
+    /** The Server calls this in the loop's check phase for a connection that put off its pump
+     * or held its writes in this turn (pumpAtCheck(), holdingTail()): it pumps, and what
+     * waited goes now. */
     void releaseWrites();
 
 private:
@@ -133,9 +134,12 @@ private:
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
     std::uint64_t ticketsDue() const;
-    /** True in the pump of a read that did not fill its buffer, once the handshakes are done:
-     * writes wait for the loop's check phase, after every other read of this turn. */
-    bool holdingWrites();
+    /** After a read that did not fill its buffer (`shortRead`), once the handshakes are done:
+     * true when the pump waits for the loop's check phase, after every other read of this
+     * turn (the caller then does not pump). */
+    bool pumpAtCheck(bool shortRead);
+    /** After a pump: the pairs stay for the next one (the Server's warm list) or go now. */
+    void keepOrReleaseBuffers();
     /** True while a short TLS tail waits for the backend read that libuv makes next. */
     bool holdingTail();
     /** Has the Server's check call releaseWrites() in this turn of the loop. */
@@ -171,8 +175,8 @@ private:
     void downConsume(std::size_t n);
     bool downEnded() const;
     bool clientReady() const; // the client handshake (and PROXY header) is done
-    /** Every handshake is done: the writes of a read that did not fill its buffer may wait
-     * for the turn's other reads (holdingWrites()). */
+    /** Every handshake is done: the pump of a read that did not fill its buffer may wait for
+     * the turn's other reads (pumpAtCheck()). */
     bool batchable() const;
     bool backendReady() const; // plaintext may flow to the backend
 
@@ -374,11 +378,10 @@ private:
     bool backendConnecting_ : 1 = false; // a TCP connect is in flight
     bool backendReady_ : 1 = false;      // ... and its TLS handshake is done (or it has none)
     bool backendReading_ : 1 = false;
-    bool backendEof_ : 1 = false;      // the backend's FIN arrived
-    bool backendReadFull_ : 1 = false; // in onBackendRead's pump: that read filled its buffer
-    bool batchWrites_ : 1 = false; // in a read callback's pump: holdingWrites() holds the writes
-    bool writesHeld_ : 1 = false;  // writes wait: the Server's check will send them
-    bool backendGone_ : 1 = false; // refused, reset or failed: nothing more to or from it
+    bool backendEof_ : 1 = false;         // the backend's FIN arrived
+    bool backendReadFull_ : 1 = false;    // in onBackendRead's pump: that read filled its buffer
+    bool writesHeld_ : 1 = false;         // the Server's check will pump (releaseWrites())
+    bool backendGone_ : 1 = false;        // refused, reset or failed: nothing more to or from it
     bool backendTlsShutdown_ : 1 = false; // close_notify requested from the backend engine
     bool backendShutdown_ : 1 = false;
     bool backendShutdownDone_ : 1 = false;
