@@ -672,6 +672,12 @@ class Bench:
         # profile as the unprivileged user it runs as.
         outdir = Path(tempfile.mkdtemp(prefix="sluice-callgrind."))
         outdir.chmod(0o1777)
+        try:
+            return self.callgrind_count(key, extra, count, outdir)
+        finally:
+            shutil.rmtree(outdir, ignore_errors=True)
+
+    def callgrind_count(self, key, extra, count, outdir):
         term = Terminator(key, self.tools, self.work, self.backend_port)
         term.wrap = ["valgrind", "--tool=callgrind", "--trace-children=yes",
                      f"--callgrind-out-file={outdir}/callgrind.out.%p"]
@@ -705,7 +711,6 @@ class Bench:
                     key if name in ("sluice", "hitch", "haproxy") else "other"
                 name = name.split(".so")[0]
                 by_object[name] = by_object.get(name, 0) + cost
-        shutil.rmtree(outdir, ignore_errors=True)
         if not by_object:
             raise SystemExit(f"bench: {key} under callgrind left no profile")
         return by_object
@@ -733,6 +738,8 @@ class Bench:
         finally:
             self.backend.terminate()
             self.backend.wait()
+        peers = [k for k in keys if k != "sluice"]
+        ratios = "sluice" in keys and bool(peers)
         m = machine()
         lines = [f"# User-space instructions per operation ({m['date']}, {m['nproc']} × "
                  f"{m['cpu']}, {m['openssl']})", "",
@@ -742,15 +749,14 @@ class Bench:
                  "Kernel work (system calls, TCP) is not counted; a CPU-second figure "
                  "includes it.", "",
                  "| workload | " + " | ".join(NAMES[k] for k in keys) +
-                 (" | sluice / " + " / ".join(NAMES[k] for k in keys[1:]) if len(keys) > 1
-                  else "") + " |",
-                 "|---|" + "---:|" * (len(keys) + (1 if len(keys) > 1 else 0))]
+                 (" | sluice / " + " / ".join(NAMES[k] for k in peers) if ratios else "") +
+                 " |",
+                 "|---|" + "---:|" * (len(keys) + (1 if ratios else 0))]
         for wkey, title, _, _, unit in chosen:
             totals = {k: sum(rows[wkey][k].values()) for k in keys}
             ratio = ""
-            if len(keys) > 1 and "sluice" in totals:
-                ratio = " | " + " / ".join(f"{totals['sluice'] / totals[k]:.2f}"
-                                           for k in keys[1:])
+            if ratios:
+                ratio = " | " + " / ".join(f"{totals['sluice'] / totals[k]:.2f}" for k in peers)
             lines.append(f"| {title} (per {unit}) | " +
                          " | ".join(f"{totals[k]:,.0f}" for k in keys) + ratio + " |")
         lines += ["", "By object (instructions per operation):", ""]

@@ -175,8 +175,9 @@ public:
     bool keepBuffers(Connection &connection, std::size_t bytes);
     /** `connection` is closing: the sweep leaves it alone. */
     void forgetBuffers(Connection &connection);
-    /** `connection` holds writes back in a read callback: the loop's check phase (after this
-     * turn's I/O) calls its releaseWrites() unless forgetHeldWrites() came first. */
+    /** `connection` put off its pump (or held a TLS tail) in a read callback: the loop's check
+     * phase (after this turn's I/O) calls its releaseWrites(), which pumps, unless
+     * forgetHeldWrites() came first. */
     void holdWrites(Connection &connection);
     void forgetHeldWrites(Connection &connection);
 
@@ -222,7 +223,7 @@ private:
      * busy worker to release memory. */
     static constexpr std::uint64_t minimumFall = 32;
     bool quietArmed_ = false;
-    // Connections holding writes in this turn of the loop, and the check that releases them
+    // Connections waiting for their pump in this turn of the loop, and the check that runs it
     // (made by the first holdWrites(); closed by the drain).
     std::vector<Connection *> heldWrites_;
     uv_check_t *writeCheck_ = nullptr;
