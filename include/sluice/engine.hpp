@@ -312,6 +312,9 @@ private:
     std::size_t queryOutPending() const;
     void runRead();
     void runShutdown();
+    /** Takes plain_, or a larger one with what waits in it moved over (runRead()). */
+    bool takePlain(std::size_t cipherWaiting);
+    void releasePlain();
     void discardInput();
     bool ensurePair();
     /** Makes the pair again at bulkPairSize_ once bulk was seen and both halves are empty. */
@@ -335,9 +338,13 @@ private:
     std::size_t smallRecordBytes_ = 0;
     std::size_t smallRecordSize_ = 0;
 
-    // Decrypted bytes: [plainHead_, plainTail_) of plain_. The buffer is allocated while bytes
-    // are waiting and released when it empties, so an idle connection holds none.
-    std::unique_ptr<std::uint8_t[]> plain_;
+    /** Gives plain_ back to the thread's block stack (util/block_cache). */
+    struct GiveBlock {
+        void operator()(std::uint8_t *block) const noexcept;
+    };
+    // Decrypted bytes: [plainHead_, plainTail_) of plain_. The buffer is taken while bytes are
+    // waiting and given back when it empties, so an idle connection holds none.
+    std::unique_ptr<std::uint8_t[], GiveBlock> plain_;
     std::size_t plainHead_ = 0;
     std::size_t plainTail_ = 0;
 
@@ -355,9 +362,10 @@ private:
     bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
     bool holdTickets_ = false;
-    bool bulkSeen_ = false;       // the pair filled: grow it when next empty
-    bool spaceLent_ = false;      // a cipherInSpace() span is out: the pair must stay
-    std::size_t ticketsHeld_ = 0; // bytes of held tickets at the front of the pair; 0: none
+    bool bulkSeen_ = false;           // the pair filled: grow it when next empty
+    bool spaceLent_ = false;          // a cipherInSpace() span is out: the pair must stay
+    std::uint32_t plainCapacity_ = 0; // of plain_: small for a short read, else the budget
+    std::size_t ticketsHeld_ = 0;     // bytes of held tickets at the front of the pair; 0: none
     // Ciphertext in the pair for the transport, noted after every call that can change it
     // (asking the pair costs a BIO_ctrl, and a pump asks a dozen times).
     std::size_t outPending_ = 0;

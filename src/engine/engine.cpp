@@ -1,6 +1,7 @@
 #include <algorithm>
 #include <cassert>
 #include <climits>
+#include <cstring>
 
 #include <openssl/bio.h>
 #include <openssl/err.h>
@@ -11,6 +12,7 @@
 
 #include "tls/client_auth.hpp"
 #include "tls/errors.hpp"
+#include "util/block_cache.hpp"
 
 namespace sluice {
 namespace {
@@ -20,6 +22,9 @@ constexpr std::size_t maxCall = INT_MAX / 2;
 
 // The most plaintext one TLS record carries.
 constexpr std::size_t maxRecordPlaintext = 16384;
+// The plaintext block for a read whose ciphertext is this short (a request, a reply, a
+// keep-alive exchange's usual message); see takePlain().
+constexpr std::size_t smallPlaintext = util::smallBlock;
 
 bool isLocalError(unsigned long code) {
     const int reason = ERR_GET_REASON(code);
@@ -179,6 +184,10 @@ bool Engine::releaseIdleBuffers() {
     return true;
 }
 
+void Engine::GiveBlock::operator()(std::uint8_t *block) const noexcept {
+    util::giveBlock(block);
+}
+
 void Engine::onInfo(const ssl_st *ssl, int where, int value) {
     // Records one fact and returns: the engine acts on it after the SSL_* call (DESIGN.md).
     if ((where & SSL_CB_READ_ALERT) != 0 && (value & 0xff) == SSL_AD_CLOSE_NOTIFY) {
@@ -292,8 +301,7 @@ std::span<const std::uint8_t> Engine::plainOut() {
 void Engine::consumePlainOut(std::size_t n) {
     plainHead_ += std::min(n, plainTail_ - plainHead_);
     if (plainHead_ == plainTail_) {
-        plain_.reset();
-        plainHead_ = plainTail_ = 0;
+        releasePlain();
     }
     run();
 }
@@ -403,8 +411,7 @@ void Engine::fail(ErrorSource source, std::string reason) {
     errorSource_ = source;
     errorReason_ = reason.empty() ? "unknown TLS error" : std::move(reason);
     ticketsHeld_ = 0;
-    plain_.reset();
-    plainHead_ = plainTail_ = 0;
+    releasePlain();
 }
 
 bool Engine::handleResult(int ret, const char *operation) {
@@ -578,16 +585,19 @@ void Engine::runRead() {
             !readWantsWrite_) {
             break;
         }
-        if (plainTail_ == plaintextBudget_) {
-            break; // the consumer has to take some first; consumePlainOut() resumes
-        }
-        if (!plain_) {
-            plain_ = std::make_unique_for_overwrite<std::uint8_t[]>(plaintextBudget_);
+        if (plainTail_ == plainCapacity_) {
+            if (plainTail_ == plaintextBudget_) {
+                break; // the consumer has to take some first; consumePlainOut() resumes
+            }
+            if (!takePlain(BIO_ctrl_pending(inner))) {
+                fail(ErrorSource::local, "read: out of memory");
+                break;
+            }
         }
         clearErrors();
         std::size_t got = 0;
         const int ret =
-            SSL_read_ex(ssl_, plain_.get() + plainTail_, plaintextBudget_ - plainTail_, &got);
+            SSL_read_ex(ssl_, plain_.get() + plainTail_, plainCapacity_ - plainTail_, &got);
         readWantsWrite_ = false;
         if (ret == 1) {
             plainTail_ += got;
@@ -605,9 +615,39 @@ void Engine::runRead() {
         discardInput();
     }
     if (plainHead_ == plainTail_) {
-        plain_.reset();
-        plainHead_ = plainTail_ = 0;
+        releasePlain();
     }
+}
+
+bool Engine::takePlain(std::size_t cipherWaiting) {
+    // A block of the whole budget, unless nothing is buffered and the ciphertext waiting is
+    // short: its plaintext, never longer, then takes a small block (util/block_cache keeps a
+    // poll's worth of them). A driver may hold decrypted bytes for a while (sluice's waits for
+    // the loop's check phase to write a poll's worth together), and a budget-sized block for
+    // each of them went to the heap's bins and back on every small read.
+    std::size_t size = plaintextBudget_;
+    if (!plain_ && cipherWaiting <= smallPlaintext && SSL_has_pending(ssl_) == 0) {
+        size = std::min(size, smallPlaintext);
+    }
+    auto *block = static_cast<std::uint8_t *>(util::takeBlock(size));
+    if (block == nullptr) {
+        return false;
+    }
+    if (plain_) {
+        // More arrived than the small block holds: what waits moves to a full one.
+        std::memcpy(block, plain_.get() + plainHead_, plainTail_ - plainHead_);
+        plainTail_ -= plainHead_;
+        plainHead_ = 0;
+    }
+    plain_.reset(block);
+    plainCapacity_ = static_cast<std::uint32_t>(size);
+    return true;
+}
+
+void Engine::releasePlain() {
+    plain_.reset();
+    plainHead_ = plainTail_ = 0;
+    plainCapacity_ = 0;
 }
 
 void Engine::runShutdown() {

@@ -1,6 +1,6 @@
-// proxy/byte_queue: a bounded FIFO of bytes read from a socket, allocated only while it holds
-// bytes, so an idle connection keeps none. Its front may be handed to one asynchronous write
-// (pinned); the unsent tail is moved to the front only while nothing is pinned.
+// proxy/byte_queue: a bounded FIFO of bytes read from a socket, taken (util/block_cache) only
+// while it holds bytes, so an idle connection keeps none. Its front may be handed to one
+// asynchronous write (pinned); the unsent tail is moved to the front only while nothing is pinned.
 #pragma once
 
 #include <algorithm>
@@ -9,6 +9,8 @@
 #include <cstring>
 #include <memory>
 #include <span>
+
+#include "util/block_cache.hpp"
 
 namespace sluice::proxy {
 
@@ -34,8 +36,11 @@ public:
      * `mayMove`, the bytes waiting are first moved to the front if that makes room. */
     std::span<std::uint8_t> space(bool mayMove) {
         if (!buffer_) {
-            buffer_ = std::make_unique_for_overwrite<std::uint8_t[]>(capacity_);
+            buffer_.reset(static_cast<std::uint8_t *>(util::takeBlock(capacity_)));
             head_ = tail_ = 0;
+            if (!buffer_) {
+                return {}; // the read reports UV_ENOBUFS
+            }
         } else if (mayMove && tail_ == capacity_ && head_ > 0) {
             std::memmove(buffer_.get(), buffer_.get() + head_, tail_ - head_);
             tail_ -= head_;
@@ -62,7 +67,7 @@ public:
     }
 
 private:
-    std::unique_ptr<std::uint8_t[]> buffer_;
+    std::unique_ptr<std::uint8_t[], util::GiveBlock> buffer_;
     std::uint32_t capacity_ = 0;
     std::uint32_t head_ = 0;
     std::uint32_t tail_ = 0;

@@ -1150,6 +1150,46 @@ TEST_CASE("many records in one feed are all delivered without further input") {
     }
 }
 
+TEST_CASE("a short read's plaintext waits in a small block that grows when more arrives") {
+    // The plaintext of a short record goes into a small block; bytes that arrive while it waits
+    // move it to a full one, in order, and the budget still bounds what is held.
+    std::mt19937 rng(testSeed());
+    for (const TlsVersion v : {TlsVersion::tls13, TlsVersion::tls12}) {
+        INFO("version " << versionName(v));
+        EngineOptions serverOpts = serverOptions(64 * KiB);
+        serverOpts.plaintextBudget = 48 * KiB;
+        auto c = connect(version(v), {}, serverOpts, clientOptions(64 * KiB));
+        Pump pump(c->client, c->server, PumpOptions{}, 1);
+        handshake(*c, pump);
+
+        Bytes sent = toBytes("a short request");
+        REQUIRE(writeSome(c->client, sent, pump) == sent.size());
+        Bytes wire = takeCipherOut(c->client, pump);
+        REQUIRE(feed(c->server, wire, pump) == wire.size());
+        REQUIRE(c->server.engine->plainOut().size() == sent.size());
+
+        // Not consumed; then 60 KiB more, past the small block and past the budget.
+        const Bytes more = randomBytes(60 * KiB, rng);
+        REQUIRE(writeSome(c->client, more, pump) == more.size());
+        wire = takeCipherOut(c->client, pump);
+        std::size_t fed = feed(c->server, wire, pump);
+        CHECK(fed > 16 * KiB);
+        const std::size_t held = c->server.engine->plainOut().size();
+        CHECK(held > 16 * KiB);
+        CHECK(held <= serverOpts.plaintextBudget);
+        sent.insert(sent.end(), more.begin(), more.end());
+
+        for (int guard = 0; guard < 1000 && c->server.received.size() < sent.size(); ++guard) {
+            drainPlain(c->server, pump);
+            if (fed < wire.size()) {
+                fed += feed(c->server, std::span<const std::uint8_t>(wire).subspan(fed), pump);
+            }
+        }
+        CHECK_SAME_BYTES(sent, c->server.received);
+        checkClean(pump);
+    }
+}
+
 TEST_CASE("a paused consumer stops ciphertext intake and resumes without new input") {
     // LESSONS #2 and #10: bounded memory while paused; buffered bytes delivered on resume.
     const std::uint32_t seed = testSeed();

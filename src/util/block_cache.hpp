@@ -1,0 +1,68 @@
+// util/block_cache: the blocks a busy connection takes and gives back on every read (its
+// plaintext and reply buffers, OpenSSL's record and pair buffers) kept on small stacks per
+// thread instead of going back to the heap. glibc serves blocks of 16 KiB and more from its
+// bins, not its per-thread cache: each malloc/free pair costs some 900 instructions and, when a
+// freed block joins the top of the heap, a trim and page faults on the next take. Its
+// per-thread cache holds seven blocks of a size, fewer than the plaintext blocks a poll's reads
+// hold until the check phase writes them.
+//
+// The stacks are bounded (192 KiB of large blocks, 64 small ones per thread) and hold nothing
+// that a connection owns: a connection's buffers are still given back when it idles. Every
+// block is a malloc() block, so a kept one may be realloc()ed or free()d by anyone.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <malloc.h>
+
+namespace sluice::util {
+
+// Large blocks kept: from 16 KiB (OpenSSL's record buffers are 16.7 KiB) to 128 KiB (the largest
+// default buffer is 64 KiB). Small ones: exactly smallBlock bytes (a short read's plaintext).
+// Other sizes go straight to the heap, so OpenSSL's many small allocations pay a comparison.
+inline constexpr std::size_t smallBlock = 1024;
+inline constexpr std::size_t smallestKeptBlock = std::size_t{16} * 1024;
+inline constexpr std::size_t largestKeptBlock = std::size_t{128} * 1024;
+
+/** The stacks' side of takeBlock() and giveBlock(). */
+void *takeKeptBlock(std::size_t size) noexcept;
+void *takeSmallBlock() noexcept;
+void keepBlock(void *block, std::size_t usable) noexcept;
+void keepSmallBlock(void *block) noexcept;
+
+/** A block of at least `size` bytes (uninitialised), from this thread's stacks when one of
+ * about that size is there, else malloc(). nullptr only where malloc() fails. */
+inline void *takeBlock(std::size_t size) noexcept {
+    if (size < smallestKeptBlock) {
+        return size == smallBlock ? takeSmallBlock() : std::malloc(size);
+    }
+    return takeKeptBlock(size);
+}
+
+/** Gives `block` (a malloc() block, or nullptr) back: onto this thread's stacks if its size is
+ * one they keep, else to free(). */
+inline void giveBlock(void *block) noexcept {
+    if (block == nullptr) {
+        return;
+    }
+    const std::size_t usable = malloc_usable_size(block);
+    if (usable >= smallestKeptBlock && usable <= largestKeptBlock) {
+        keepBlock(block, usable);
+    } else if (usable >= smallBlock && usable < smallBlock + 32) {
+        keepSmallBlock(block);
+    } else {
+        std::free(block);
+    }
+}
+
+/** Frees every block on this thread's stacks. They are freed anyway when the thread ends;
+ * gives after that go straight to free(). */
+void releaseBlocks() noexcept;
+
+/** Deleter for a std::unique_ptr<std::uint8_t[]> of takeBlock() memory. */
+struct GiveBlock {
+    void operator()(std::uint8_t *block) const noexcept { giveBlock(block); }
+};
+
+} // namespace sluice::util
