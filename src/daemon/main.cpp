@@ -6,7 +6,6 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <future>
@@ -18,7 +17,6 @@
 #include <unistd.h>
 #include <vector>
 
-#include <openssl/crypto.h>
 #include <uv.h>
 
 #include <sluice/config.hpp>
@@ -34,7 +32,6 @@
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
 #include "tls/context.hpp"
-#include "util/block_cache.hpp"
 #include "util/log.hpp"
 
 #ifndef SLUICE_VERSION
@@ -544,13 +541,6 @@ int run(const Options &options) {
 } // namespace
 
 int main(int argc, char **argv) {
-    // Before OpenSSL allocates anything (it refuses afterwards): its record and pair buffers,
-    // taken and given back on every read of a busy connection, go through the thread's block
-    // stack like sluice's own buffers.
-    (void)CRYPTO_set_mem_functions(
-        [](std::size_t size, const char *, int) { return sluice::util::takeBlock(size); },
-        [](void *block, std::size_t size, const char *, int) { return std::realloc(block, size); },
-        [](void *block, const char *, int) { sluice::util::giveBlock(block); });
     // A peer that closes while we write must not kill the process; writes report EPIPE.
     std::signal(SIGPIPE, SIG_IGN);
     int exitCode = exitOk;

@@ -1,10 +1,14 @@
 // util/block_cache: the blocks a busy connection takes and gives back on every read (its
-// plaintext and reply buffers, OpenSSL's record and pair buffers) kept on small stacks per
-// thread instead of going back to the heap. glibc serves blocks of 16 KiB and more from its
-// bins, not its per-thread cache: each malloc/free pair costs some 900 instructions and, when a
-// freed block joins the top of the heap, a trim and page faults on the next take. Its
-// per-thread cache holds seven blocks of a size, fewer than the plaintext blocks a poll's reads
-// hold until the check phase writes them.
+// plaintext and reply buffers) kept on small stacks per thread instead of going back to the
+// heap. glibc serves blocks of 16 KiB and more from its bins, not its per-thread cache: each
+// malloc/free pair costs some 900 instructions and, when a freed block joins the top of the
+// heap, a trim and page faults on the next take. Its per-thread cache holds seven blocks of a
+// size, fewer than the plaintext blocks a poll's reads hold until the check phase writes them.
+//
+// OpenSSL's own buffers do not come here: routed through CRYPTO_set_mem_functions(), they
+// saved 470 instructions a round trip but cost 10,000 a handshake (every OpenSSL allocation
+// paid the hook), and the heap they left after a busy round held 7 KiB more per idle
+// connection (faults.idle_connections_give_their_buffers_back in the full suite).
 //
 // The stacks are bounded (192 KiB of large blocks, 64 small ones per thread) and hold nothing
 // that a connection owns: a connection's buffers are still given back when it idles. Every
@@ -18,9 +22,8 @@
 
 namespace sluice::util {
 
-// Large blocks kept: from 16 KiB (OpenSSL's record buffers are 16.7 KiB) to 128 KiB (the largest
-// default buffer is 64 KiB). Small ones: exactly smallBlock bytes (a short read's plaintext).
-// Other sizes go straight to the heap, so OpenSSL's many small allocations pay a comparison.
+// Large blocks kept: from 16 KiB to 128 KiB (the default buffers are 64 KiB). Small ones: exactly
+// smallBlock bytes (a short read's plaintext). Other sizes go straight to the heap.
 inline constexpr std::size_t smallBlock = 1024;
 inline constexpr std::size_t smallestKeptBlock = std::size_t{16} * 1024;
 inline constexpr std::size_t largestKeptBlock = std::size_t{128} * 1024;
