@@ -1,9 +1,9 @@
 // util/block_cache: the blocks a busy connection takes and gives back on every read (its
 // plaintext and reply buffers) kept on small stacks per thread instead of going back to the
-// heap. glibc serves blocks of 16 KiB and more from its bins, not its per-thread cache: each
-// malloc/free pair costs some 900 instructions and, when a freed block joins the top of the
-// heap, a trim and page faults on the next take. Its per-thread cache holds seven blocks of a
-// size, fewer than the plaintext blocks a poll's reads hold until the check phase writes them.
+// heap. glibc serves blocks of 16 KiB and more from its bins, not its per-thread cache: a
+// malloc/free pair costs a few hundred instructions there. Its per-thread cache holds seven
+// blocks of a size, fewer than the plaintext blocks a poll's reads hold until the check phase
+// writes them.
 //
 // OpenSSL's own buffers do not come here: routed through CRYPTO_set_mem_functions(), they
 // saved 470 instructions a round trip but cost 10,000 a handshake (every OpenSSL allocation
