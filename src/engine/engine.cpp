@@ -234,15 +234,14 @@ void Engine::commitCipherIn(std::size_t n) {
     if (n == 0 || transportEof_ || network_ == nullptr) {
         return;
     }
+    // BIO_nwrite() takes at most the space BIO_nwrite0() lent, so it needs no question first.
     char *space = nullptr;
-    const int avail = BIO_nwrite0(network_, &space);
-    if (avail <= 0) {
+    if (BIO_nwrite(network_, &space, static_cast<int>(std::min(n, maxCall))) <= 0) {
         return;
     }
     if (bulkPairSize_ > 0 && n >= pairSize_) {
         bulkSeen_ = true; // one read filled the whole pair
     }
-    BIO_nwrite(network_, &space, static_cast<int>(std::min<std::size_t>(n, avail)));
     run();
 }
 
@@ -581,7 +580,8 @@ void Engine::runRead() {
     }
     for (;;) {
         // Nothing to decrypt and nothing buffered: skip the call (and the buffer allocation).
-        if (BIO_ctrl_pending(inner) == 0 && SSL_has_pending(ssl_) == 0 && !transportEof_ &&
+        const std::size_t cipherWaiting = BIO_ctrl_pending(inner);
+        if (cipherWaiting == 0 && SSL_has_pending(ssl_) == 0 && !transportEof_ &&
             !readWantsWrite_) {
             break;
         }
@@ -589,7 +589,7 @@ void Engine::runRead() {
             if (plainTail_ == plaintextBudget_) {
                 break; // the consumer has to take some first; consumePlainOut() resumes
             }
-            if (!takePlain(BIO_ctrl_pending(inner))) {
+            if (!takePlain(cipherWaiting)) {
                 fail(ErrorSource::local, "read: out of memory");
                 break;
             }
