@@ -10,22 +10,17 @@ namespace {
 // flight at once), and 64 small ones (a poll's worth of short reads): little beside a worker's
 // connections.
 constexpr std::size_t bytesKept = std::size_t{192} * 1024;
-#if defined(__SANITIZE_ADDRESS__)
-constexpr int blocksKept = 0; // every block goes back to the heap, where ASan watches it
-constexpr int smallBlocksKept = 0;
-#else
-constexpr int blocksKept = 4;
-constexpr int smallBlocksKept = 64;
-#endif
+constexpr int largeKept = blocksKept ? 4 : 0;
+constexpr int smallKept = blocksKept ? 64 : 0;
 
 // Plain data, so thread_local needs no guard or destructor; the key's destructor empties it when
 // the thread ends. Oldest block first. (+ 1: no zero-length array in the sanitizer build.)
 struct Stacks {
-    void *blocks[blocksKept + 1];
-    std::size_t sizes[blocksKept + 1]; // usable sizes
+    void *blocks[largeKept + 1];
+    std::size_t sizes[largeKept + 1]; // usable sizes
     std::size_t bytes;
     int count;
-    void *small[smallBlocksKept + 1];
+    void *small[smallKept + 1];
     int smallCount;
     bool keyed; // the thread's key is set: its destructor will run
     bool ended; // the thread is ending: nothing is kept any more
@@ -101,13 +96,13 @@ void *takeSmallBlock() noexcept {
 
 void keepBlock(void *block, std::size_t usable) noexcept {
     Stacks &s = stacks;
-    if (blocksKept == 0 || !mayKeep(s)) {
+    if (largeKept == 0 || !mayKeep(s)) {
         std::free(block);
         return;
     }
     // The block given last is the likeliest to be asked for next: room is made by freeing the
     // oldest, so the stack settles on the sizes a worker's traffic keeps asking for.
-    while (s.count == blocksKept || s.bytes + usable > bytesKept) {
+    while (s.count == largeKept || s.bytes + usable > bytesKept) {
         std::free(s.blocks[0]);
         s.bytes -= s.sizes[0];
         remove(s, 0);
@@ -120,7 +115,7 @@ void keepBlock(void *block, std::size_t usable) noexcept {
 
 void keepSmallBlock(void *block) noexcept {
     Stacks &s = stacks;
-    if (s.smallCount == smallBlocksKept || !mayKeep(s)) {
+    if (s.smallCount == smallKept || !mayKeep(s)) {
         std::free(block);
         return;
     }

@@ -20,7 +20,23 @@
 #include <cstdlib>
 #include <malloc.h>
 
+// Under AddressSanitizer nothing is kept: every block goes back to the heap, where ASan
+// watches it (a kept block's use after its give would go unseen).
+#if defined(__SANITIZE_ADDRESS__)
+#define SLUICE_BLOCKS_UNKEPT 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define SLUICE_BLOCKS_UNKEPT 1
+#endif
+#endif
+
 namespace sluice::util {
+
+#if defined(SLUICE_BLOCKS_UNKEPT)
+inline constexpr bool blocksKept = false;
+#else
+inline constexpr bool blocksKept = true;
+#endif
 
 // Large blocks kept: from 16 KiB to 128 KiB (the default buffers are 64 KiB). Small ones: exactly
 // smallBlock bytes (a short read's plaintext). Other sizes go straight to the heap.

@@ -16,11 +16,7 @@ using sluice::util::takeBlock;
 
 namespace {
 
-#if defined(__SANITIZE_ADDRESS__)
-constexpr bool keeping = false; // the sanitizer build gives every block back to the heap
-#else
-constexpr bool keeping = true;
-#endif
+constexpr bool keeping = sluice::util::blocksKept; // not in the sanitizer build
 
 constexpr std::size_t kib = 1024;
 
