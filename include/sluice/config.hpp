@@ -257,6 +257,9 @@ struct GlobalConfig {
     /** Drop to this user (and group) after binding and loading keys; empty keeps root. */
     std::string user;
     std::string group;
+    /** TLS contexts derive their keys with sluice's TLS13-KDF and TLS1-PRF (tls_kdf =
+     * "sluice"), or with OpenSSL's (tls_kdf = "openssl"). OpenSSL's in FIPS mode regardless. */
+    bool builtinKdf = true;
 };
 
 /** The [admin] table: the HTTP listener for /metrics, /status and /ready. */

@@ -732,7 +732,8 @@ private:
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {
         checkKeys(table, "global",
                   {"max_connections", "drain_timeout", "drain_delay", "log_level", "buffers",
-                   "workers", "user", "group", "max_handshakes_per_ip", "release_memory_after"});
+                   "workers", "user", "group", "max_handshakes_per_ip", "release_memory_after",
+                   "tls_kdf"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -766,6 +767,10 @@ private:
         }
         if (const toml::node *node = table.get("release_memory_after")) {
             global.releaseMemoryAfter = duration(*node, "global.release_memory_after");
+        }
+        if (const toml::node *node = table.get("tls_kdf")) {
+            global.builtinKdf =
+                choice<bool>(*node, "global.tls_kdf", {{"sluice", true}, {"openssl", false}});
         }
         if (const toml::node *node = table.get("log_level")) {
             global.logLevel = choice<LogLevel>(*node, "global.log_level",

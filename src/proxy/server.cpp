@@ -15,6 +15,7 @@
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/proxy_protocol.hpp"
+#include "tls/kdf.hpp"
 #include "tls/names.hpp"
 #include "util/log.hpp"
 
@@ -60,6 +61,8 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     runtime->drainTimeout = config.global.drainTimeout;
     runtime->releaseMemoryAfter = config.global.releaseMemoryAfter;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
+    // Before any context is made: the backend pools' and the listeners' follow it.
+    tls::preferBuiltinKdf(config.global.builtinKdf);
     for (const auto &backend : config.backends) {
         const HandlerFactory *handler = nullptr;
         if (!backend.handler.empty() && handlers != nullptr) {

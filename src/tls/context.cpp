@@ -18,6 +18,7 @@
 #include "tls/certificates.hpp"
 #include "tls/client_auth.hpp"
 #include "tls/errors.hpp"
+#include "tls/kdf.hpp"
 #include "tls/ocsp.hpp"
 #include "tls/ticket_keys.hpp"
 #include "util/log.hpp"
@@ -270,7 +271,8 @@ void applySessions(SSL_CTX *ctx, ServerState &state, const TlsPolicy &policy) {
 
 ContextPtr makeServerContext(const ListenerConfig &listener) {
     ERR_clear_error();
-    ContextPtr ctx(SSL_CTX_new(TLS_server_method()), ContextDeleter());
+    ContextPtr ctx(SSL_CTX_new_ex(nullptr, contextProperties(), TLS_server_method()),
+                   ContextDeleter());
     if (!ctx) {
         raise("listener " + listener.name + ": cannot create a TLS context");
     }
@@ -385,7 +387,8 @@ ContextPtr serverContextFor(const ListenerConfig &listener) {
         return makeServerContext(listener);
     }
     // The name is part of the context (its certificate summaries say which listener).
-    std::string key = listener.name + '\0' + listener.tlsIdentity + '\0';
+    std::string key = listener.name + '\0' + listener.tlsIdentity + '\0' +
+                      (contextProperties() != nullptr ? "sluice-kdf" : "openssl-kdf") + '\0';
     for (const auto &file : listener.tlsFiles) {
         stampFile(file, 0, key);
     }
@@ -412,7 +415,8 @@ ContextPtr serverContextFor(const ListenerConfig &listener) {
 
 ContextPtr makeClientContext(const ClientContextOptions &options) {
     ERR_clear_error();
-    ContextPtr ctx(SSL_CTX_new(TLS_client_method()), ContextDeleter());
+    ContextPtr ctx(SSL_CTX_new_ex(nullptr, contextProperties(), TLS_client_method()),
+                   ContextDeleter());
     if (!ctx) {
         raise("cannot create a TLS client context");
     }

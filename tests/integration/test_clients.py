@@ -5,7 +5,7 @@ import os
 import shutil
 import subprocess
 
-from backends import HttpBackend, ReplyBackend
+from backends import EchoBackend, HttpBackend, ReplyBackend
 from harness import MiB, Skip, check, pattern_bytes, pattern_sha256
 
 
@@ -73,6 +73,52 @@ def test_gnutls_cli_tls13(t):
 
 def test_gnutls_cli_tls12(t):
     gnutls(t, "NORMAL:-VERS-ALL:+VERS-TLS1.2")
+
+
+def test_both_key_derivations_serve_other_stacks_and_resume(t):
+    # global.tls_kdf picks who derives the TLS keys: sluice's own TLS 1.3 key schedule and TLS
+    # 1.2 PRF, or OpenSSL's. GnuTLS and OpenSSL's s_client derive theirs with their own code, so
+    # one wrong byte fails the handshake or the first record. SHA-384 suites and resumptions
+    # (binder and resumption secrets, the PRF over a stored master secret) run derivations that
+    # AES-128 full handshakes do not.
+    need("gnutls-cli")
+    need("openssl")
+    ca = str(t.certs / "ca.crt")
+    for kdf in ("sluice", "openssl"):
+        echo = t.backend(EchoBackend())
+        d = t.sluice(t.listener(echo), global_={"tls_kdf": kdf})
+        host, port = d.addr()
+        for version in ("TLS1.3", "TLS1.2"):
+            for cipher in ("AES-256-GCM", "AES-128-GCM"):
+                payload = os.urandom(3000).hex().encode() + b"\n"
+                priority = f"NORMAL:-VERS-ALL:+VERS-{version}:-CIPHER-ALL:+{cipher}"
+                p = run_tool(["gnutls-cli", "--x509cafile", ca, "--port", str(port), "--resume",
+                              "--waitresumption", "--priority", priority, "localhost"], payload)
+                said = (p.stdout + p.stderr).decode(errors="replace")
+                what = f"tls_kdf={kdf} gnutls-cli {version} {cipher}"
+                check(p.returncode == 0, f"{what} exited {p.returncode}:\n{said[-3000:]}")
+                check("This is a resumed session" in said, f"{what}: not resumed:\n{said[-3000:]}")
+                # With --resume gnutls-cli also prints its progress on standard output.
+                check(p.stdout.count(payload) == 1, f"{what}: the echo did not come back whole")
+        # s_client ends when the backend closes: each connection gets its bytes back, then FIN.
+        payload_size = 1001
+        reply = t.backend(ReplyBackend(payload_size))
+        r = t.sluice(t.listener(reply), global_={"tls_kdf": kdf})
+        rhost, rport = r.addr()
+        session = t.tmp / f"s_client-{kdf}.pem"
+        for flag, expect in (("-sess_out", "New, TLSv1.3"), ("-sess_in", "Reused, TLSv1.3")):
+            payload = os.urandom(500).hex().encode() + b"\n"
+            p = run_tool(["openssl", "s_client", "-connect", f"{rhost}:{rport}", "-servername",
+                          "localhost", "-CAfile", ca, "-verify_return_error", "-ign_eof",
+                          "-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384", flag, str(session)],
+                         payload)
+            out = p.stdout.decode(errors="replace")
+            what = f"tls_kdf={kdf} s_client {flag}"
+            check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
+            check(expect + ", Cipher is TLS_AES_256_GCM_SHA384" in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
+            check(payload.decode() in out, f"{what}: the echo did not come back")
+        r.assert_alive()
+        d.assert_alive()
 
 
 def curl(t, d, *args, timeout=60):

@@ -89,6 +89,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.drainDelay == 0s);
     CHECK(config.global.releaseMemoryAfter == 1s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
+    CHECK(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 32 * 1024);
     CHECK(config.global.buffers.tlsBulk == 64 * 1024);
     CHECK(config.global.buffers.plaintext == 64 * 1024);
@@ -143,6 +144,7 @@ drain_timeout = "1500ms"
 drain_delay = "2s"
 release_memory_after = "0s"
 log_level = "debug"
+tls_kdf = "openssl"
 buffers = { tls = "4KiB", tls_bulk = "1MiB", plaintext = 1000, backend = "2MB" }
 
 [tls]
@@ -179,6 +181,7 @@ backlog = 64
     CHECK(config.global.drainDelay == 2s);
     CHECK(config.global.releaseMemoryAfter == 0s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
+    CHECK_FALSE(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 4096);
     CHECK(config.global.buffers.tlsBulk == 1024 * 1024);
     CHECK(config.global.buffers.plaintext == 1000);
@@ -443,6 +446,8 @@ TEST_CASE("bad values are rejected at their position") {
           "t.toml:6:25: global.max_handshakes_per_ip: must be at least 0, got -1");
     CHECK(parseConfig(global + "max_handshakes_per_ip = 0\n", "t.toml").global.maxHandshakesPerIp ==
           0);
+    CHECK(errorOf(global + "tls_kdf = \"fast\"\n") ==
+          "t.toml:6:11: global.tls_kdf: expected \"sluice\" or \"openssl\", got \"fast\"");
     CHECK(errorOf(global + "log_level = \"verbose\"\n") ==
           "t.toml:6:13: global.log_level: expected \"error\", \"warn\", \"info\" or \"debug\", got "
           "\"verbose\"");

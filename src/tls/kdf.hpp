@@ -1,0 +1,35 @@
+// tls/kdf: sluice's own TLS key derivation, offered to libssl as a built-in OpenSSL provider.
+//
+// OpenSSL 3.0's TLS13-KDF and TLS1-PRF spend most of their time outside the hashing: every call
+// fetches the HMAC implementation and the digest again by name and allocates a context for each
+// HMAC step. A TLS 1.3 handshake runs the key schedule about twenty times, a TLS 1.2 resumption
+// runs the PRF three times, so that overhead is a sixth of a handshake's and a quarter of a
+// resumption's instructions. The "sluice" provider implements both algorithms (RFC 8446 section
+// 7.1, RFC 5246 section 5) on OpenSSL's own digests, fetched once, with HMAC states kept per
+// thread, and the contexts sluice builds prefer it through their property query. Its output is
+// checked against OpenSSL's implementations byte for byte (tests/unit/tls_test.cpp).
+#pragma once
+
+namespace sluice::tls {
+
+/**
+ * Loads the provider into OpenSSL's default library context, once per process (thread-safe);
+ * OpenSSL's default provider stays loaded beside it. Returns false, and leaves OpenSSL's own
+ * algorithms in use, when OpenSSL runs in FIPS mode or the provider cannot be loaded.
+ */
+bool loadKdfProvider();
+
+/**
+ * Whether contexts made from now on prefer the provider (default: yes). Off, they use OpenSSL's
+ * own algorithms; a context already made keeps what it was made with.
+ */
+void preferBuiltinKdf(bool on);
+
+/**
+ * The property query SSL_CTX_new_ex() takes for a context made now: "?provider=sluice" when the
+ * built-in KDFs are preferred and loaded (the provider is loaded on the first call), else
+ * nullptr. A preference, not a requirement: every other algorithm still comes from OpenSSL.
+ */
+const char *contextProperties();
+
+} // namespace sluice::tls
