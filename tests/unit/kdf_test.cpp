@@ -234,6 +234,41 @@ TEST_CASE("TLS1-PRF: the same bytes as OpenSSL for SHA-256, SHA-384 and MD5-SHA1
     }
 }
 
+TEST_CASE("digests TLS does not use are fetched by name and give OpenSSL's bytes too") {
+    Loaded loaded;
+    char prefix[] = "tls13 ";
+    char label[] = "c hs traffic";
+    for (const char *digest : {"SHA2-512", "SHA2-224", "SHA3-256", "SHA512-256"}) {
+        for (std::size_t length : {1, 32, 100}) {
+            Bytes key = randomBytes(40);
+            Bytes context = randomBytes(64);
+            int mode = EVP_KDF_HKDF_MODE_EXPAND_ONLY;
+            CAPTURE(digest);
+            CAPTURE(length);
+            CHECK(both("TLS13-KDF",
+                       {OSSL_PARAM_construct_int(OSSL_KDF_PARAM_MODE, &mode),
+                        text(OSSL_KDF_PARAM_DIGEST, digest), octets(OSSL_KDF_PARAM_KEY, key),
+                        OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_PREFIX, prefix, 6),
+                        OSSL_PARAM_construct_octet_string(OSSL_KDF_PARAM_LABEL, label, 12),
+                        octets(OSSL_KDF_PARAM_DATA, context)},
+                       length)
+                      .ok);
+            CHECK(both("TLS1-PRF",
+                       {text(OSSL_KDF_PARAM_DIGEST, digest), octets(OSSL_KDF_PARAM_SECRET, key),
+                        octets(OSSL_KDF_PARAM_SEED, context)},
+                       length)
+                      .ok);
+        }
+    }
+    // An extendable-output digest has no HMAC: both refuse it.
+    Bytes key = randomBytes(32);
+    CHECK_FALSE(both("TLS1-PRF",
+                     {text(OSSL_KDF_PARAM_DIGEST, "SHAKE-256"), octets(OSSL_KDF_PARAM_SECRET, key),
+                      octets(OSSL_KDF_PARAM_SEED, key)},
+                     32)
+                    .ok);
+}
+
 TEST_CASE("TLS1-PRF: both refuse a missing digest, secret or seed, and an empty output") {
     Loaded loaded;
     Bytes secret = randomBytes(48);
