@@ -32,6 +32,7 @@
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
 #include "tls/context.hpp"
+#include "tls/kdf.hpp"
 #include "util/log.hpp"
 
 #ifndef SLUICE_VERSION
@@ -525,8 +526,10 @@ int run(const Options &options) {
         sluice::log::info("listening listener=" + name + " address=" + address +
                           " workers=" + std::to_string(workers));
     }
-    sluice::log::info(std::string("ready version=") + SLUICE_VERSION +
-                      " workers=" + std::to_string(workers));
+    // Who derives the TLS keys: sluice's provider, or OpenSSL (tls_kdf = "openssl", FIPS mode).
+    sluice::log::info(
+        std::string("ready version=") + SLUICE_VERSION + " workers=" + std::to_string(workers) +
+        " tls_kdf=" + (sluice::tls::contextProperties() != nullptr ? "sluice" : "openssl"));
     uv_run(&loop, UV_RUN_DEFAULT);
     const int code = daemon->exitCode();
     daemon.reset();

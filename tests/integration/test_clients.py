@@ -87,6 +87,7 @@ def test_both_key_derivations_serve_other_stacks_and_resume(t):
     for kdf in ("sluice", "openssl"):
         echo = t.backend(EchoBackend())
         d = t.sluice(t.listener(echo), global_={"tls_kdf": kdf})
+        d.wait_log(rf"ready version=\S+ workers=1 tls_kdf={kdf}$")
         host, port = d.addr()
         for version in ("TLS1.3", "TLS1.2"):
             for cipher in ("AES-256-GCM", "AES-128-GCM"):
