@@ -359,7 +359,8 @@ private:
         sluice::ops::systemd::notifyReady("serving");
         sluice::log::info("reload-done listeners=" + std::to_string(config_.listeners.size()) +
                           " sockets_added=" + std::to_string(next.addedCount) +
-                          " sockets_removed=" + std::to_string(next.removed.size()));
+                          " sockets_removed=" + std::to_string(next.removed.size()) + " tls_kdf=" +
+                          (sluice::tls::contextProperties() != nullptr ? "sluice" : "openssl"));
     }
 
     void reloadFailed(const std::string &reason) {

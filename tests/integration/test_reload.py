@@ -1,6 +1,7 @@
 """Workers, reload (SIGHUP), privilege drop and the descriptor limit, against the real daemon."""
 
 import os
+import re
 import signal
 import ssl
 import subprocess
@@ -132,6 +133,29 @@ def test_broken_certificate_on_reload_keeps_the_old_configuration(t):
     wait_until(lambda: d.log().count("reload-failed") == 2, 10, "the second reload to fail")
     check("does not match" in d.log(), "a mismatched key was not reported")
     tls_roundtrip(d.addr(), b"after two failed reloads")
+
+
+def test_reload_switches_who_derives_the_keys(t):
+    # A reload reuses a listener's TLS context when nothing it was built from changed, and
+    # global.tls_kdf is part of that: switching it builds the context again. Clients are served
+    # before and after, with resumption across the switch.
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"tls_kdf": "sluice"})
+    d.wait_log(r"ready .* tls_kdf=sluice$")
+    tls_roundtrip(d.addr(), b"before")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.log().count("reload-done") == 1, 10, "the first reload")
+    check(re.search(r"reload-done .* tls_kdf=sluice$", d.log(), re.M), "reload-done: not tls_kdf=sluice")
+    reused = d.log().count("tls-context-reused")
+    check(reused == 1, f"an unchanged reload did not reuse the context ({reused})")
+    rewrite_config(d, 'tls_kdf = "sluice"', 'tls_kdf = "openssl"')
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: d.log().count("reload-done") == 2, 10, "the second reload")
+    check(re.search(r"reload-done .* tls_kdf=openssl$", d.log(), re.M), "reload-done: not tls_kdf=openssl")
+    check(d.log().count("tls-context-reused") == reused,
+          "the context built for sluice's key derivation was reused for OpenSSL's")
+    tls_roundtrip(d.addr(), b"after")
+    d.assert_alive()
 
 
 def test_reload_adds_and_removes_listeners(t):
