@@ -122,6 +122,12 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
              "Times the heap's free memory was handed back to the operating system after a "
              "burst (global.release_memory_after).");
     e.sample("sluice_memory_releases_total", {}, s.memoryReleases);
+    if (s.heapInUse > 0) {
+        e.family("sluice_heap_in_use_bytes", "gauge",
+                 "Bytes the process's allocations hold now, every thread (glibc's mallinfo2: in "
+                 "use plus mmapped). Resident memory above it is free memory the allocator keeps.");
+        e.sample("sluice_heap_in_use_bytes", {}, s.heapInUse);
+    }
     e.family("sluice_backend_unused_total", "counter",
              "Backend connections made once the ClientHello was accepted (connect_after = "
              "\"hello\") and closed before the client's handshake was done: the handshake "

@@ -1,6 +1,9 @@
 #include "proxy/stats.hpp"
 
 #include <chrono>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <memory>
 
 namespace sluice::proxy {
@@ -182,6 +185,11 @@ StatsSnapshot Stats::snapshot() const {
     out.handshakeLimited = handshakeLimited_.load(relaxed);
     out.proxySourceRefused = proxySourceRefused_.load(relaxed);
     out.memoryReleases = memoryReleases_.load(relaxed);
+#if defined(__GLIBC__)
+    // Walks every arena's free lists under its lock: once per scrape, never on the data path.
+    const struct mallinfo2 heap = mallinfo2();
+    out.heapInUse = heap.uordblks + heap.hblkhd;
+#endif
     out.backendUnused = backendUnused_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);

@@ -91,7 +91,10 @@ struct StatsSnapshot {
     std::uint64_t handshakeLimited = 0;   ///< closed at accept: their IP had too many handshakes
     std::uint64_t proxySourceRefused = 0; ///< closed at accept: not an accept_proxy_from source
     std::uint64_t memoryReleases = 0;     ///< times free heap memory was handed back after a burst
-    std::uint64_t backendUnused = 0;      ///< connected at the hello, closed before the handshake
+    /** Bytes the process's allocations hold now, all threads (glibc's mallinfo2: in use plus
+     * mmapped), read when the snapshot is taken; 0 where the C library cannot tell. */
+    std::uint64_t heapInUse = 0;
+    std::uint64_t backendUnused = 0; ///< connected at the hello, closed before the handshake
     std::uint64_t reloadsOk = 0;
     std::uint64_t reloadsFailed = 0;
     std::int64_t lastReloadUnixSeconds = 0; ///< 0: no reload yet
