@@ -359,8 +359,8 @@ private:
         sluice::ops::systemd::notifyReady("serving");
         sluice::log::info("reload-done listeners=" + std::to_string(config_.listeners.size()) +
                           " sockets_added=" + std::to_string(next.addedCount) +
-                          " sockets_removed=" + std::to_string(next.removed.size()) + " tls_kdf=" +
-                          (sluice::tls::contextProperties() != nullptr ? "sluice" : "openssl"));
+                          " sockets_removed=" + std::to_string(next.removed.size()) +
+                          " tls_kdf=" + sluice::tls::kdfName(config_.global.builtinKdf));
     }
 
     void reloadFailed(const std::string &reason) {
@@ -486,6 +486,7 @@ int run(const Options &options) {
     // Workers report their exit from their own threads through this pointer; it outlives them
     // (the daemon joins every worker before run() returns).
     Daemon *owner = nullptr;
+    const std::string kdf = sluice::tls::kdfName(config.global.builtinKdf); // config moves below
     try {
         auto sockets = sluice::proxy::openSockets(plan, workers);
         sluice::proxy::ListenState listening = sluice::proxy::listenStateOf(sockets.front());
@@ -528,9 +529,8 @@ int run(const Options &options) {
                           " workers=" + std::to_string(workers));
     }
     // Who derives the TLS keys: sluice's provider, or OpenSSL (tls_kdf = "openssl", FIPS mode).
-    sluice::log::info(
-        std::string("ready version=") + SLUICE_VERSION + " workers=" + std::to_string(workers) +
-        " tls_kdf=" + (sluice::tls::contextProperties() != nullptr ? "sluice" : "openssl"));
+    sluice::log::info(std::string("ready version=") + SLUICE_VERSION +
+                      " workers=" + std::to_string(workers) + " tls_kdf=" + kdf);
     uv_run(&loop, UV_RUN_DEFAULT);
     const int code = daemon->exitCode();
     daemon.reset();

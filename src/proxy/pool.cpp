@@ -32,7 +32,7 @@ void PoolServer::setResolved(net::SocketAddress resolved) {
     resolved_ = std::move(resolved);
 }
 
-Pool::Pool(const BackendConfig &config, const HandlerFactory *handler)
+Pool::Pool(const BackendConfig &config, const HandlerFactory *handler, bool builtinKdf)
     : config_(config) {
     if (!config_.handler.empty()) {
         if (handler == nullptr || !*handler) {
@@ -68,6 +68,7 @@ Pool::Pool(const BackendConfig &config, const HandlerFactory *handler)
         options.certFile = config_.tls.cert;
         options.keyFile = config_.tls.key;
         options.alpn = config_.tls.alpn;
+        options.builtinKdf = builtinKdf;
         try {
             tls_ = tls::makeClientContext(options);
         } catch (const std::exception &e) {

@@ -115,7 +115,9 @@ public:
     /** Resolves every server and builds the TLS client context. Throws std::runtime_error
      * naming the backend and what failed. A backend served by a handler takes its factory
      * (null, or empty, is an error). */
-    explicit Pool(const BackendConfig &config, const HandlerFactory *handler = nullptr);
+    /** `builtinKdf`: a TLS backend's keys are derived by tls/kdf (global.tls_kdf). */
+    explicit Pool(const BackendConfig &config, const HandlerFactory *handler = nullptr,
+                  bool builtinKdf = true);
 
     const std::string &name() const { return config_.name; }
     const BackendConfig &config() const { return config_; }

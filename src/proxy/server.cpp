@@ -15,7 +15,6 @@
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/proxy_protocol.hpp"
-#include "tls/kdf.hpp"
 #include "tls/names.hpp"
 #include "util/log.hpp"
 
@@ -61,8 +60,6 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     runtime->drainTimeout = config.global.drainTimeout;
     runtime->releaseMemoryAfter = config.global.releaseMemoryAfter;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
-    // Before any context is made: the backend pools' and the listeners' follow it.
-    tls::preferBuiltinKdf(config.global.builtinKdf);
     for (const auto &backend : config.backends) {
         const HandlerFactory *handler = nullptr;
         if (!backend.handler.empty() && handlers != nullptr) {
@@ -70,7 +67,8 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
                 handler = &found->second;
             }
         }
-        runtime->pools.push_back(std::make_shared<Pool>(backend, handler));
+        runtime->pools.push_back(
+            std::make_shared<Pool>(backend, handler, config.global.builtinKdf));
     }
     auto poolNamed = [&](const std::string &listener, const std::string &name) -> PoolPtr {
         for (const auto &pool : runtime->pools) {
@@ -84,7 +82,7 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
         auto settings = std::make_shared<ListenerSettings>();
         settings->name = listener.name;
         if (!listener.plaintext) {
-            settings->context = tls::serverContextFor(listener);
+            settings->context = tls::serverContextFor(listener, config.global.builtinKdf);
         }
         settings->plaintext = listener.plaintext;
         settings->pool = poolNamed(listener.name, listener.backend);

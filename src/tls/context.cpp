@@ -269,9 +269,9 @@ void applySessions(SSL_CTX *ctx, ServerState &state, const TlsPolicy &policy) {
 
 } // namespace
 
-ContextPtr makeServerContext(const ListenerConfig &listener) {
+ContextPtr makeServerContext(const ListenerConfig &listener, bool builtinKdf) {
     ERR_clear_error();
-    ContextPtr ctx(SSL_CTX_new_ex(nullptr, contextProperties(), TLS_server_method()),
+    ContextPtr ctx(SSL_CTX_new_ex(nullptr, contextProperties(builtinKdf), TLS_server_method()),
                    ContextDeleter());
     if (!ctx) {
         raise("listener " + listener.name + ": cannot create a TLS context");
@@ -382,13 +382,13 @@ void stampFile(const std::string &path, int depth, std::string &out) {
 
 } // namespace
 
-ContextPtr serverContextFor(const ListenerConfig &listener) {
+ContextPtr serverContextFor(const ListenerConfig &listener, bool builtinKdf) {
     if (listener.tlsIdentity.empty()) {
-        return makeServerContext(listener);
+        return makeServerContext(listener, builtinKdf);
     }
     // The name is part of the context (its certificate summaries say which listener).
-    std::string key = listener.name + '\0' + listener.tlsIdentity + '\0' +
-                      (contextProperties() != nullptr ? "sluice-kdf" : "openssl-kdf") + '\0';
+    std::string key =
+        listener.name + '\0' + listener.tlsIdentity + '\0' + kdfName(builtinKdf) + '\0';
     for (const auto &file : listener.tlsFiles) {
         stampFile(file, 0, key);
     }
@@ -407,7 +407,7 @@ ContextPtr serverContextFor(const ListenerConfig &listener) {
             }
         }
     }
-    ContextPtr context = makeServerContext(listener);
+    ContextPtr context = makeServerContext(listener, builtinKdf);
     std::lock_guard lock(mutex);
     cache[key] = context;
     return context;
@@ -415,8 +415,9 @@ ContextPtr serverContextFor(const ListenerConfig &listener) {
 
 ContextPtr makeClientContext(const ClientContextOptions &options) {
     ERR_clear_error();
-    ContextPtr ctx(SSL_CTX_new_ex(nullptr, contextProperties(), TLS_client_method()),
-                   ContextDeleter());
+    ContextPtr ctx(
+        SSL_CTX_new_ex(nullptr, contextProperties(options.builtinKdf), TLS_client_method()),
+        ContextDeleter());
     if (!ctx) {
         raise("cannot create a TLS client context");
     }

@@ -27,19 +27,20 @@ using ContextPtr = std::shared_ptr<ssl_ctx_st>;
 /**
  * Builds a server context for `listener`: its certificates and keys (each key checked against
  * its certificate), version bounds, ciphers, suites and groups, renegotiation refused.
- * Logs a warning for a certificate that is expired or not yet valid. Throws TlsError.
+ * Logs a warning for a certificate that is expired or not yet valid. `builtinKdf`: its keys are
+ * derived by tls/kdf (global.tls_kdf = "sluice"), else by OpenSSL. Throws TlsError.
  */
-ContextPtr makeServerContext(const ListenerConfig &listener);
+ContextPtr makeServerContext(const ListenerConfig &listener, bool builtinKdf = true);
 
 /**
  * makeServerContext(), or the context already built for this listener when it is still in use
  * (by the running configuration, during a reload) and nothing it was built from changed: the same
- * `tlsIdentity` and, for each of `tlsFiles`, the same size, modification and change times and
- * inode (a folder: the same for each entry, two levels deep). So a reload costs what changed, not
- * a second copy of every certificate. Listeners without a tlsIdentity are always built. The
- * cache holds weak references only; thread-safe. Throws TlsError.
+ * `tlsIdentity`, the same `builtinKdf` and, for each of `tlsFiles`, the same size, modification and
+ * change times and inode (a folder: the same for each entry, two levels deep). So a reload costs
+ * what changed, not a second copy of every certificate. Listeners without a tlsIdentity are always
+ * built. The cache holds weak references only; thread-safe. Throws TlsError.
  */
-ContextPtr serverContextFor(const ListenerConfig &listener);
+ContextPtr serverContextFor(const ListenerConfig &listener, bool builtinKdf = true);
 
 /** Client-side options for makeClientContext. */
 struct ClientContextOptions {
@@ -49,6 +50,7 @@ struct ClientContextOptions {
     std::string certFile;          ///< client certificate chain (PEM) to present; empty: none
     std::string keyFile;           ///< its private key
     std::vector<std::string> alpn; ///< protocols offered, in order; empty: no ALPN
+    bool builtinKdf = true;        ///< keys derived by tls/kdf (global.tls_kdf), else by OpenSSL
 };
 
 /** Builds a client context (outbound TLS). Throws TlsError. */

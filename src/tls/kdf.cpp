@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -28,8 +27,6 @@ namespace {
 
 constexpr const char *providerName = "sluice";
 constexpr const char *preferQuery = "?provider=sluice";
-
-std::atomic<bool> preferred{true};
 
 // ---- digests ------------------------------------------------------------------------------
 
@@ -742,15 +739,12 @@ bool loadKdfProvider() {
     return loaded;
 }
 
-void preferBuiltinKdf(bool on) {
-    preferred.store(on, std::memory_order_relaxed);
+const char *contextProperties(bool builtin) {
+    return builtin && loadKdfProvider() ? preferQuery : nullptr;
 }
 
-const char *contextProperties() {
-    if (!preferred.load(std::memory_order_relaxed)) {
-        return nullptr;
-    }
-    return loadKdfProvider() ? preferQuery : nullptr;
+const char *kdfName(bool builtin) {
+    return contextProperties(builtin) != nullptr ? "sluice" : "openssl";
 }
 
 } // namespace sluice::tls

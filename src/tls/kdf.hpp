@@ -21,16 +21,15 @@ namespace sluice::tls {
 bool loadKdfProvider();
 
 /**
- * Whether contexts made from now on prefer the provider (default: yes). Off, they use OpenSSL's
- * own algorithms; a context already made keeps what it was made with.
+ * The property query SSL_CTX_new_ex() takes for a context: "?provider=sluice" when `builtin`
+ * (global.tls_kdf = "sluice") and the provider is loaded (by the first such call), else nullptr
+ * (OpenSSL's own). A preference, not a requirement: every other algorithm still comes from
+ * OpenSSL.
  */
-void preferBuiltinKdf(bool on);
+const char *contextProperties(bool builtin);
 
-/**
- * The property query SSL_CTX_new_ex() takes for a context made now: "?provider=sluice" when the
- * built-in KDFs are preferred and loaded (the provider is loaded on the first call), else
- * nullptr. A preference, not a requirement: every other algorithm still comes from OpenSSL.
+/** Who derives the keys of a context made with contextProperties(builtin): "sluice" or "openssl".
  */
-const char *contextProperties();
+const char *kdfName(bool builtin);
 
 } // namespace sluice::tls

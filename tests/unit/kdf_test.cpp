@@ -397,7 +397,7 @@ TEST_CASE(
     for (int version : {TLS1_2_VERSION, TLS1_3_VERSION}) {
         for (const char *suite : {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384"}) {
             for (bool serverBuiltin : {true, false}) {
-                const char *properties = sluice::tls::contextProperties();
+                const char *properties = sluice::tls::contextProperties(true);
                 REQUIRE(properties != nullptr);
                 SslCtxPtr server(SSL_CTX_new_ex(nullptr, serverBuiltin ? properties : nullptr,
                                                 TLS_server_method()));
@@ -446,14 +446,13 @@ TEST_CASE("contexts prefer the built-in KDFs unless told not to") {
         EVP_KDF_free(kdf);
         return name;
     };
-    CHECK(providerOf(sluice::tls::contextProperties()) == "sluice");
-    sluice::tls::preferBuiltinKdf(false);
-    CHECK(sluice::tls::contextProperties() == nullptr);
-    CHECK(providerOf(sluice::tls::contextProperties()) == "default");
-    sluice::tls::preferBuiltinKdf(true);
-    CHECK(providerOf(sluice::tls::contextProperties()) == "sluice");
+    CHECK(providerOf(sluice::tls::contextProperties(true)) == "sluice");
+    CHECK(std::string(sluice::tls::kdfName(true)) == "sluice");
+    CHECK(sluice::tls::contextProperties(false) == nullptr);
+    CHECK(providerOf(sluice::tls::contextProperties(false)) == "default");
+    CHECK(std::string(sluice::tls::kdfName(false)) == "openssl");
     // Everything else still comes from OpenSSL's default provider.
-    EVP_MD *md = EVP_MD_fetch(nullptr, "SHA2-256", sluice::tls::contextProperties());
+    EVP_MD *md = EVP_MD_fetch(nullptr, "SHA2-256", sluice::tls::contextProperties(true));
     REQUIRE(md != nullptr);
     CHECK(std::string(OSSL_PROVIDER_get0_name(EVP_MD_get0_provider(md))) == "default");
     EVP_MD_free(md);
