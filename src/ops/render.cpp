@@ -108,7 +108,7 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
                  s.closed[i]);
     }
     e.family("sluice_accept_errors_total", "counter",
-             "accept() failures (for example, out of file descriptors).");
+             "accept() failures; out of file descriptors, each connection closed unserved.");
     e.sample("sluice_accept_errors_total", {}, s.acceptErrors);
     e.family("sluice_handshake_limited_total", "counter",
              "Connections closed at accept because their IP address already had "

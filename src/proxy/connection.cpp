@@ -6,6 +6,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "net/address.hpp"
 #include "net/listen_socket.hpp"
@@ -74,11 +75,12 @@ constexpr std::uint64_t ticketHoldMs = 50;
 
 } // namespace
 
-Connection *Connection::accept(Server &server, uv_stream_t *listening) {
+Connection *Connection::adopt(Server &server, int fd) {
     auto *connection = new Connection(server);
     uv_tcp_init(server.loop(), &connection->client_);
     connection->client_.data = connection;
-    if (uv_accept(listening, connection->clientStream()) != 0) {
+    if (uv_tcp_open(&connection->client_, fd) != 0) {
+        ::close(fd); // not the handle's: nothing else would close it
         connection->refuse();
         return nullptr;
     }

@@ -59,11 +59,11 @@ struct ListenerSettings;
 class Connection final : private Timed, private Warm {
 public:
     /**
-     * Accepts the next pending client of `listening` into a new connection's own handle (one
-     * allocation holds both). Null when the accept failed (that connection closes itself).
-     * The caller then calls start() or refuse().
+     * Takes `fd`, a client socket the listener just accepted, into a new connection's own handle
+     * (one allocation holds both). Null when libuv refuses the descriptor (it is closed, and so
+     * is that connection). The caller then calls start() or refuse().
      */
-    static Connection *accept(Server &server, uv_stream_t *listening);
+    static Connection *adopt(Server &server, int fd);
     /** The accepted client socket's descriptor (-1 if libuv has none). */
     int clientFd() const;
     /** Closes the accepted client at once; the object deletes itself when the handle closed.

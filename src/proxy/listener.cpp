@@ -1,9 +1,15 @@
 #include "proxy/listener.hpp"
 
+#include <algorithm>
+#include <array>
+#include <cerrno>
 #include <stdexcept>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "net/listen_socket.hpp"
+#include "net/timer.hpp"
 #include "proxy/connection.hpp"
 #include "proxy/server.hpp"
 #include "proxy/stats.hpp"
@@ -15,6 +21,38 @@ namespace {
 // An accept error (EMFILE, ENFILE, ENOMEM) repeats for every pending connection: say it at most
 // once a second.
 constexpr std::uint64_t acceptErrorLogIntervalMs = 1000;
+// Connections accepted per readiness event before the loop serves the others; the rest are
+// taken on the next turn (the socket stays readable).
+constexpr int acceptsPerWake = 64;
+// After an accept error that shedding cannot clear (no descriptor to spare, ENOBUFS, ENOMEM),
+// the listener rests this long instead of spinning on a socket that stays readable.
+constexpr std::uint64_t acceptRestMs = 100;
+
+// Failures of one connection that accept(2) reports on Linux, where the next may succeed.
+bool connectionOnly(int error) {
+    switch (error) {
+    case EINTR:
+    case ECONNABORTED:
+    case EPERM: // a firewall rule refused this one
+    case EPROTO:
+    case ENOPROTOOPT:
+    case ENETDOWN:
+    case ENETUNREACH:
+    case EHOSTDOWN:
+    case EHOSTUNREACH:
+    case ENONET:
+    case EOPNOTSUPP:
+        return true;
+    default:
+        return false;
+    }
+}
+
+std::string errorName(int error) {
+    std::array<char, 64> name{};
+    uv_err_name_r(-error, name.data(), name.size());
+    return name.data();
+}
 
 } // namespace
 
@@ -36,9 +74,7 @@ void Listener::setSettings(std::shared_ptr<const ListenerSettings> settings) {
 }
 
 void Listener::applySocketOptions() {
-    uv_os_fd_t fd = -1;
-    if (handle_ == nullptr || uv_fileno(reinterpret_cast<uv_handle_t *>(handle_), &fd) != 0 ||
-        (applied_ && *applied_ == settings_->socket)) {
+    if (poll_ == nullptr || (applied_ && *applied_ == settings_->socket)) {
         return;
     }
     const SocketOptions &want = settings_->socket;
@@ -50,77 +86,121 @@ void Listener::applySocketOptions() {
     }
     // Accepted sockets inherit these from the listening socket (Linux copies TCP_NODELAY,
     // keepalive and buffer sizes to the child), so no accepted socket needs a call of its own.
-    net::setSocketOptions(fd, want, false);
+    net::setSocketOptions(fd_, want, false);
     applied_ = want;
 }
 
 void Listener::adopt(int fd) {
-    handle_ = new uv_tcp_t;
-    uv_tcp_init(server_.loop(), handle_);
-    handle_->data = this;
-    int err = uv_tcp_open(handle_, fd);
-    if (err != 0) {
-        ::close(fd); // not owned by the handle: nothing else would close it
-    } else {
-        applySocketOptions();
-        err = uv_listen(reinterpret_cast<uv_stream_t *>(handle_), settings_->backlog, onConnection);
+    fd_ = fd; // closed by close() whatever happens below
+    int on = 1;
+    // Non-blocking (an inherited socket may not be), and listening with this listener's backlog
+    // (a reload may have changed it).
+    if (::ioctl(fd, FIONBIO, &on) != 0 || ::listen(fd, settings_->backlog) != 0) {
+        const int error = errno;
+        throw std::runtime_error("listen " + key_ + ": " + errorName(error));
     }
-    if (err != 0) {
+    auto *poll = new uv_poll_t;
+    if (const int err = uv_poll_init_socket(server_.loop(), poll, fd); err != 0) {
+        delete poll;
         throw std::runtime_error("listen " + key_ + ": " + uv_strerror(err));
     }
+    poll_ = poll;
+    poll_->data = this;
+    applySocketOptions();
+    uv_poll_start(poll_, UV_READABLE, onReadable);
 }
 
 std::string Listener::boundText() const {
     sockaddr_storage storage{};
-    int length = sizeof storage;
-    if (handle_ == nullptr ||
-        uv_tcp_getsockname(handle_, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
+    socklen_t length = sizeof storage;
+    if (fd_ < 0 || getsockname(fd_, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
         return "?";
     }
     return net::format(reinterpret_cast<const sockaddr *>(&storage));
 }
 
-void Listener::onConnection(uv_stream_t *stream, int status) {
-    auto *self = static_cast<Listener *>(stream->data);
+void Listener::onReadable(uv_poll_t *poll, int status, int /*events*/) {
+    auto *self = static_cast<Listener *>(poll->data);
     if (self->closing_) {
         return;
     }
     if (status < 0) {
-        // libuv has already accepted and closed what it could (its reserve-descriptor trick for
-        // EMFILE), so the listener neither spins nor dies; it accepts again on the next event.
-        self->server_.counters().acceptErrors++;
-        stats().acceptError();
-        const std::uint64_t now = uv_now(self->server_.loop());
-        if (now - self->lastAcceptErrorLog_ >= acceptErrorLogIntervalMs ||
-            self->lastAcceptErrorLog_ == 0) {
-            self->lastAcceptErrorLog_ = now;
-            log::warn("accept-failed listener=" + self->settings_->name +
-                      " error=" + uv_err_name(status));
-        }
+        self->acceptFailed(-status); // libuv's error codes are negated errno values here
         return;
     }
-    if (!self->server_.admits(*self->settings_)) {
-        // Leaving the connection unaccepted makes libuv stop polling this socket until
-        // retryAccept() takes it: back-pressure into the kernel's backlog.
-        self->pending_ = true;
-        return;
-    }
-    self->acceptOne();
+    self->acceptReady();
 }
 
-void Listener::acceptOne() {
-    Connection *connection = Connection::accept(server_, reinterpret_cast<uv_stream_t *>(handle_));
+void Listener::acceptReady() {
+    for (int taken = 0; taken < acceptsPerWake && !closing_; ++taken) {
+        if (!server_.admits(*settings_)) {
+            // Back-pressure into the kernel's backlog until retryAccept().
+            pending_ = true;
+            uv_poll_stop(poll_);
+            return;
+        }
+        sockaddr_storage peer{};
+        socklen_t length = sizeof peer;
+        const int fd = ::accept4(fd_, reinterpret_cast<sockaddr *>(&peer), &length,
+                                 SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            acceptOne(fd, peer);
+            continue;
+        }
+        const int error = errno;
+        if (error == EAGAIN || error == EWOULDBLOCK) {
+            return;
+        }
+        if (!connectionOnly(error)) {
+            acceptFailed(error);
+            return;
+        }
+    }
+}
+
+void Listener::acceptFailed(int error) {
+    // Out of descriptors, the connections waiting would otherwise sit in the backlog until
+    // their clients give up: close them now, each a client this listener could not serve.
+    const std::size_t shed = error == EMFILE || error == ENFILE ? server_.shedWaiting(fd_) : 0;
+    const std::uint64_t failures = std::max<std::uint64_t>(shed, 1);
+    server_.counters().acceptErrors += failures;
+    stats().acceptErrors(failures);
+    shedSinceLog_ += shed;
+    const std::uint64_t now = uv_now(server_.loop());
+    if (now - lastAcceptErrorLog_ >= acceptErrorLogIntervalMs || lastAcceptErrorLog_ == 0) {
+        lastAcceptErrorLog_ = now;
+        log::warn("accept-failed listener=" + settings_->name + " error=" + errorName(error) +
+                  " shed=" + std::to_string(shedSinceLog_));
+        shedSinceLog_ = 0;
+    }
+    if (shed == 0) {
+        rest();
+    }
+}
+
+void Listener::rest() {
+    if (restTimer_ == nullptr) {
+        restTimer_ = net::newTimer(server_.loop(), this);
+    }
+    uv_poll_stop(poll_);
+    uv_timer_start(
+        restTimer_,
+        [](uv_timer_t *timer) {
+            auto *self = static_cast<Listener *>(timer->data);
+            if (!self->closing_ && !self->pending_) {
+                uv_poll_start(self->poll_, UV_READABLE, onReadable);
+            }
+        },
+        acceptRestMs, 0);
+}
+
+void Listener::acceptOne(int fd, const sockaddr_storage &peer) {
+    Connection *connection = Connection::adopt(server_, fd);
     if (connection == nullptr) {
         return;
     }
     server_.counters().accepted++;
-    // One getpeername() serves the allow list, the handshake limit and the connection's logs.
-    const int fd = connection->clientFd();
-    sockaddr_storage peer{};
-    socklen_t length = sizeof peer;
-    if (fd < 0 || getpeername(fd, reinterpret_cast<sockaddr *>(&peer), &length) != 0) {
-        peer.ss_family = AF_UNSPEC;
-    }
+    // The address accept() gave serves the allow list, the handshake limit and the logs.
     std::string ipKey;
     const bool expectProxy = !settings_->acceptProxyFrom.empty();
     if (expectProxy) {
@@ -153,25 +233,40 @@ void Listener::acceptOne() {
 }
 
 void Listener::retryAccept() {
-    if (pending_ && !closing_ && server_.admits(*settings_)) {
+    if (pending_ && !closing_ && poll_ != nullptr && server_.admits(*settings_)) {
         pending_ = false;
-        acceptOne();
+        // Unless resting after an error: the rest timer starts polling again.
+        if (restTimer_ == nullptr ||
+            uv_is_active(reinterpret_cast<uv_handle_t *>(restTimer_)) == 0) {
+            uv_poll_start(poll_, UV_READABLE, onReadable);
+        }
     }
 }
 
 void Listener::close(std::function<void()> closed) {
     closing_ = true;
     closed_ = std::move(closed);
-    if (handle_ == nullptr) {
+    if (restTimer_ != nullptr) {
+        net::freeTimer(restTimer_);
+        restTimer_ = nullptr;
+    }
+    if (poll_ == nullptr) {
+        if (fd_ >= 0) {
+            ::close(fd_);
+            fd_ = -1;
+        }
         if (auto done = std::move(closed_)) {
             done(); // may delete this listener
         }
         return;
     }
-    uv_close(reinterpret_cast<uv_handle_t *>(handle_), [](uv_handle_t *handle) {
+    uv_close(reinterpret_cast<uv_handle_t *>(poll_), [](uv_handle_t *handle) {
         auto *self = static_cast<Listener *>(handle->data);
-        delete reinterpret_cast<uv_tcp_t *>(handle);
-        self->handle_ = nullptr;
+        delete reinterpret_cast<uv_poll_t *>(handle);
+        self->poll_ = nullptr;
+        // The poll handle no longer watches it: the socket can go.
+        ::close(self->fd_);
+        self->fd_ = -1;
         // Moved out first: the callback may delete this listener and with it closed_.
         if (auto done = std::move(self->closed_)) {
             done();

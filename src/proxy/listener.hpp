@@ -16,9 +16,12 @@ class Server;
 struct ListenerSettings;
 
 /**
- * A listening socket. Accepting pauses while the server is at its connection limit (the pending
- * connection waits in the kernel's backlog) and resumes through retryAccept(). Handle memory is
- * freed in the close callback, never before.
+ * A listening socket, accepted from by sluice itself (accept4 on a libuv poll handle) so that
+ * every accept error is seen: out of descriptors, the waiting connections are shed through the
+ * server's reserve descriptor, counted and logged (libuv's own listener sheds them silently).
+ * Accepting pauses while the server is at its connection limit (connections wait in the
+ * kernel's backlog) and resumes through retryAccept(). Handle memory is freed in the close
+ * callback, never before.
  */
 class Listener {
 public:
@@ -40,27 +43,36 @@ public:
     std::string boundText() const;
     const std::string &name() const;
 
-    /** Accepts the connection that waited while the server was full, if any. */
+    /** Accepts again if accepting paused while the server was full. */
     void retryAccept();
 
     /** Closes the socket; `closed` runs from the close callback. */
     void close(std::function<void()> closed);
 
 private:
-    static void onConnection(uv_stream_t *stream, int status);
-    void acceptOne();
+    static void onReadable(uv_poll_t *poll, int status, int events);
+    /** Accepts what waits, up to a bound per readiness event. */
+    void acceptReady();
+    void acceptOne(int fd, const sockaddr_storage &peer);
+    /** accept() failed with `error` (an errno value): shed, count, log, and rest if needed. */
+    void acceptFailed(int error);
+    /** Stops polling for acceptsRetryMs, so an error that persists does not spin the loop. */
+    void rest();
     /** Sets the settings' socket options on the listening socket, for accepted ones to inherit. */
     void applySocketOptions();
 
     Server &server_;
     std::string key_;
     std::shared_ptr<const ListenerSettings> settings_;
-    uv_tcp_t *handle_ = nullptr;           // freed in the close callback
+    int fd_ = -1;                          // the listening socket, owned
+    uv_poll_t *poll_ = nullptr;            // freed in the close callback
+    uv_timer_t *restTimer_ = nullptr;      // made on the first rest()
     std::optional<SocketOptions> applied_; // what the listening socket has now
-    bool pending_ = false;                 // a connection waits for a free slot
+    bool pending_ = false;                 // paused: the server is full (or draining)
     bool closing_ = false;
     std::function<void()> closed_;
     std::uint64_t lastAcceptErrorLog_ = 0;
+    std::uint64_t shedSinceLog_ = 0; // connections shed since the last accept-failed line
     std::uint64_t lastProxyRefusedLog_ = 0;
 };
 

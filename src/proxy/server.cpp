@@ -1,7 +1,9 @@
 #include "proxy/server.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstring>
+#include <fcntl.h>
 #include <limits>
 #include <netinet/in.h>
 #include <stdexcept>
@@ -112,11 +114,44 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
 Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     : loop_(loop)
     , runtime_(std::move(runtime))
+    , reserveFd_(openReserve())
     , deadlines_(loop, &Connection::fireDeadline)
     , warm_(warmBudget, &Connection::releaseBuffers) {}
 
 Server::~Server() {
     closeBackgroundTimers(); // a Server destroyed without its drain
+    if (reserveFd_ >= 0) {
+        ::close(reserveFd_);
+    }
+}
+
+int Server::openReserve() {
+    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+std::size_t Server::shedWaiting(int listenFd) {
+    if (reserveFd_ < 0) {
+        reserveFd_ = openReserve(); // another worker may have taken its slot last time
+    }
+    if (reserveFd_ < 0) {
+        return 0;
+    }
+    ::close(reserveFd_);
+    reserveFd_ = -1;
+    // The backlog bounds what waits; the cap bounds a flood that keeps arriving meanwhile.
+    constexpr std::size_t shedCap = 4096;
+    std::size_t shed = 0;
+    while (shed < shedCap) {
+        const int fd = ::accept4(listenFd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (fd >= 0) {
+            ::close(fd);
+            ++shed;
+        } else if (errno != EINTR && errno != ECONNABORTED) {
+            break; // EAGAIN: none left; anything else: the next readiness event retries
+        }
+    }
+    reserveFd_ = openReserve();
+    return shed;
 }
 
 uv_timer_t *Server::backgroundTimer(uv_timer_t *&timer) {

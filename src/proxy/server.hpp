@@ -165,6 +165,13 @@ public:
     bool handshakeStarting(const std::string &ipKey);
     void handshakeEnded(const std::string &ipKey);
     ServerStats &counters() { return stats_; }
+    /**
+     * Out of descriptors (EMFILE or ENFILE from accept): spends this server's reserve
+     * descriptor to accept and close every connection waiting on the listening socket
+     * `listenFd`, then opens the reserve again. Returns how many were closed unserved; 0 when
+     * there was no reserve to spend (the caller then rests instead of spinning).
+     */
+    std::size_t shedWaiting(int listenFd);
     /** The deadlines (timeouts) of this server's connections. */
     TimerHeap &deadlines() { return deadlines_; }
     /**
@@ -183,6 +190,7 @@ public:
 
 private:
     void adopt(ListenSocket socket);
+    static int openReserve();
     void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
     /** `timer` (the quiet or the sweep timer), made on first use; it keeps no loop alive. */
@@ -198,6 +206,9 @@ private:
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
+    // Held open (on /dev/null) so that a worker out of descriptors can still accept, and close,
+    // the connections waiting for one: they get a prompt close instead of a timeout.
+    int reserveFd_ = -1;
     std::vector<std::unique_ptr<Listener>> listeners_;
     // The live connections (stats_.active of them), linked through their own
     // prevInServer_/nextInServer_: no allocation or hashing per connection.

@@ -119,7 +119,8 @@ public:
     void backendConnectFailed();
     void bytesClientToBackend(std::uint64_t n) { bytesUp_.fetch_add(n, relaxed); }
     void bytesBackendToClient(std::uint64_t n) { bytesDown_.fetch_add(n, relaxed); }
-    void acceptError() { acceptErrors_.fetch_add(1, relaxed); }
+    /** `n` accept() failures, or connections closed unserved for want of a descriptor. */
+    void acceptErrors(std::uint64_t n) { acceptErrors_.fetch_add(n, relaxed); }
     /** A connection closed at accept by global.max_handshakes_per_ip. */
     void handshakeLimited() { handshakeLimited_.fetch_add(1, relaxed); }
     /** A connection from a source not in the listener's accept_proxy_from, closed at accept. */

@@ -731,11 +731,17 @@ class LimitedSluice(Sluice):
 def test_fd_exhaustion_backs_off_and_recovers(t):
     echo = t.backend(EchoBackend())
     nofile = 64
+    from test_ops import metrics
+
     text = t.config([t.listener(echo, timeouts={"handshake": "60s"})])
+    text += '\n[admin]\nlisten = "127.0.0.1:0"\n'
     t._n += 1
     d = LimitedSluice(t, text, f"sluice{t._n}", nofile)
     t.daemons.append(d)
     d.start()
+    m = d.wait_log(r"admin-listening address=(\S+):(\d+)", timeout=10)
+    admin = (m.group(1), int(m.group(2)))
+    errors_before = metrics(admin)["sluice_accept_errors_total"]
     with open(f"/proc/{d.pid}/limits") as f:
         check(re.search(rf"Max open files\s+{nofile}\s+{nofile}", f.read()), "prlimit did not apply")
     tls_roundtrip(d.addr(), b"warm up")
@@ -759,8 +765,8 @@ def test_fd_exhaustion_backs_off_and_recovers(t):
         except OSError:
             continue
         knocks += 1
-        # Out of descriptors, sluice must shed a waiting connection (libuv's reserve-descriptor
-        # trick: accept and close), not leave it in the backlog or spin on it.
+        # Out of descriptors, sluice must shed a waiting connection (its reserve descriptor:
+        # accept and close), not leave it in the backlog or spin on it.
         try:
             wait_peer_close(s, 2)
             shed += 1
@@ -773,7 +779,10 @@ def test_fd_exhaustion_backs_off_and_recovers(t):
     lines = [l for l in d.log().splitlines() if "accept-failed" in l]
     print(f"{knocks} knocks in {wall:.1f}s, {shed} shed, {len(lines)} accept-failed lines, {used:.2f}s CPU")
     check(knocks > 0 and shed == knocks, f"only {shed} of {knocks} connections were shed while out of descriptors")
+    check(lines, "no accept-failed line while out of descriptors")
     check(all("error=EMFILE" in l for l in lines), "accept-failed without EMFILE:\n" + "\n".join(lines[:5]))
+    logged_shed = sum(int(re.search(r" shed=(\d+)", l).group(1)) for l in lines)
+    check(0 < logged_shed <= knocks + want, f"accept-failed lines say {logged_shed} shed, for {knocks} knocks")
     elapsed = time.monotonic() - start + 15
     check(len(lines) <= elapsed + 2, f"{len(lines)} accept-failed lines in about {elapsed:.0f}s: more than one a second")
     check(used < 0.5 * wall, f"sluice used {used:.2f}s of CPU in {wall:.1f}s without descriptors: a spinning listener")
@@ -787,6 +796,10 @@ def test_fd_exhaustion_backs_off_and_recovers(t):
     wait_fds(d, baseline, "after the load dropped", timeout=20)
     for i in range(5):
         tls_roundtrip(d.addr(), b"served again %d" % i)
+    # Every shed connection is counted (the admin listener's own may add a few).
+    counted = metrics(admin)["sluice_accept_errors_total"] - errors_before
+    print(f"sluice_accept_errors_total rose by {counted:.0f}")
+    check(counted >= knocks, f"sluice_accept_errors_total rose by {counted:.0f} for {knocks} shed connections")
 
 
 def raise_nofile_for(n):
