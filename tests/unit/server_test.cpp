@@ -11,6 +11,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dirent.h>
+#include <fcntl.h>
 #include <functional>
 #include <linux/sockios.h>
 #include <memory>
@@ -20,6 +22,7 @@
 #include <span>
 #include <string>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <thread>
@@ -634,6 +637,121 @@ TEST_CASE("destroying a running Server cuts its connections and closes its handl
     server.reset();
     uv_run(loop.get(), UV_RUN_DEFAULT); // the Loop destructor checks that nothing is left
     CHECK(held.finishCut());
+}
+
+namespace {
+
+/** Descriptors this process has open (the entries of /proc/self/fd, less the one reading it). */
+int openDescriptors() {
+    DIR *dir = ::opendir("/proc/self/fd");
+    REQUIRE(dir != nullptr);
+    int count = 0;
+    while (const dirent *entry = ::readdir(dir)) {
+        count += entry->d_name[0] != '.' ? 1 : 0;
+    }
+    ::closedir(dir);
+    return count - 1;
+}
+
+/** A plain TCP connection to `address`; -1 if connect() failed. */
+int connectPlain(const std::string &address) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) {
+        return -1;
+    }
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(static_cast<std::uint16_t>(portOf(address)));
+    to.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    timeval timeout{5, 0}; // a listener that never sheds fails the test instead of hanging it
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+    if (::connect(fd, reinterpret_cast<sockaddr *>(&to), sizeof to) != 0) {
+        ::close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+} // namespace
+
+TEST_CASE("out of descriptors, a waiting client is closed at once and counted; the Server then "
+          "serves again, and gives its reserve descriptor back when destroyed") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    {
+        // What the first Server in a process leaves open for the process's life (libuv's
+        // signal pipe among them) is not this test's business.
+        Loop loop;
+        sluice::Server first(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+        first.start();
+        first.stop([](bool) {});
+    }
+    const int before = openDescriptors();
+    {
+        Loop loop;
+        loop.runWhile([] {}); // the loop's wake-up descriptor, made now and kept
+        sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+        server.start();
+        const std::string address = server.addresses().at(0).second;
+        const auto start = server.stats();
+
+        // Fill the descriptor table but for one slot, which the client's socket takes: the
+        // Server's accept() then fails with EMFILE while the client waits.
+        rlimit saved{};
+        REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
+        rlimit low = saved;
+        low.rlim_cur = static_cast<rlim_t>(openDescriptors() + 64);
+        REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
+        std::vector<int> filler;
+        for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) {
+            filler.push_back(fd);
+        }
+        REQUIRE(errno == EMFILE);
+        REQUIRE_FALSE(filler.empty());
+        ::close(filler.back());
+        filler.pop_back();
+
+        bool connected = false;
+        ssize_t got = 1;
+        int readError = 0;
+        std::chrono::steady_clock::duration waited{};
+        loop.runWhile([&] {
+            const int fd = connectPlain(address);
+            connected = fd >= 0;
+            if (!connected) {
+                return;
+            }
+            const auto t0 = std::chrono::steady_clock::now();
+            char byte = 0;
+            got = ::read(fd, &byte, 1); // the shed connection: EOF at once, not a 5 s timeout
+            readError = got < 0 ? errno : 0;
+            waited = std::chrono::steady_clock::now() - t0;
+            ::close(fd);
+        });
+        for (const int fd : filler) {
+            ::close(fd);
+        }
+        REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
+        CHECK(connected);
+        CHECK(got <= 0);
+        CHECK((got == 0 || readError == ECONNRESET)); // closed, not timed out (EAGAIN)
+        CHECK(waited < 2s);
+        const auto shed = server.stats();
+        CHECK(shed.acceptErrors - start.acceptErrors >= 1);
+        CHECK(shed.accepted == start.accepted); // nothing was served meanwhile
+
+        // Descriptors free again: the same listener serves.
+        bool echoed = false;
+        loop.runWhile([&] {
+            TlsClient client(address);
+            echoed = client.ok() && client.echo("after the shortage") && client.closeCleanly();
+        });
+        CHECK(echoed);
+        CHECK(server.stats().accepted == start.accepted + 1);
+        server.stop([](bool) {});
+    }
+    // The reserve, the listening socket and every connection are closed with the Server.
+    CHECK(openDescriptors() == before);
 }
 
 TEST_CASE("a burst that libuv reads to the last byte without a final read arrives whole") {
