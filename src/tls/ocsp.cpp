@@ -96,6 +96,11 @@ Staple checkOcspResponse(std::span<const unsigned char> der, X509 *leaf, STACK_O
         drainErrors();
         throw TlsError("not a DER OCSP response");
     }
+    // The bytes are stapled as they are: anything after the response would reach every client.
+    if (const auto used = static_cast<std::size_t>(p - der.data()); used != der.size()) {
+        throw TlsError(std::to_string(der.size() - used) +
+                       " bytes after the end of the DER OCSP response");
+    }
     const int status = OCSP_response_status(response.get());
     if (status != OCSP_RESPONSE_STATUS_SUCCESSFUL) {
         throw TlsError(std::string("the responder answered \"") + OCSP_response_status_str(status) +

@@ -18,4 +18,5 @@ int engineServer(const std::uint8_t *data, std::size_t size);
 int configLoader(const std::uint8_t *data, std::size_t size);
 int adminRequest(const std::uint8_t *data, std::size_t size);
 int proxyProtocol(const std::uint8_t *data, std::size_t size);
+int ocspResponse(const std::uint8_t *data, std::size_t size);
 } // namespace sluice::fuzz

@@ -43,3 +43,7 @@ TEST_CASE("the admin request corpus replays cleanly") {
 TEST_CASE("the PROXY protocol corpus replays cleanly") {
     CHECK(replay("proxy_protocol", sluice::fuzz::proxyProtocol) >= 4);
 }
+
+TEST_CASE("the OCSP response corpus replays cleanly") {
+    CHECK(replay("ocsp", sluice::fuzz::ocspResponse) >= 4);
+}

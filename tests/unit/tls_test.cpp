@@ -358,6 +358,11 @@ TEST_CASE("ocsp: mismatched, badly signed and undated responses are refused") {
     CHECK(checkError(caSigned(3600, 7200), now).find("not valid yet") != std::string::npos);
     // Not an OCSP response at all.
     CHECK(checkError({1, 2, 3}, now).find("not a DER OCSP response") != std::string::npos);
+    // A good response with bytes after it: they would be stapled to every client.
+    std::vector<unsigned char> trailing = caSigned(-60, 600);
+    CHECK(checkError(trailing, now) == "accepted");
+    trailing.push_back('\n');
+    CHECK(checkError(trailing, now) == "1 bytes after the end of the DER OCSP response");
 }
 
 TEST_CASE("ocsp: fetched responses are refreshed at half their remaining validity, capped") {
