@@ -98,8 +98,9 @@ Staple checkOcspResponse(std::span<const unsigned char> der, X509 *leaf, STACK_O
     }
     // The bytes are stapled as they are: anything after the response would reach every client.
     if (const auto used = static_cast<std::size_t>(p - der.data()); used != der.size()) {
-        throw TlsError(std::to_string(der.size() - used) +
-                       " bytes after the end of the DER OCSP response");
+        const std::size_t extra = der.size() - used;
+        throw TlsError(std::to_string(extra) + (extra == 1 ? " byte" : " bytes") +
+                       " after the end of the DER OCSP response");
     }
     const int status = OCSP_response_status(response.get());
     if (status != OCSP_RESPONSE_STATUS_SUCCESSFUL) {

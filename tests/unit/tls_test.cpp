@@ -362,7 +362,9 @@ TEST_CASE("ocsp: mismatched, badly signed and undated responses are refused") {
     std::vector<unsigned char> trailing = caSigned(-60, 600);
     CHECK(checkError(trailing, now) == "accepted");
     trailing.push_back('\n');
-    CHECK(checkError(trailing, now) == "1 bytes after the end of the DER OCSP response");
+    CHECK(checkError(trailing, now) == "1 byte after the end of the DER OCSP response");
+    trailing.push_back('\n');
+    CHECK(checkError(trailing, now) == "2 bytes after the end of the DER OCSP response");
 }
 
 TEST_CASE("ocsp: fetched responses are refreshed at half their remaining validity, capped") {
