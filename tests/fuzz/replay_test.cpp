@@ -47,3 +47,7 @@ TEST_CASE("the PROXY protocol corpus replays cleanly") {
 TEST_CASE("the OCSP response corpus replays cleanly") {
     CHECK(replay("ocsp", sluice::fuzz::ocspResponse) >= 4);
 }
+
+TEST_CASE("the listener hello corpus replays cleanly") {
+    CHECK(replay("hello", sluice::fuzz::listenerHello) >= 4);
+}
