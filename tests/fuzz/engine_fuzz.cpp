@@ -1,8 +1,8 @@
 // The server Engine fed arbitrary ciphertext, either from the first byte or after a complete
-// in-memory handshake with a client engine (feed_server.hpp says what must hold), with the test
+// in-memory handshake with a client engine (feed_engine.hpp says what must hold), with the test
 // fixture's plain server context: OpenSSL's own parsing and the Engine's driving of it.
 #include "../unit/tls_fixture.hpp"
-#include "feed_server.hpp"
+#include "feed_engine.hpp"
 #include "fuzz_target.hpp"
 
 namespace sluice::fuzz {
@@ -10,7 +10,7 @@ namespace sluice::fuzz {
 SLUICE_FUZZ_TARGET(engineServer) {
     static const auto serverContext = test::serverContext();
     static const auto clientContext = test::clientContext();
-    feedServer(serverContext.get(), clientContext.get(), "localhost", data, size);
+    feedEngine(Role::server, serverContext.get(), clientContext.get(), "localhost", data, size);
     return 0;
 }
 

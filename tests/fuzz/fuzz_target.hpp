@@ -20,4 +20,5 @@ int adminRequest(const std::uint8_t *data, std::size_t size);
 int proxyProtocol(const std::uint8_t *data, std::size_t size);
 int ocspResponse(const std::uint8_t *data, std::size_t size);
 int listenerHello(const std::uint8_t *data, std::size_t size);
+int backendReply(const std::uint8_t *data, std::size_t size);
 } // namespace sluice::fuzz

@@ -1,4 +1,4 @@
-// The daemon's own server context fed arbitrary ciphertext (feed_server.hpp says what must hold):
+// The daemon's own server context fed arbitrary ciphertext (feed_engine.hpp says what must hold):
 // tls::makeServerContext() from a TOML listener with two certificates chosen by SNI (one with a
 // wildcard name, one with its own required client_auth), ALPN with alpn_mismatch = "fail",
 // optional client certificates, a TLS 1.2 session cache and tickets from a key file. So the
@@ -14,7 +14,7 @@
 #include <sluice/config.hpp>
 
 #include "../unit/tls_fixture.hpp"
-#include "feed_server.hpp"
+#include "feed_engine.hpp"
 #include "fuzz_target.hpp"
 #include "tls/context.hpp"
 
@@ -90,7 +90,7 @@ alpn_mismatch = "fail"
 
 SLUICE_FUZZ_TARGET(listenerHello) {
     static const auto clientContext = test::clientContext();
-    feedServer(listenerContext(), clientContext.get(), "localhost", data, size);
+    feedEngine(Role::server, listenerContext(), clientContext.get(), "localhost", data, size);
     return 0;
 }
 

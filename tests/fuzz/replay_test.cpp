@@ -51,3 +51,7 @@ TEST_CASE("the OCSP response corpus replays cleanly") {
 TEST_CASE("the listener hello corpus replays cleanly") {
     CHECK(replay("hello", sluice::fuzz::listenerHello) >= 4);
 }
+
+TEST_CASE("the backend reply corpus replays cleanly") {
+    CHECK(replay("backend", sluice::fuzz::backendReply) >= 4);
+}

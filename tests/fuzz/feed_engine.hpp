@@ -1,5 +1,5 @@
-// Feeding a server Engine arbitrary ciphertext, shared by the fuzz targets that do it with
-// different contexts. Whatever arrives, the engine must not crash, must keep its queues bounded,
+// Feeding an Engine arbitrary ciphertext, shared by the fuzz targets that do it with different
+// contexts and roles. Whatever arrives, the engine must not crash, must keep its queues bounded,
 // must never deliver plaintext after a failure, and must report one sticky error.
 #pragma once
 
@@ -54,10 +54,11 @@ inline void handshake(Engine &client, Engine &server) {
 
 /**
  * One input: its first byte picks the start state (bit 0: after a completed handshake with a
- * client engine of `clientContext` asking for `serverName`) and how the rest is cut into
- * transport reads; the rest is the ciphertext.
+ * peer engine of `peerContext`) and how the rest is cut into transport reads; the rest is the
+ * ciphertext the engine of `context`, in `role`, receives. A client engine (and a client peer)
+ * asks for `serverName`.
  */
-inline void feedServer(SSL_CTX *serverContext, SSL_CTX *clientContext,
+inline void feedEngine(Role role, SSL_CTX *context, SSL_CTX *peerContext,
                        const std::string &serverName, const std::uint8_t *data, std::size_t size) {
     if (size == 0) {
         return;
@@ -70,45 +71,52 @@ inline void feedServer(SSL_CTX *serverContext, SSL_CTX *clientContext,
     EngineOptions options;
     options.pairSize = feedPairSize;
     options.plaintextBudget = feedBudget;
-    auto server = Engine::create(serverContext, Role::server, options);
-    check(server != nullptr, "server engine");
-    std::unique_ptr<Engine> client;
+    EngineOptions clientOptions = options;
+    clientOptions.serverName = serverName;
+    auto engine = Engine::create(context, role, role == Role::client ? clientOptions : options);
+    check(engine != nullptr, "engine");
+    std::unique_ptr<Engine> peer;
     if (afterHandshake) {
-        EngineOptions clientOptions = options;
-        clientOptions.serverName = serverName;
-        client = Engine::create(clientContext, Role::client, clientOptions);
-        handshake(*client, *server);
-        check(server->status().handshakeDone, "in-memory handshake");
+        const Role peerRole = role == Role::client ? Role::server : Role::client;
+        peer = Engine::create(peerContext, peerRole,
+                              peerRole == Role::client ? clientOptions : options);
+        check(peer != nullptr, "peer engine");
+        if (role == Role::server) {
+            handshake(*peer, *engine);
+        } else {
+            handshake(*engine, *peer);
+        }
+        check(engine->status().handshakeDone, "in-memory handshake");
     }
     bool failed = false;
     std::string reason;
     while (size > 0) {
-        auto space = server->cipherInSpace();
+        auto space = engine->cipherInSpace();
         if (space.empty()) {
-            drain(*server);
-            space = server->cipherInSpace();
+            drain(*engine);
+            space = engine->cipherInSpace();
             if (space.empty()) {
                 break; // the engine stopped taking input (failed or closed): that is allowed
             }
         }
         const std::size_t n = std::min({chunk, size, space.size()});
         std::memcpy(space.data(), data, n);
-        server->commitCipherIn(n);
+        engine->commitCipherIn(n);
         data += n;
         size -= n;
         if (failed) {
-            check(server->status().failed && server->errorReason() == reason, "sticky error");
-        } else if (server->status().failed) {
+            check(engine->status().failed && engine->errorReason() == reason, "sticky error");
+        } else if (engine->status().failed) {
             failed = true;
-            reason = server->errorReason();
+            reason = engine->errorReason();
             check(!reason.empty(), "an error has a reason");
         }
         std::uint8_t reply[64] = {};
-        server->write(reply);
-        drain(*server);
+        engine->write(reply);
+        drain(*engine);
     }
-    server->cipherInEof();
-    drain(*server);
+    engine->cipherInEof();
+    drain(*engine);
 }
 
 } // namespace sluice::fuzz
