@@ -4,9 +4,7 @@
 // offered) is fed arbitrary ciphertext, from its ClientHello on or after a completed handshake
 // with the test fixture's server, whose certificate that CA issued. The client's ServerHello
 // checks need a predictable session id, so the context sends none (see below).
-#include <cstdlib>
 #include <string>
-#include <unistd.h>
 
 #include "../unit/tls_fixture.hpp"
 #include "feed_engine.hpp"
@@ -19,11 +17,8 @@ namespace {
 
 SSL_CTX *backendClientContext() {
     static const tls::ContextPtr context = [] {
-        const char *tmp = std::getenv("TMPDIR");
-        std::string dir =
-            std::string(tmp != nullptr ? tmp : "/tmp") + "/sluice-backend-fuzz-XXXXXX";
-        check(::mkdtemp(dir.data()) != nullptr, "a temporary folder");
-        const std::string ca = dir + "/ca.crt";
+        const test::TempFolder folder("sluice-backend-fuzz"); // gone once the context is built
+        const std::string ca = folder.file("ca.crt");
         test::writePem(ca, test::pki().caCert.get(), nullptr);
         tls::ClientContextOptions options;
         options.caFile = ca;
@@ -32,8 +27,6 @@ SSL_CTX *backendClientContext() {
         // An empty legacy session id (no middlebox compatibility), so that a ServerHello in the
         // corpus can echo it: a random one would stop every fuzzed ServerHello at that check.
         SSL_CTX_clear_options(built.get(), SSL_OP_ENABLE_MIDDLEBOX_COMPAT);
-        ::unlink(ca.c_str());
-        ::rmdir(dir.c_str());
         return built;
     }();
     return context.get();

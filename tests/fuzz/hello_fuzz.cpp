@@ -5,7 +5,6 @@
 // ClientHello reaches sluice's callbacks: the SNI read from the raw extension and the
 // certificate switch, the client_auth switch, ALPN selection, and the ticket key lookup with the
 // key name the client sent (the seeds carry tickets named after the file's key).
-#include <cstdlib>
 #include <fstream>
 #include <string>
 
@@ -26,27 +25,21 @@ namespace {
 constexpr const char *ticketKey = "c2x1aWNlLWZ1enota2V5IQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEB"
                                   "AgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=";
 
-void write(const std::string &path, const std::string &text) {
-    std::ofstream(path, std::ios::binary) << text;
-}
-
-/** The context, built once from files in a folder that is removed again at exit. */
+/** The context, built once from files in a temporary folder, removed once it is built. */
 SSL_CTX *listenerContext() {
     static const tls::ContextPtr context = [] {
-        const char *tmp = std::getenv("TMPDIR");
-        std::string dir = std::string(tmp != nullptr ? tmp : "/tmp") + "/sluice-hello-fuzz-XXXXXX";
-        check(::mkdtemp(dir.data()) != nullptr, "a temporary folder");
+        const test::TempFolder folder("sluice-hello-fuzz");
         const auto &pki = test::pki();
         auto otherKey = test::makeKey();
         auto other =
             test::makeCertificate(otherKey.get(), "other.test", pki.caCert.get(), pki.caKey.get(),
                                   20, false, "DNS:other.test,DNS:*.example.com");
-        test::writePem(dir + "/ca.crt", pki.caCert.get(), nullptr);
-        test::writePem(dir + "/a.crt", pki.leafCert.get(), nullptr);
-        test::writePem(dir + "/a.key", nullptr, pki.leafKey.get());
-        test::writePem(dir + "/b.crt", other.get(), nullptr);
-        test::writePem(dir + "/b.key", nullptr, otherKey.get());
-        write(dir + "/tickets.keys", std::string(ticketKey) + "\n");
+        test::writePem(folder.file("ca.crt"), pki.caCert.get(), nullptr);
+        test::writePem(folder.file("a.crt"), pki.leafCert.get(), nullptr);
+        test::writePem(folder.file("a.key"), nullptr, pki.leafKey.get());
+        test::writePem(folder.file("b.crt"), other.get(), nullptr);
+        test::writePem(folder.file("b.key"), nullptr, otherKey.get());
+        std::ofstream(folder.file("tickets.keys"), std::ios::binary) << ticketKey << "\n";
         const std::string toml = R"([tls]
 ticket_keys = "tickets.keys"
 session_cache = 64
@@ -73,14 +66,9 @@ alpn_mismatch = "fail"
   mode = "optional"
   ca = "ca.crt"
 )";
-        write(dir + "/sluice.toml", toml);
-        const Config config = parseConfig(toml, dir + "/sluice.toml");
+        // The path only anchors the relative file names; the text is parsed as it is.
+        const Config config = parseConfig(toml, folder.file("sluice.toml"));
         tls::ContextPtr built = tls::makeServerContext(config.listeners.at(0));
-        for (const char *name :
-             {"ca.crt", "a.crt", "a.key", "b.crt", "b.key", "tickets.keys", "sluice.toml"}) {
-            std::remove((dir + "/" + name).c_str());
-        }
-        ::rmdir(dir.c_str());
         return built;
     }();
     return context.get();
