@@ -6,6 +6,7 @@
 // checks need a predictable session id, so the context sends none (see below).
 #include <string>
 
+#include "../unit/temp_dir.hpp"
 #include "../unit/tls_fixture.hpp"
 #include "feed_engine.hpp"
 #include "fuzz_target.hpp"
@@ -17,7 +18,7 @@ namespace {
 
 SSL_CTX *backendClientContext() {
     static const tls::ContextPtr context = [] {
-        const test::TempFolder folder("sluice-backend-fuzz"); // gone once the context is built
+        const test::TempDir folder("sluice-backend-fuzz"); // gone once the context is built
         const std::string ca = folder.file("ca.crt");
         test::writePem(ca, test::pki().caCert.get(), nullptr);
         tls::ClientContextOptions options;

@@ -5,13 +5,13 @@
 // ClientHello reaches sluice's callbacks: the SNI read from the raw extension and the
 // certificate switch, the client_auth switch, ALPN selection, and the ticket key lookup with the
 // key name the client sent (the seeds carry tickets named after the file's key).
-#include <fstream>
 #include <string>
 
 #include <openssl/ssl.h>
 
 #include <sluice/config.hpp>
 
+#include "../unit/temp_dir.hpp"
 #include "../unit/tls_fixture.hpp"
 #include "feed_engine.hpp"
 #include "fuzz_target.hpp"
@@ -28,7 +28,7 @@ constexpr const char *ticketKey = "c2x1aWNlLWZ1enota2V5IQEBAQEBAQEBAQEBAQEBAQEBA
 /** The context, built once from files in a temporary folder, removed once it is built. */
 SSL_CTX *listenerContext() {
     static const tls::ContextPtr context = [] {
-        const test::TempFolder folder("sluice-hello-fuzz");
+        const test::TempDir folder("sluice-hello-fuzz");
         const auto &pki = test::pki();
         auto otherKey = test::makeKey();
         auto other =
@@ -39,7 +39,7 @@ SSL_CTX *listenerContext() {
         test::writePem(folder.file("a.key"), nullptr, pki.leafKey.get());
         test::writePem(folder.file("b.crt"), other.get(), nullptr);
         test::writePem(folder.file("b.key"), nullptr, otherKey.get());
-        std::ofstream(folder.file("tickets.keys"), std::ios::binary) << ticketKey << "\n";
+        folder.write("tickets.keys", std::string(ticketKey) + "\n");
         const std::string toml = R"([tls]
 ticket_keys = "tickets.keys"
 session_cache = 64

@@ -12,6 +12,8 @@
 
 #include <sluice/config.hpp>
 
+#include "temp_dir.hpp"
+
 using namespace std::chrono_literals;
 using sluice::Address;
 using sluice::Config;
@@ -42,34 +44,6 @@ std::string loadErrorOf(const std::string &path) {
     }
     return "(no error)";
 }
-
-/** A fresh folder under the system's temporary folder, removed when the test ends. */
-class TempDir {
-public:
-    TempDir() {
-        std::string pattern = (std::filesystem::temp_directory_path() / "sluice-config-XXXXXX");
-        REQUIRE(mkdtemp(pattern.data()) != nullptr);
-        path_ = pattern;
-    }
-    ~TempDir() {
-        std::error_code ignored;
-        std::filesystem::remove_all(path_, ignored);
-    }
-    TempDir(const TempDir &) = delete;
-    TempDir &operator=(const TempDir &) = delete;
-
-    const std::filesystem::path &path() const { return path_; }
-
-    std::string write(const std::string &name, std::string_view text) const {
-        std::filesystem::path file = path_ / name;
-        std::filesystem::create_directories(file.parent_path());
-        std::ofstream(file) << text;
-        return file.string();
-    }
-
-private:
-    std::filesystem::path path_;
-};
 
 constexpr std::string_view minimal = R"([[listener]]
 listen = "0.0.0.0:8443"
@@ -298,7 +272,7 @@ backend = "unix:run/app.sock"
               (cwd / "conf/run/app.sock").string());
     }
     SUBCASE("loadConfig anchors on the file it read") {
-        TempDir dir;
+        sluice::test::TempDir dir("sluice-config");
         std::string file = dir.write("sub/sluice.toml", text);
         Config config = sluice::loadConfig(file);
         CHECK(config.path == file);
@@ -578,7 +552,7 @@ TEST_CASE("files that cannot be read") {
     CHECK(loadErrorOf(SLUICE_SOURCE_ROOT "/conf") == SLUICE_SOURCE_ROOT
           "/conf: cannot read: Is a directory");
 
-    TempDir dir;
+    sluice::test::TempDir dir("sluice-config");
     std::string file = dir.write("bad.toml", "[[listener]]\nlisten = \"a:1\"\n");
     CHECK(loadErrorOf(file) == file + ":1:1: listener[0].certificate: required key is missing");
 }

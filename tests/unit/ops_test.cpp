@@ -31,31 +31,12 @@
 #include "ops/systemd.hpp"
 #include "ops/text.hpp"
 #include "proxy/stats.hpp"
+#include "temp_dir.hpp"
 
 using namespace sluice;
 using sluice::ops::HttpRequest;
 
 namespace {
-
-/** A fresh folder under the system's temporary folder, removed when the test ends. */
-class TempDir {
-public:
-    TempDir() {
-        std::string pattern = (std::filesystem::temp_directory_path() / "sluice-ops-XXXXXX");
-        REQUIRE(mkdtemp(pattern.data()) != nullptr);
-        path_ = pattern;
-    }
-    ~TempDir() {
-        std::error_code ignored;
-        std::filesystem::remove_all(path_, ignored);
-    }
-    TempDir(const TempDir &) = delete;
-    TempDir &operator=(const TempDir &) = delete;
-    const std::filesystem::path &path() const { return path_; }
-
-private:
-    std::filesystem::path path_;
-};
 
 std::vector<std::string> lines(const std::string &text) {
     std::vector<std::string> out;
@@ -714,7 +695,7 @@ TEST_CASE("JSON strings: overlong forms and surrogates are not UTF-8") {
 }
 
 TEST_CASE("the access log appends to a file and reopens it after rotation") {
-    TempDir dir;
+    sluice::test::TempDir dir("sluice-ops");
     LogConfig config;
     config.access = (dir.path() / "access.log").string();
     config.format = AccessLogFormat::json;
@@ -744,7 +725,7 @@ TEST_CASE("the access log appends to a file and reopens it after rotation") {
 // -------------------------------------------------------------------------------
 
 TEST_CASE("notify datagrams reach a path socket in the documented format") {
-    TempDir dir;
+    sluice::test::TempDir dir("sluice-ops");
     NotifySocket socket((dir.path() / "notify").string());
     CHECK(ops::systemd::notifyReady("serving 2 listeners"));
     CHECK(receive(socket.fd()) == "READY=1\nSTATUS=serving 2 listeners\n");
@@ -781,7 +762,7 @@ TEST_CASE("without NOTIFY_SOCKET notifications do nothing") {
 }
 
 TEST_CASE("the watchdog pings from the loop at half the interval, for this process only") {
-    TempDir dir;
+    sluice::test::TempDir dir("sluice-ops");
     NotifySocket socket((dir.path() / "notify").string());
     setenv("WATCHDOG_USEC", "40000", 1); // 40 ms: a ping every 20 ms
     setenv("WATCHDOG_PID", std::to_string(getpid() + 1).c_str(), 1);

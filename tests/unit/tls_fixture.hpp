@@ -11,15 +11,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <memory>
 #include <netinet/in.h>
 #include <span>
 #include <stdexcept>
 #include <string>
 #include <sys/socket.h>
-#include <system_error>
 #include <unistd.h>
 #include <utility>
 #include <vector>
@@ -64,31 +61,6 @@ inline std::string opensslErrors() {
 [[noreturn]] inline void fixtureFailure(const std::string &what) {
     throw std::runtime_error("tls fixture: " + what + ": " + opensslErrors());
 }
-
-/** A new folder in the temporary directory ($TMPDIR), removed with its contents on destruction. */
-class TempFolder {
-public:
-    explicit TempFolder(const std::string &prefix) {
-        // mkdtemp() replaces the six X's of its template with a unique suffix.
-        std::string pattern = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX"));
-        if (::mkdtemp(pattern.data()) == nullptr) {
-            throw std::runtime_error("tls fixture: cannot make a folder like " + pattern);
-        }
-        path_ = pattern;
-    }
-    ~TempFolder() {
-        std::error_code ignored;
-        std::filesystem::remove_all(path_, ignored);
-    }
-    TempFolder(const TempFolder &) = delete;
-    TempFolder &operator=(const TempFolder &) = delete;
-
-    /** The path of `name` inside the folder. */
-    std::string file(const std::string &name) const { return path_ + "/" + name; }
-
-private:
-    std::string path_;
-};
 
 inline void addExtension(X509 *cert, X509V3_CTX &v3, int nid, const char *value) {
     X509_EXTENSION *extension = X509V3_EXT_conf_nid(nullptr, &v3, nid, value);
