@@ -13,7 +13,8 @@
 
 namespace sluice::net {
 
-int openListenSocket(const SocketAddress &address, const std::string &text, int backlog) {
+int openListenSocket(const SocketAddress &address, const std::string &text, int backlog,
+                     bool sharePort) {
     if (address.kind != Address::Kind::tcp) {
         throw std::runtime_error("listen " + text + ": only TCP addresses can be listened on");
     }
@@ -29,7 +30,7 @@ int openListenSocket(const SocketAddress &address, const std::string &text, int 
     };
     const int on = 1;
     if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) != 0 ||
-        ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0) {
+        (sharePort && ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) != 0)) {
         failWith("setsockopt");
     }
     if (family == AF_INET6 && ::setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on) != 0) {

@@ -13,9 +13,11 @@ namespace sluice::net {
 /**
  * Creates a non-blocking, close-on-exec TCP socket, binds it to `address` with SO_REUSEADDR and
  * SO_REUSEPORT (IPv6 sockets take IPv6 only) and listens. Returns the descriptor; throws
- * std::runtime_error naming `text` on failure (nothing is left open).
+ * std::runtime_error naming `text` on failure (nothing is left open). `sharePort` false leaves
+ * out SO_REUSEPORT, so that an address another socket listens on is an error.
  */
-int openListenSocket(const SocketAddress &address, const std::string &text, int backlog);
+int openListenSocket(const SocketAddress &address, const std::string &text, int backlog,
+                     bool sharePort = true);
 
 /**
  * Sets TCP_NODELAY, keepalive (SO_KEEPALIVE; TCP_KEEPIDLE from `options`, probes every second,

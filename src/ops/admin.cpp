@@ -1,9 +1,16 @@
 #include "ops/admin.hpp"
 
+#include <array>
+#include <cerrno>
 #include <chrono>
+#include <fcntl.h>
 #include <stdexcept>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "net/address.hpp"
+#include "net/listen_socket.hpp"
+#include "net/timer.hpp"
 #include "tls/context.hpp"
 #include "util/log.hpp"
 
@@ -80,53 +87,163 @@ struct Admin::Client {
     int openHandles = 0;
     bool responded = false;
     bool closing = false;
+    bool onReserve = false; // its socket took the reserve descriptor's place
 };
+
+namespace {
+
+// Admin connections taken per readiness event; the rest wait for the next turn.
+constexpr int acceptsPerWake = 16;
+// Out of descriptors with the reserve already in use, the listener rests this long.
+constexpr std::uint64_t acceptRestMs = 100;
+constexpr std::uint64_t acceptErrorLogIntervalMs = 1000;
+
+int openReserve() {
+    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+std::string errorName(int error) {
+    std::array<char, 64> name{};
+    uv_err_name_r(-error, name.data(), name.size());
+    return name.data();
+}
+
+} // namespace
 
 Admin::Admin(uv_loop_t *loop, const AdminConfig &config, StatusSource source)
     : loop_(loop)
     , address_(config.listen)
     , source_(std::move(source)) {}
 
-Admin::~Admin() = default;
+Admin::~Admin() {
+    if (reserveFd_ >= 0) {
+        ::close(reserveFd_); // destroyed without close()
+    }
+}
 
 void Admin::start() {
     const net::SocketAddress address = net::resolve(address_);
-    listener_ = new uv_tcp_t;
-    uv_tcp_init(loop_, listener_);
-    listener_->data = this;
-    int err = uv_tcp_bind(listener_, address.raw(), 0);
-    if (err == 0) {
-        err = uv_listen(reinterpret_cast<uv_stream_t *>(listener_), 64, onConnection);
+    try {
+        // No SO_REUSEPORT: a second daemon on the same admin address is an error, not a share.
+        fd_ = net::openListenSocket(address, address_.text(), 64, false);
+    } catch (const std::exception &e) {
+        throw std::runtime_error(std::string("admin ") + e.what());
     }
-    if (err != 0) {
+    reserveFd_ = openReserve();
+    poll_ = new uv_poll_t;
+    if (const int err = uv_poll_init_socket(loop_, poll_, fd_); err != 0) {
+        delete poll_;
+        poll_ = nullptr;
+        ::close(fd_);
+        fd_ = -1;
         throw std::runtime_error("admin listen " + address_.text() + ": " + uv_strerror(err));
     }
+    poll_->data = this;
+    uv_poll_start(poll_, UV_READABLE, onReadable);
     sockaddr_storage storage{};
-    int length = sizeof storage;
-    if (uv_tcp_getsockname(listener_, reinterpret_cast<sockaddr *>(&storage), &length) == 0) {
+    socklen_t length = sizeof storage;
+    if (::getsockname(fd_, reinterpret_cast<sockaddr *>(&storage), &length) == 0) {
         bound_ = net::format(reinterpret_cast<const sockaddr *>(&storage));
     }
     log::info("admin-listening address=" + bound_);
 }
 
-void Admin::onConnection(uv_stream_t *server, int status) {
-    auto *self = static_cast<Admin *>(server->data);
-    if (status < 0 || self->closing_) {
-        return;
+void Admin::onReadable(uv_poll_t *poll, int /*status*/, int /*events*/) {
+    // A poll error shows again as accept()'s own error, which acceptReady() handles.
+    auto *self = static_cast<Admin *>(poll->data);
+    if (!self->closing_) {
+        self->acceptReady();
     }
+}
+
+void Admin::acceptReady() {
+    for (int taken = 0; taken < acceptsPerWake && !closing_; ++taken) {
+        int fd = ::accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        const bool onReserve = fd < 0;
+        if (fd < 0) {
+            const int error = errno;
+            if (error == EAGAIN || error == EWOULDBLOCK) {
+                return;
+            }
+            if (error == EINTR || error == ECONNABORTED || error == EPROTO) {
+                continue; // that one connection failed; the next may not
+            }
+            fd = acceptOnReserve(error);
+            if (fd < 0) {
+                return;
+            }
+        }
+        serve(fd, onReserve);
+    }
+}
+
+int Admin::acceptOnReserve(int error) {
+    // Out of descriptors the admin listener is what an operator looks at, so it answers: the
+    // reserve descriptor makes room for one admin connection, and comes back when it closes.
+    int fd = -1;
+    if (error == EMFILE || error == ENFILE) {
+        if (reserveFd_ < 0) {
+            reserveFd_ = openReserve(); // a worker may have taken its slot last time
+        }
+        if (reserveFd_ >= 0) {
+            ::close(reserveFd_);
+            reserveFd_ = -1;
+            fd = ::accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0) {
+                reserveFd_ = openReserve();
+            }
+        }
+    }
+    const bool onReserve = fd >= 0;
+    const std::uint64_t now = uv_now(loop_);
+    if (now - lastAcceptErrorLog_ >= acceptErrorLogIntervalMs || lastAcceptErrorLog_ == 0) {
+        lastAcceptErrorLog_ = now;
+        log::warn("accept-failed listener=admin error=" + errorName(error) +
+                  (onReserve ? " detail=\"answered on the reserve descriptor\""
+                             : " detail=\"no descriptor to spare; waiting connections stay "
+                               "queued\""));
+    }
+    if (!onReserve) {
+        rest();
+    }
+    return fd;
+}
+
+void Admin::rest() {
+    if (restTimer_ == nullptr) {
+        restTimer_ = net::newTimer(loop_, this);
+    }
+    uv_poll_stop(poll_);
+    uv_timer_start(
+        restTimer_,
+        [](uv_timer_t *timer) {
+            auto *self = static_cast<Admin *>(timer->data);
+            if (!self->closing_) {
+                uv_poll_start(self->poll_, UV_READABLE, onReadable);
+            }
+        },
+        acceptRestMs, 0);
+}
+
+void Admin::serve(int fd, bool onReserve) {
     auto *client = new Client;
-    client->admin = self;
-    uv_tcp_init(self->loop_, &client->tcp);
-    uv_timer_init(self->loop_, &client->timer);
+    client->admin = this;
+    client->onReserve = onReserve;
+    uv_tcp_init(loop_, &client->tcp);
+    uv_timer_init(loop_, &client->timer);
     client->tcp.data = client;
     client->timer.data = client;
     client->writeReq.data = client;
     client->shutdownReq.data = client;
     client->openHandles = 2;
-    self->clients_.insert(client);
-    if (uv_accept(server, reinterpret_cast<uv_stream_t *>(&client->tcp)) != 0 ||
-        self->clients_.size() > maxClients) {
-        self->closeClient(client);
+    clients_.insert(client);
+    if (uv_tcp_open(&client->tcp, fd) != 0) {
+        ::close(fd);
+        closeClient(client);
+        return;
+    }
+    if (clients_.size() > maxClients) {
+        closeClient(client);
         return;
     }
     uv_timer_start(
@@ -191,7 +308,7 @@ void Admin::onConnection(uv_stream_t *server, int status) {
         }
     };
     if (uv_read_start(reinterpret_cast<uv_stream_t *>(&client->tcp), alloc, read) != 0) {
-        self->closeClient(client);
+        closeClient(client);
     }
 }
 
@@ -211,6 +328,9 @@ void Admin::closeClient(Client *client) {
 }
 
 void Admin::clientClosed(Client *client) {
+    if (client->onReserve && reserveFd_ < 0 && !closing_) {
+        reserveFd_ = openReserve(); // its socket is closed: take the slot back
+    }
     clients_.erase(client);
     delete client;
     maybeDone();
@@ -267,7 +387,15 @@ void Admin::close(std::function<void()> done) {
     for (Client *client : std::vector<Client *>(clients_.begin(), clients_.end())) {
         closeClient(client);
     }
-    if (listener_ == nullptr) {
+    if (restTimer_ != nullptr) {
+        net::freeTimer(restTimer_);
+        restTimer_ = nullptr;
+    }
+    if (reserveFd_ >= 0) {
+        ::close(reserveFd_);
+        reserveFd_ = -1;
+    }
+    if (poll_ == nullptr) {
         // Never started: report completion from the loop all the same, never from this call.
         auto *idle = new uv_idle_t;
         uv_idle_init(loop_, idle);
@@ -283,10 +411,12 @@ void Admin::close(std::function<void()> done) {
         });
         return;
     }
-    uv_close(reinterpret_cast<uv_handle_t *>(listener_), [](uv_handle_t *handle) {
+    uv_close(reinterpret_cast<uv_handle_t *>(poll_), [](uv_handle_t *handle) {
         auto *self = static_cast<Admin *>(handle->data);
-        delete reinterpret_cast<uv_tcp_t *>(handle);
-        self->listener_ = nullptr;
+        delete reinterpret_cast<uv_poll_t *>(handle);
+        self->poll_ = nullptr;
+        ::close(self->fd_); // after the poll handle, which watched it
+        self->fd_ = -1;
         self->listenerClosed_ = true;
         self->maybeDone();
     });

@@ -2,8 +2,11 @@
 // GET /status (JSON) and GET /ready (200 while serving, 503 while draining). One request per
 // connection (Connection: close), a strict bounded parser (ops/http), a request timeout and a
 // cap on open admin connections, so garbage or a slow client costs a few KiB and then nothing.
+// It accepts by itself and holds one spare descriptor, so that a process out of descriptors
+// (EMFILE) still answers its monitoring, one admin connection at a time.
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -82,7 +85,13 @@ public:
 private:
     struct Client;
 
-    static void onConnection(uv_stream_t *server, int status);
+    static void onReadable(uv_poll_t *poll, int status, int events);
+    void acceptReady();
+    /** accept(2) failed with `error`. Out of descriptors, spends the reserve descriptor on
+     * the waiting connection and returns its socket; otherwise logs, rests and returns -1. */
+    int acceptOnReserve(int error);
+    void rest();
+    void serve(int fd, bool onReserve);
     void closeClient(Client *client);
     void clientClosed(Client *client);
     void maybeDone();
@@ -91,7 +100,11 @@ private:
     Address address_;
     StatusSource source_;
     std::string bound_;
-    uv_tcp_t *listener_ = nullptr; // freed in its close callback
+    int fd_ = -1;               // the listening socket, closed with poll_
+    uv_poll_t *poll_ = nullptr; // freed in its close callback
+    uv_timer_t *restTimer_ = nullptr;
+    int reserveFd_ = -1; // /dev/null, given up to answer while out of descriptors
+    std::uint64_t lastAcceptErrorLog_ = 0;
     std::unordered_set<Client *> clients_;
     std::function<void()> done_;
     bool draining_ = false;

@@ -24,6 +24,7 @@
 #include <doctest/doctest.h>
 #include <uv.h>
 
+#include "descriptors.hpp"
 #include "ops/access_log.hpp"
 #include "ops/admin.hpp"
 #include "ops/http.hpp"
@@ -628,6 +629,109 @@ TEST_CASE("the admin listener reports a bind failure") {
         uv_run(&loop, UV_RUN_DEFAULT);
     }
     CHECK(uv_loop_close(&loop) == 0);
+}
+
+TEST_CASE("out of descriptors, the admin listener answers on its reserve descriptor, keeps the "
+          "next client waiting until that is free, and gives the reserve back when closed") {
+    using test::DescriptorFiller;
+    using test::openDescriptors;
+    uv_loop_t loop;
+    // What the first loop in a process leaves open for the process's life (libuv's signal
+    // pipe) is not this test's business.
+    uv_loop_init(&loop);
+    uv_loop_close(&loop);
+    const int before = openDescriptors();
+    uv_loop_init(&loop);
+    {
+        AdminConfig config;
+        config.enabled = true;
+        config.listen = parseAddress("127.0.0.1:0");
+        ops::Admin admin(&loop, config, {});
+        admin.start();
+        const std::string bound = admin.boundAddress();
+        const int port = std::stoi(bound.substr(bound.rfind(':') + 1));
+        uv_async_t finished;
+        uv_async_init(&loop, &finished, [](uv_async_t *async) {
+            static_cast<ops::Admin *>(async->data)->close(nullptr);
+            uv_close(reinterpret_cast<uv_handle_t *>(async), nullptr);
+        });
+        finished.data = &admin;
+        const int serving = openDescriptors(); // the listening socket and the reserve among them
+
+        // On the client thread, where a failed REQUIRE would abort: -1 fails the checks below.
+        const auto connectTo = [port] {
+            const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+            if (fd < 0) {
+                return -1;
+            }
+            timeval timeout{5, 0};
+            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+            sockaddr_in address{};
+            address.sin_family = AF_INET;
+            address.sin_port = htons(static_cast<std::uint16_t>(port));
+            address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+            if (connect(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) != 0) {
+                close(fd);
+                return -1;
+            }
+            return fd;
+        };
+        const auto send = [](int fd, std::string_view text) {
+            ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
+        };
+        const auto readAll = [](int fd) {
+            std::string out;
+            char buf[4096];
+            for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) {
+                out.append(buf, static_cast<std::size_t>(n));
+            }
+            close(fd);
+            return out;
+        };
+
+        std::string alone, holder, waiter;
+        bool waiterAnsweredEarly = true;
+        bool reserveBack = false;
+        std::thread client([&] {
+            {
+                // One slot free, which the client's socket takes: accept() fails with EMFILE.
+                const DescriptorFiller full(1);
+                alone = exchange(port, "GET /ready HTTP/1.1\r\n\r\n");
+            }
+            // The reserve comes back once that connection is closed on the admin's side.
+            for (int i = 0; i < 200 && !reserveBack; ++i) {
+                reserveBack = openDescriptors() == serving;
+                std::this_thread::sleep_for(std::chrono::milliseconds(10));
+            }
+            {
+                // Two clients, no descriptor to spare: the first takes the reserve and holds it
+                // with half a request; the second must wait in the backlog, not be shed.
+                const DescriptorFiller full(2);
+                const int first = connectTo();
+                send(first, "GET /ready HTTP/1.1\r\n");
+                const int second = connectTo();
+                send(second, "GET /metrics HTTP/1.1\r\n\r\n");
+                shutdown(second, SHUT_WR);
+                pollfd waiting{second, POLLIN, 0};
+                waiterAnsweredEarly = poll(&waiting, 1, 300) != 0;
+                send(first, "\r\n");
+                holder = readAll(first);
+                waiter = readAll(second);
+            }
+            uv_async_send(&finished);
+        });
+        uv_run(&loop, UV_RUN_DEFAULT);
+        client.join();
+        CHECK(alone.starts_with("HTTP/1.1 200 OK\r\n"));
+        CHECK(alone.ends_with("ready\n"));
+        CHECK(reserveBack);
+        CHECK_FALSE(waiterAnsweredEarly);
+        CHECK(holder.starts_with("HTTP/1.1 200 OK\r\n"));
+        CHECK(waiter.starts_with("HTTP/1.1 200 OK\r\n"));
+        CHECK(waiter.find("# TYPE sluice_connections_accepted_total counter") != std::string::npos);
+    }
+    CHECK(uv_loop_close(&loop) == 0);
+    CHECK(openDescriptors() == before); // the listening socket and the reserve closed with it
 }
 
 // --- Access log

@@ -11,7 +11,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <dirent.h>
 #include <fcntl.h>
 #include <functional>
 #include <linux/sockios.h>
@@ -22,7 +21,6 @@
 #include <span>
 #include <string>
 #include <sys/ioctl.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <thread>
@@ -35,12 +33,15 @@
 
 #include <sluice/server.hpp>
 
+#include "descriptors.hpp"
 #include "tls_client.hpp"
 #include "tls_fixture.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
+using sluice::test::DescriptorFiller;
+using sluice::test::openDescriptors;
 
 // --- Certificates on disk: a CA, leaf A ("server-a") and leaf B ("server-b") -------------------
 
@@ -641,18 +642,6 @@ TEST_CASE("destroying a running Server cuts its connections and closes its handl
 
 namespace {
 
-/** Descriptors this process has open (the entries of /proc/self/fd, less the one reading it). */
-int openDescriptors() {
-    DIR *dir = ::opendir("/proc/self/fd");
-    REQUIRE(dir != nullptr);
-    int count = 0;
-    while (const dirent *entry = ::readdir(dir)) {
-        count += entry->d_name[0] != '.' ? 1 : 0;
-    }
-    ::closedir(dir);
-    return count - 1;
-}
-
 /** A plain TCP connection to `address`; -1 if connect() failed. */
 int connectPlain(const std::string &address) {
     const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -695,43 +684,28 @@ TEST_CASE("out of descriptors, a waiting client is closed at once and counted; t
         const std::string address = server.addresses().at(0).second;
         const auto start = server.stats();
 
-        // Fill the descriptor table but for one slot, which the client's socket takes: the
-        // Server's accept() then fails with EMFILE while the client waits.
-        rlimit saved{};
-        REQUIRE(::getrlimit(RLIMIT_NOFILE, &saved) == 0);
-        rlimit low = saved;
-        low.rlim_cur = static_cast<rlim_t>(openDescriptors() + 64);
-        REQUIRE(::setrlimit(RLIMIT_NOFILE, &low) == 0);
-        std::vector<int> filler;
-        for (int fd; (fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC)) >= 0;) {
-            filler.push_back(fd);
-        }
-        REQUIRE(errno == EMFILE);
-        REQUIRE_FALSE(filler.empty());
-        ::close(filler.back());
-        filler.pop_back();
-
         bool connected = false;
         ssize_t got = 1;
         int readError = 0;
         std::chrono::steady_clock::duration waited{};
-        loop.runWhile([&] {
-            const int fd = connectPlain(address);
-            connected = fd >= 0;
-            if (!connected) {
-                return;
-            }
-            const auto t0 = std::chrono::steady_clock::now();
-            char byte = 0;
-            got = ::read(fd, &byte, 1); // the shed connection: EOF at once, not a 5 s timeout
-            readError = got < 0 ? errno : 0;
-            waited = std::chrono::steady_clock::now() - t0;
-            ::close(fd);
-        });
-        for (const int fd : filler) {
-            ::close(fd);
+        {
+            // The descriptor table full but for one slot, which the client's socket takes: the
+            // Server's accept() then fails with EMFILE while the client waits.
+            const DescriptorFiller full(1);
+            loop.runWhile([&] {
+                const int fd = connectPlain(address);
+                connected = fd >= 0;
+                if (!connected) {
+                    return;
+                }
+                const auto t0 = std::chrono::steady_clock::now();
+                char byte = 0;
+                got = ::read(fd, &byte, 1); // the shed connection: EOF at once, not a 5 s timeout
+                readError = got < 0 ? errno : 0;
+                waited = std::chrono::steady_clock::now() - t0;
+                ::close(fd);
+            });
         }
-        REQUIRE(::setrlimit(RLIMIT_NOFILE, &saved) == 0);
         CHECK(connected);
         CHECK(got <= 0);
         CHECK((got == 0 || readError == ECONNRESET)); // closed, not timed out (EAGAIN)
