@@ -93,13 +93,14 @@ def measure(pid, port, mode):
 
 def main():
     backend, backend_port = start_backend()
-    rows = {}
+    samples = {}
     with tempfile.TemporaryDirectory() as folder:
         try:
             for mode, key in (("handshake", "handshakes"), ("rr", "round trips")):
-                for workers in (1, 2):
-                    wall, per_cpu = [], []
-                    for _ in range(rounds):
+                # Rounds alternate 1 and 2 workers, so that a slow spell of the machine weighs on
+                # both; each round pairs its two runs.
+                for _ in range(rounds):
+                    for workers in (1, 2):
                         sluice, port = start_sluice(workers, backend_port, folder)
                         try:
                             result, cpu = measure(sluice.pid, port, mode)
@@ -108,20 +109,23 @@ def main():
                             sluice.wait()
                         count = result.get("completed", 0)
                         seconds = result.get("seconds") or 5
-                        wall.append(count / seconds)
-                        per_cpu.append(count / cpu if cpu > 0 else 0)
-                    rows[(key, workers)] = (statistics.median(wall), statistics.median(per_cpu))
+                        samples.setdefault((key, workers), []).append(
+                            (count / seconds, count / cpu if cpu > 0 else 0))
         finally:
             backend.terminate()
             backend.wait()
+    median = statistics.median
     print("| workload | workers | per wall second | per sluice CPU-second |")
     print("|---|---:|---:|---:|")
-    for (key, workers), (wall, per_cpu) in rows.items():
-        print(f"| {key} | {workers} | {wall:,.0f} | {per_cpu:,.0f} |")
+    for (key, workers), runs in samples.items():
+        print(f"| {key} | {workers} | {median(r[0] for r in runs):,.0f} | "
+              f"{median(r[1] for r in runs):,.0f} |")
     for key in ("handshakes", "round trips"):
-        one, two = rows[(key, 1)], rows[(key, 2)]
-        print(f"\n{key}: 2 workers / 1 worker = {two[0] / one[0]:.2f}x per wall second, "
-              f"{two[1] / one[1]:.2f}x per CPU-second")
-
+        one, two = samples[(key, 1)], samples[(key, 2)]
+        paired = sorted(b[1] / a[1] for a, b in zip(one, two) if a[1] > 0)
+        print(f"\n{key}: 2 workers / 1 worker = "
+              f"{median(r[0] for r in two) / median(r[0] for r in one):.2f}x per wall second, "
+              f"{median(r[1] for r in two) / median(r[1] for r in one):.2f}x per CPU-second "
+              f"(same round: {median(paired):.2f}x, rounds {paired[0]:.2f}-{paired[-1]:.2f})")
 
 main()

@@ -111,6 +111,14 @@ Histogram::Snapshot Histogram::snapshot() const {
     return out;
 }
 
+void Histogram::Snapshot::add(const Snapshot &other) {
+    for (std::size_t i = 0; i < buckets.size(); ++i) {
+        buckets[i] += other.buckets[i];
+    }
+    count += other.count;
+    sumSeconds += other.sumSeconds;
+}
+
 void Histogram::reset() {
     for (auto &bucket : buckets_) {
         bucket = 0;
@@ -121,35 +129,44 @@ void Histogram::reset() {
 Stats::Stats()
     : startUnixSeconds_(unixSecondsNow()) {}
 
+Stats::Shard &Stats::shard() {
+    static std::atomic<unsigned> threads{0};
+    thread_local const unsigned thread = threads.fetch_add(1, relaxed);
+    return shards_[thread % shardCount];
+}
+
 void Stats::connectionAccepted() {
-    accepted_.fetch_add(1, relaxed);
-    active_.fetch_add(1, relaxed);
+    Shard &own = shard();
+    own.accepted.fetch_add(1, relaxed);
+    own.active.fetch_add(1, relaxed);
 }
 
 void Stats::connectionClosed(CloseReason reason) {
-    closed_[static_cast<std::size_t>(reason)].fetch_add(1, relaxed);
-    active_.fetch_sub(1, relaxed);
+    Shard &own = shard();
+    own.closed[static_cast<std::size_t>(reason)].fetch_add(1, relaxed);
+    own.active.fetch_sub(1, relaxed);
 }
 
 void Stats::handshakeDone(TlsVersion version, bool resumed, std::uint64_t nanoseconds) {
-    handshakes_[static_cast<std::size_t>(HandshakeResult::ok)].fetch_add(1, relaxed);
-    byVersion_[static_cast<std::size_t>(version)].fetch_add(1, relaxed);
+    Shard &own = shard();
+    own.handshakes[static_cast<std::size_t>(HandshakeResult::ok)].fetch_add(1, relaxed);
+    own.byVersion[static_cast<std::size_t>(version)].fetch_add(1, relaxed);
     if (resumed) {
-        resumed_.fetch_add(1, relaxed);
+        own.resumed.fetch_add(1, relaxed);
     }
-    handshakeDuration_.observe(nanoseconds);
+    own.handshakeDuration.observe(nanoseconds);
 }
 
 void Stats::handshakeNotDone(HandshakeResult result) {
-    handshakes_[static_cast<std::size_t>(result)].fetch_add(1, relaxed);
+    shard().handshakes[static_cast<std::size_t>(result)].fetch_add(1, relaxed);
 }
 
 void Stats::backendConnected(std::uint64_t nanoseconds) {
-    connectDuration_.observe(nanoseconds);
+    shard().connectDuration.observe(nanoseconds);
 }
 
 void Stats::backendConnectFailed() {
-    connectFailures_.fetch_add(1, relaxed);
+    shard().connectFailures.fetch_add(1, relaxed);
 }
 
 void Stats::recordReload(bool ok, std::string message) {
@@ -162,35 +179,38 @@ void Stats::recordReload(bool ok, std::string message) {
 
 StatsSnapshot Stats::snapshot() const {
     StatsSnapshot out;
-    out.accepted = accepted_.load(relaxed);
+    std::int64_t active = 0;
+    for (const Shard &own : shards_) {
+        out.accepted += own.accepted.load(relaxed);
+        active += own.active.load(relaxed);
+        for (std::size_t i = 0; i < closeReasonCount; ++i) {
+            out.closed[i] += own.closed[i].load(relaxed);
+        }
+        for (std::size_t i = 0; i < handshakeResultCount; ++i) {
+            out.handshakes[i] += own.handshakes[i].load(relaxed);
+        }
+        for (std::size_t i = 0; i < tlsVersionCount; ++i) {
+            out.handshakesByVersion[i] += own.byVersion[i].load(relaxed);
+        }
+        out.resumed += own.resumed.load(relaxed);
+        out.handshakeDuration.add(own.handshakeDuration.snapshot());
+        out.backendConnectFailures += own.connectFailures.load(relaxed);
+        out.backendConnectDuration.add(own.connectDuration.snapshot());
+        out.bytesClientToBackend += own.bytesUp.load(relaxed);
+        out.bytesBackendToClient += own.bytesDown.load(relaxed);
+        out.acceptErrors += own.acceptErrors.load(relaxed);
+        out.handshakeLimited += own.handshakeLimited.load(relaxed);
+        out.proxySourceRefused += own.proxySourceRefused.load(relaxed);
+        out.memoryReleases += own.memoryReleases.load(relaxed);
+        out.backendUnused += own.backendUnused.load(relaxed);
+    }
     // A close counted before its accept (another thread, relaxed order) must not show as -1.
-    const std::int64_t active = active_.load(relaxed);
     out.active = active > 0 ? static_cast<std::uint64_t>(active) : 0;
-    for (std::size_t i = 0; i < closeReasonCount; ++i) {
-        out.closed[i] = closed_[i].load(relaxed);
-    }
-    for (std::size_t i = 0; i < handshakeResultCount; ++i) {
-        out.handshakes[i] = handshakes_[i].load(relaxed);
-    }
-    for (std::size_t i = 0; i < tlsVersionCount; ++i) {
-        out.handshakesByVersion[i] = byVersion_[i].load(relaxed);
-    }
-    out.resumed = resumed_.load(relaxed);
-    out.handshakeDuration = handshakeDuration_.snapshot();
-    out.backendConnectFailures = connectFailures_.load(relaxed);
-    out.backendConnectDuration = connectDuration_.snapshot();
-    out.bytesClientToBackend = bytesUp_.load(relaxed);
-    out.bytesBackendToClient = bytesDown_.load(relaxed);
-    out.acceptErrors = acceptErrors_.load(relaxed);
-    out.handshakeLimited = handshakeLimited_.load(relaxed);
-    out.proxySourceRefused = proxySourceRefused_.load(relaxed);
-    out.memoryReleases = memoryReleases_.load(relaxed);
 #if defined(__GLIBC__)
     // Walks every arena's free lists under its lock: once per scrape, never on the data path.
     const struct mallinfo2 heap = mallinfo2();
     out.heapInUse = heap.uordblks + heap.hblkhd;
 #endif
-    out.backendUnused = backendUnused_.load(relaxed);
     out.reloadsOk = reloadsOk_.load(relaxed);
     out.reloadsFailed = reloadsFailed_.load(relaxed);
     out.startUnixSeconds = startUnixSeconds_;
@@ -202,28 +222,30 @@ StatsSnapshot Stats::snapshot() const {
 }
 
 void Stats::resetForTests() {
-    accepted_ = 0;
-    active_ = 0;
-    for (auto &v : closed_) {
-        v = 0;
+    for (Shard &own : shards_) {
+        own.accepted = 0;
+        own.active = 0;
+        for (auto &v : own.closed) {
+            v = 0;
+        }
+        for (auto &v : own.handshakes) {
+            v = 0;
+        }
+        for (auto &v : own.byVersion) {
+            v = 0;
+        }
+        own.resumed = 0;
+        own.handshakeDuration.reset();
+        own.connectFailures = 0;
+        own.connectDuration.reset();
+        own.bytesUp = 0;
+        own.bytesDown = 0;
+        own.acceptErrors = 0;
+        own.handshakeLimited = 0;
+        own.proxySourceRefused = 0;
+        own.memoryReleases = 0;
+        own.backendUnused = 0;
     }
-    for (auto &v : handshakes_) {
-        v = 0;
-    }
-    for (auto &v : byVersion_) {
-        v = 0;
-    }
-    resumed_ = 0;
-    handshakeDuration_.reset();
-    connectFailures_ = 0;
-    connectDuration_.reset();
-    bytesUp_ = 0;
-    bytesDown_ = 0;
-    acceptErrors_ = 0;
-    handshakeLimited_ = 0;
-    proxySourceRefused_ = 0;
-    memoryReleases_ = 0;
-    backendUnused_ = 0;
     reloadsOk_ = 0;
     reloadsFailed_ = 0;
     std::lock_guard lock(reloadMutex_);

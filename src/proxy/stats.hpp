@@ -1,6 +1,7 @@
 // proxy/stats: process-wide counters, gauges and fixed-bucket histograms that every worker thread
-// updates (relaxed atomics: each value is exact, a snapshot is not one instant), the record of
-// one connection that is handed to the access-log sink when it closes, and the rate limit on
+// updates (relaxed atomics in per-thread shards, summed when read: each value is exact, a
+// snapshot is not one instant, and workers never share a cache line on the data path), the record
+// of one connection that is handed to the access-log sink when it closes, and the rate limit on
 // handshake-failure log lines. ops/ reads the snapshot and installs the sink; proxy/ never
 // depends on ops/.
 #pragma once
@@ -65,6 +66,8 @@ public:
         std::array<std::uint64_t, durationBuckets.size() + 1> buckets{}; ///< not cumulative
         std::uint64_t count = 0;
         double sumSeconds = 0;
+        /** Adds another histogram's counts (shards summed into one). */
+        void add(const Snapshot &other);
     };
     Snapshot snapshot() const;
     void reset();
@@ -117,18 +120,18 @@ public:
     void handshakeNotDone(HandshakeResult result);
     void backendConnected(std::uint64_t nanoseconds);
     void backendConnectFailed();
-    void bytesClientToBackend(std::uint64_t n) { bytesUp_.fetch_add(n, relaxed); }
-    void bytesBackendToClient(std::uint64_t n) { bytesDown_.fetch_add(n, relaxed); }
+    void bytesClientToBackend(std::uint64_t n) { shard().bytesUp.fetch_add(n, relaxed); }
+    void bytesBackendToClient(std::uint64_t n) { shard().bytesDown.fetch_add(n, relaxed); }
     /** `n` accept() failures, or connections closed unserved for want of a descriptor. */
-    void acceptErrors(std::uint64_t n) { acceptErrors_.fetch_add(n, relaxed); }
+    void acceptErrors(std::uint64_t n) { shard().acceptErrors.fetch_add(n, relaxed); }
     /** A connection closed at accept by global.max_handshakes_per_ip. */
-    void handshakeLimited() { handshakeLimited_.fetch_add(1, relaxed); }
+    void handshakeLimited() { shard().handshakeLimited.fetch_add(1, relaxed); }
     /** A connection from a source not in the listener's accept_proxy_from, closed at accept. */
-    void proxySourceRefused() { proxySourceRefused_.fetch_add(1, relaxed); }
+    void proxySourceRefused() { shard().proxySourceRefused.fetch_add(1, relaxed); }
     /** Free heap memory was handed back to the operating system (global.release_memory_after). */
-    void memoryReleased() { memoryReleases_.fetch_add(1, relaxed); }
+    void memoryReleased() { shard().memoryReleases.fetch_add(1, relaxed); }
     /** A backend connection made at the hello (connect_after) closed before the handshake. */
-    void backendUnused() { backendUnused_.fetch_add(1, relaxed); }
+    void backendUnused() { shard().backendUnused.fetch_add(1, relaxed); }
     /** Records the outcome of a reload (SIGHUP or API): counted, and shown by /status. */
     void recordReload(bool ok, std::string message);
 
@@ -140,22 +143,33 @@ public:
 private:
     static constexpr auto relaxed = std::memory_order_relaxed;
 
-    std::atomic<std::uint64_t> accepted_{0};
-    std::atomic<std::int64_t> active_{0};
-    std::array<std::atomic<std::uint64_t>, closeReasonCount> closed_{};
-    std::array<std::atomic<std::uint64_t>, handshakeResultCount> handshakes_{};
-    std::array<std::atomic<std::uint64_t>, tlsVersionCount> byVersion_{};
-    std::atomic<std::uint64_t> resumed_{0};
-    Histogram handshakeDuration_;
-    std::atomic<std::uint64_t> connectFailures_{0};
-    Histogram connectDuration_;
-    std::atomic<std::uint64_t> bytesUp_{0};
-    std::atomic<std::uint64_t> bytesDown_{0};
-    std::atomic<std::uint64_t> acceptErrors_{0};
-    std::atomic<std::uint64_t> handshakeLimited_{0};
-    std::atomic<std::uint64_t> proxySourceRefused_{0};
-    std::atomic<std::uint64_t> memoryReleases_{0};
-    std::atomic<std::uint64_t> backendUnused_{0};
+    /** One thread's share of the counters, a cache line apart from the others'. */
+    struct alignas(64) Shard {
+        std::atomic<std::uint64_t> accepted{0};
+        std::atomic<std::int64_t> active{0};
+        std::array<std::atomic<std::uint64_t>, closeReasonCount> closed{};
+        std::array<std::atomic<std::uint64_t>, handshakeResultCount> handshakes{};
+        std::array<std::atomic<std::uint64_t>, tlsVersionCount> byVersion{};
+        std::atomic<std::uint64_t> resumed{0};
+        Histogram handshakeDuration;
+        std::atomic<std::uint64_t> connectFailures{0};
+        Histogram connectDuration;
+        std::atomic<std::uint64_t> bytesUp{0};
+        std::atomic<std::uint64_t> bytesDown{0};
+        std::atomic<std::uint64_t> acceptErrors{0};
+        std::atomic<std::uint64_t> handshakeLimited{0};
+        std::atomic<std::uint64_t> proxySourceRefused{0};
+        std::atomic<std::uint64_t> memoryReleases{0};
+        std::atomic<std::uint64_t> backendUnused{0};
+    };
+    /** Threads take shards in the order they first count something; past this many, two
+     * threads share one (still exact, since every update is atomic). */
+    static constexpr std::size_t shardCount = 32;
+
+    /** The calling thread's shard. */
+    Shard &shard();
+
+    std::array<Shard, shardCount> shards_;
     std::atomic<std::uint64_t> reloadsOk_{0};
     std::atomic<std::uint64_t> reloadsFailed_{0};
     std::int64_t startUnixSeconds_ = 0;

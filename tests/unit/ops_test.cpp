@@ -227,14 +227,18 @@ TEST_CASE("histogram buckets are upper bounds, and the sum is in seconds") {
     CHECK(s.sumSeconds == doctest::Approx(60.0315));
 }
 
-TEST_CASE("counters are exact when several threads update them") {
+TEST_CASE("counters are exact when several threads update them, more threads than shards") {
+    // Each thread counts into its own shard; past the shard count, threads share one.
     proxy::Stats stats;
     std::vector<std::thread> threads;
-    for (int t = 0; t < 4; ++t) {
+    constexpr int threadCount = 40;
+    constexpr int rounds = 2000;
+    for (int t = 0; t < threadCount; ++t) {
         threads.emplace_back([&] {
-            for (int i = 0; i < 10000; ++i) {
+            for (int i = 0; i < rounds; ++i) {
                 stats.connectionAccepted();
                 stats.bytesClientToBackend(3);
+                stats.handshakeDone(proxy::TlsVersion::tls13, i % 2 == 0, 1'000'000);
                 stats.connectionClosed(proxy::CloseReason::done);
             }
         });
@@ -243,10 +247,19 @@ TEST_CASE("counters are exact when several threads update them") {
         t.join();
     }
     const auto s = stats.snapshot();
-    CHECK(s.accepted == 40000);
+    constexpr std::uint64_t total = std::uint64_t{threadCount} * rounds;
+    CHECK(s.accepted == total);
     CHECK(s.active == 0);
-    CHECK(s.closed[static_cast<std::size_t>(proxy::CloseReason::done)] == 40000);
-    CHECK(s.bytesClientToBackend == 120000);
+    CHECK(s.closed[static_cast<std::size_t>(proxy::CloseReason::done)] == total);
+    CHECK(s.bytesClientToBackend == 3 * total);
+    CHECK(s.handshakes[static_cast<std::size_t>(proxy::HandshakeResult::ok)] == total);
+    CHECK(s.handshakesByVersion[static_cast<std::size_t>(proxy::TlsVersion::tls13)] == total);
+    CHECK(s.resumed == total / 2);
+    CHECK(s.handshakeDuration.count == total);
+    CHECK(s.handshakeDuration.buckets[0] == total); // 1 ms: the le="0.001" bucket
+    CHECK(s.handshakeDuration.sumSeconds == doctest::Approx(total * 0.001));
+    stats.resetForTests();
+    CHECK(stats.snapshot().accepted == 0);
 }
 
 TEST_CASE("reloads are counted and the last one is remembered") {
