@@ -385,13 +385,16 @@ class ResetBackend(Backend):
         c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, (1).to_bytes(4, "little") + bytes(4))
 
 
+_refused_ports = []  # bound and never listening, kept for the test process's life
+
+
 def refused_address():
-    """A loopback address where nothing listens: connecting to it is refused."""
+    """A loopback address where nothing listens: connecting to it is refused. The port stays
+    bound (without listen()), so no listener the test starts later can be given it."""
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return f"127.0.0.1:{port}"
+    _refused_ports.append(s)
+    return f"127.0.0.1:{s.getsockname()[1]}"
 
 
 class BlackholeBackend:
