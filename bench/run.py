@@ -782,6 +782,7 @@ class Bench:
         keys = [k for k in ["sluice"] + PEERS if k in self.args.terminators]
         terms = [Terminator(k, self.tools, self.work, self.backend_port) for k in keys]
         self.results["machine"] = machine()
+        self.results["speed"] = {"start": speed_probe()}
         self.results["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
         self.results["settings"] = {k: getattr(self.args, k) for k in
@@ -830,6 +831,7 @@ class Bench:
                 self.backend.wait()
         self.results["finished"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")
+        self.results["speed"]["end"] = speed_probe()
         (self.out / "results.json").write_text(json.dumps(self.results, indent=1))
         report = render(self.results)
         (self.out / "results.md").write_text(report)
@@ -861,6 +863,18 @@ def machine():
             "kernel": platform.release(), "openssl": ssl,
             "date": datetime.date.today().isoformat(),
             "compilers_running_at_start": int(busy.stdout.strip() or 0)}
+
+
+def speed_probe():
+    """ECDSA P-256 signatures per second on the terminator's CPU (openssl speed, 1 s): taken at
+    the start and the end of a run, so a report says when the machine itself changed speed."""
+    out = subprocess.run(pinned(TERMINATOR_CPU, ["openssl", "speed", "-mr", "-seconds", "1",
+                                                  "ecdsap256"]),
+                         capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if line.startswith("+F4:"):  # +F4:index:bits:signs per second:verifications per second
+            return float(line.split(":")[3])
+    return None
 
 
 # --- the report --------------------------------------------------------------------------------
@@ -950,6 +964,14 @@ def render(results):
         f"{st['rounds']} round(s) of {st['duration']} s (after {st['warmup']} s warm-up) per "
         f"figure, median shown; per CPU-second = work done / (utime + stime of the terminator's "
         f"processes) over the same window. TLS 1.3 and 1.2, X25519, AES-128-GCM everywhere.")
+    speed = results.get("speed", {})
+    if speed.get("start") and speed.get("end"):
+        a, b = speed["start"], speed["end"]
+        change = abs(b - a) / max(a, b)
+        add(f"- Machine check: {a:,.0f} ECDSA P-256 signatures per second on the terminator's CPU "
+            f"at the start, {b:,.0f} at the end (`openssl speed`, 1 s)" +
+            (f"; **the machine's own speed changed by {change:.0%} during the run**, so the "
+             "same-round ratios are the ones to read." if change > 0.15 else "."))
     if m.get("compilers_running_at_start"):
         add(f"- Note: {m['compilers_running_at_start']} compiler processes were running when the "
             "run started (a shared machine); per-CPU-second figures are the robust ones.")
