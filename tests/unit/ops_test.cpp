@@ -176,10 +176,11 @@ std::uint64_t monotonicMicros() {
 }
 
 /** Connects to 127.0.0.1:port, sends `request`, and reads until the server closes. */
-std::string exchange(int port, const std::string &request, bool halfClose = true) {
+/** A blocking TCP connection to 127.0.0.1:`port` with a 5 s receive timeout; -1 on failure. */
+int connectLoopback(int port) {
     const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        return "(socket)";
+        return -1;
     }
     timeval timeout{5, 0};
     setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
@@ -187,25 +188,47 @@ std::string exchange(int port, const std::string &request, bool halfClose = true
     address.sin_family = AF_INET;
     address.sin_port = htons(static_cast<std::uint16_t>(port));
     address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    if (connect(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) != 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/** Everything `fd` receives until EOF or the timeout; closes it. */
+std::string readAll(int fd) {
     std::string out;
-    if (connect(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) == 0) {
-        send(fd, request.data(), request.size(), MSG_NOSIGNAL);
-        if (halfClose) {
-            shutdown(fd, SHUT_WR);
-        }
-        char buf[4096];
-        for (;;) {
-            const ssize_t n = recv(fd, buf, sizeof buf, 0);
-            if (n <= 0) {
-                break;
-            }
-            out.append(buf, static_cast<std::size_t>(n));
-        }
-    } else {
-        out = "(connect)";
+    char buf[4096];
+    for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) {
+        out.append(buf, static_cast<std::size_t>(n));
     }
     close(fd);
     return out;
+}
+
+std::string exchange(int port, const std::string &request, bool halfClose = true) {
+    const int fd = connectLoopback(port);
+    if (fd < 0) {
+        return "(connect)";
+    }
+    send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+    if (halfClose) {
+        shutdown(fd, SHUT_WR);
+    }
+    return readAll(fd);
+}
+
+/** An admin listener's configuration on a port the kernel chooses. */
+AdminConfig loopbackAdmin() {
+    AdminConfig config;
+    config.enabled = true;
+    config.listen = parseAddress("127.0.0.1:0");
+    return config;
+}
+
+int boundPort(const ops::Admin &admin) {
+    const std::string &bound = admin.boundAddress();
+    return std::stoi(bound.substr(bound.rfind(':') + 1));
 }
 
 } // namespace
@@ -547,10 +570,7 @@ TEST_CASE("admin responses: /ready follows draining, unknown paths are 404, HEAD
     uv_loop_t loop;
     uv_loop_init(&loop);
     {
-        AdminConfig config;
-        config.enabled = true;
-        config.listen = parseAddress("127.0.0.1:0");
-        ops::Admin admin(&loop, config, {});
+        ops::Admin admin(&loop, loopbackAdmin(), {});
         auto get = [&](const char *text) { return admin.respond(ops::parseRequest(text)); };
         CHECK(get("GET /ready HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 OK\r\n"));
         admin.setDraining(true);
@@ -576,18 +596,14 @@ TEST_CASE("the admin listener serves real sockets, shrugs off garbage, and close
     uv_loop_t loop;
     uv_loop_init(&loop);
     {
-        AdminConfig config;
-        config.enabled = true;
-        config.listen = parseAddress("127.0.0.1:0");
         ops::StatusSource source;
         source.listeners = [] {
             return std::vector<ops::ListenerStatus>{{"web", {"127.0.0.1:1"}, "127.0.0.1:2"}};
         };
-        ops::Admin admin(&loop, config, source);
+        ops::Admin admin(&loop, loopbackAdmin(), source);
         admin.start();
-        const std::string bound = admin.boundAddress();
-        REQUIRE(bound.starts_with("127.0.0.1:"));
-        const int port = std::stoi(bound.substr(bound.rfind(':') + 1));
+        REQUIRE(admin.boundAddress().starts_with("127.0.0.1:"));
+        const int port = boundPort(admin);
         CHECK(port > 0);
 
         std::vector<std::string> answers(6);
@@ -628,9 +644,7 @@ TEST_CASE("the admin listener reports a bind failure") {
     uv_loop_t loop;
     uv_loop_init(&loop);
     {
-        AdminConfig config;
-        config.enabled = true;
-        config.listen = parseAddress("127.0.0.1:0");
+        AdminConfig config = loopbackAdmin();
         ops::Admin first(&loop, config, {});
         first.start();
         config.listen = parseAddress(first.boundAddress());
@@ -656,13 +670,9 @@ TEST_CASE("out of descriptors, the admin listener answers on its reserve descrip
     const int before = openDescriptors();
     uv_loop_init(&loop);
     {
-        AdminConfig config;
-        config.enabled = true;
-        config.listen = parseAddress("127.0.0.1:0");
-        ops::Admin admin(&loop, config, {});
+        ops::Admin admin(&loop, loopbackAdmin(), {});
         admin.start();
-        const std::string bound = admin.boundAddress();
-        const int port = std::stoi(bound.substr(bound.rfind(':') + 1));
+        const int port = boundPort(admin);
         uv_async_t finished;
         uv_async_init(&loop, &finished, [](uv_async_t *async) {
             static_cast<ops::Admin *>(async->data)->close(nullptr);
@@ -671,35 +681,8 @@ TEST_CASE("out of descriptors, the admin listener answers on its reserve descrip
         finished.data = &admin;
         const int serving = openDescriptors(); // the listening socket and the reserve among them
 
-        // On the client thread, where a failed REQUIRE would abort: -1 fails the checks below.
-        const auto connectTo = [port] {
-            const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-            if (fd < 0) {
-                return -1;
-            }
-            timeval timeout{5, 0};
-            setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
-            sockaddr_in address{};
-            address.sin_family = AF_INET;
-            address.sin_port = htons(static_cast<std::uint16_t>(port));
-            address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-            if (connect(fd, reinterpret_cast<sockaddr *>(&address), sizeof address) != 0) {
-                close(fd);
-                return -1;
-            }
-            return fd;
-        };
         const auto send = [](int fd, std::string_view text) {
             ::send(fd, text.data(), text.size(), MSG_NOSIGNAL);
-        };
-        const auto readAll = [](int fd) {
-            std::string out;
-            char buf[4096];
-            for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) {
-                out.append(buf, static_cast<std::size_t>(n));
-            }
-            close(fd);
-            return out;
         };
 
         std::string alone, holder, waiter;
@@ -720,9 +703,9 @@ TEST_CASE("out of descriptors, the admin listener answers on its reserve descrip
                 // Two clients, no descriptor to spare: the first takes the reserve and holds it
                 // with half a request; the second must wait in the backlog, not be shed.
                 const DescriptorFiller full(2);
-                const int first = connectTo();
+                const int first = connectLoopback(port); // -1 fails the checks below
                 send(first, "GET /ready HTTP/1.1\r\n");
-                const int second = connectTo();
+                const int second = connectLoopback(port);
                 send(second, "GET /metrics HTTP/1.1\r\n\r\n");
                 shutdown(second, SHUT_WR);
                 pollfd waiting{second, POLLIN, 0};
