@@ -1,6 +1,7 @@
 #include "net/listen_socket.hpp"
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -11,7 +12,15 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <uv.h>
+
 namespace sluice::net {
+
+std::string errorName(int error) {
+    std::array<char, 64> name{};
+    uv_err_name_r(-error, name.data(), name.size());
+    return name.data();
+}
 
 int openListenSocket(const SocketAddress &address, const std::string &text, int backlog,
                      bool sharePort) {

@@ -30,6 +30,9 @@ int openListenSocket(const SocketAddress &address, const std::string &text, int 
  */
 void setSocketOptions(int fd, const SocketOptions &options, bool fresh);
 
+/** The symbolic name of an errno value, as logs show it: "EMFILE". */
+std::string errorName(int error);
+
 /** The port a bound socket got from the kernel (for "port 0" addresses). */
 int boundPort(int fd);
 

@@ -1,9 +1,7 @@
 #include "ops/admin.hpp"
 
-#include <array>
 #include <cerrno>
 #include <chrono>
-#include <fcntl.h>
 #include <stdexcept>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -98,16 +96,6 @@ constexpr int acceptsPerWake = 16;
 constexpr std::uint64_t acceptRestMs = 100;
 constexpr std::uint64_t acceptErrorLogIntervalMs = 1000;
 
-int openReserve() {
-    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-}
-
-std::string errorName(int error) {
-    std::array<char, 64> name{};
-    uv_err_name_r(-error, name.data(), name.size());
-    return name.data();
-}
-
 } // namespace
 
 Admin::Admin(uv_loop_t *loop, const AdminConfig &config, StatusSource source)
@@ -115,11 +103,7 @@ Admin::Admin(uv_loop_t *loop, const AdminConfig &config, StatusSource source)
     , address_(config.listen)
     , source_(std::move(source)) {}
 
-Admin::~Admin() {
-    if (reserveFd_ >= 0) {
-        ::close(reserveFd_); // destroyed without close()
-    }
-}
+Admin::~Admin() = default;
 
 void Admin::start() {
     const net::SocketAddress address = net::resolve(address_);
@@ -129,7 +113,7 @@ void Admin::start() {
     } catch (const std::exception &e) {
         throw std::runtime_error(std::string("admin ") + e.what());
     }
-    reserveFd_ = openReserve();
+    reserve_.take();
     poll_ = new uv_poll_t;
     if (const int err = uv_poll_init_socket(loop_, poll_, fd_); err != 0) {
         delete poll_;
@@ -181,24 +165,19 @@ int Admin::acceptOnReserve(int error) {
     // Out of descriptors the admin listener is what an operator looks at, so it answers: the
     // reserve descriptor makes room for one admin connection, and comes back when it closes.
     int fd = -1;
-    if (error == EMFILE || error == ENFILE) {
-        if (reserveFd_ < 0) {
-            reserveFd_ = openReserve(); // a worker may have taken its slot last time
-        }
-        if (reserveFd_ >= 0) {
-            ::close(reserveFd_);
-            reserveFd_ = -1;
-            fd = ::accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-            if (fd < 0) {
-                reserveFd_ = openReserve();
-            }
+    // take(): a worker may have taken the slot it gave up last time.
+    if ((error == EMFILE || error == ENFILE) && reserve_.take()) {
+        reserve_.give();
+        fd = ::accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            reserve_.take();
         }
     }
     const bool onReserve = fd >= 0;
     const std::uint64_t now = uv_now(loop_);
     if (now - lastAcceptErrorLog_ >= acceptErrorLogIntervalMs || lastAcceptErrorLog_ == 0) {
         lastAcceptErrorLog_ = now;
-        log::warn("accept-failed listener=admin error=" + errorName(error) +
+        log::warn("accept-failed listener=admin error=" + net::errorName(error) +
                   (onReserve ? " detail=\"answered on the reserve descriptor\""
                              : " detail=\"no descriptor to spare; waiting connections stay "
                                "queued\""));
@@ -328,8 +307,8 @@ void Admin::closeClient(Client *client) {
 }
 
 void Admin::clientClosed(Client *client) {
-    if (client->onReserve && reserveFd_ < 0 && !closing_) {
-        reserveFd_ = openReserve(); // its socket is closed: take the slot back
+    if (client->onReserve && !closing_) {
+        reserve_.take(); // its socket is closed: take the slot back
     }
     clients_.erase(client);
     delete client;
@@ -391,10 +370,7 @@ void Admin::close(std::function<void()> done) {
         net::freeTimer(restTimer_);
         restTimer_ = nullptr;
     }
-    if (reserveFd_ >= 0) {
-        ::close(reserveFd_);
-        reserveFd_ = -1;
-    }
+    reserve_.give();
     if (poll_ == nullptr) {
         // Never started: report completion from the loop all the same, never from this call.
         auto *idle = new uv_idle_t;

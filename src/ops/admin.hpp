@@ -18,6 +18,7 @@
 
 #include <sluice/config.hpp>
 
+#include "net/spare_descriptor.hpp"
 #include "ops/http.hpp"
 #include "ops/render.hpp"
 #include "proxy/server.hpp"
@@ -103,7 +104,7 @@ private:
     int fd_ = -1;               // the listening socket, closed with poll_
     uv_poll_t *poll_ = nullptr; // freed in its close callback
     uv_timer_t *restTimer_ = nullptr;
-    int reserveFd_ = -1; // /dev/null, given up to answer while out of descriptors
+    net::SpareDescriptor reserve_; // given up to answer while out of descriptors
     std::uint64_t lastAcceptErrorLog_ = 0;
     std::unordered_set<Client *> clients_;
     std::function<void()> done_;

@@ -1,7 +1,6 @@
 #include "proxy/listener.hpp"
 
 #include <algorithm>
-#include <array>
 #include <cerrno>
 #include <stdexcept>
 #include <sys/ioctl.h>
@@ -48,12 +47,6 @@ bool connectionOnly(int error) {
     }
 }
 
-std::string errorName(int error) {
-    std::array<char, 64> name{};
-    uv_err_name_r(-error, name.data(), name.size());
-    return name.data();
-}
-
 } // namespace
 
 Listener::Listener(Server &server, std::string key,
@@ -97,7 +90,7 @@ void Listener::adopt(int fd) {
     // (a reload may have changed it).
     if (::ioctl(fd, FIONBIO, &on) != 0 || ::listen(fd, settings_->backlog) != 0) {
         const int error = errno;
-        throw std::runtime_error("listen " + key_ + ": " + errorName(error));
+        throw std::runtime_error("listen " + key_ + ": " + net::errorName(error));
     }
     auto *poll = new uv_poll_t;
     if (const int err = uv_poll_init_socket(server_.loop(), poll, fd); err != 0) {
@@ -169,7 +162,7 @@ void Listener::acceptFailed(int error) {
     const std::uint64_t now = uv_now(server_.loop());
     if (now - lastAcceptErrorLog_ >= acceptErrorLogIntervalMs || lastAcceptErrorLog_ == 0) {
         lastAcceptErrorLog_ = now;
-        log::warn("accept-failed listener=" + settings_->name + " error=" + errorName(error) +
+        log::warn("accept-failed listener=" + settings_->name + " error=" + net::errorName(error) +
                   " shed=" + std::to_string(shedSinceLog_));
         shedSinceLog_ = 0;
     }

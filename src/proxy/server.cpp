@@ -3,7 +3,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
-#include <fcntl.h>
 #include <limits>
 #include <netinet/in.h>
 #include <stdexcept>
@@ -114,30 +113,21 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
 Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
     : loop_(loop)
     , runtime_(std::move(runtime))
-    , reserveFd_(openReserve())
     , deadlines_(loop, &Connection::fireDeadline)
-    , warm_(warmBudget, &Connection::releaseBuffers) {}
+    , warm_(warmBudget, &Connection::releaseBuffers) {
+    reserve_.take();
+}
 
 Server::~Server() {
     closeBackgroundTimers(); // a Server destroyed without its drain
-    if (reserveFd_ >= 0) {
-        ::close(reserveFd_);
-    }
-}
-
-int Server::openReserve() {
-    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
 std::size_t Server::shedWaiting(int listenFd) {
-    if (reserveFd_ < 0) {
-        reserveFd_ = openReserve(); // another worker may have taken its slot last time
-    }
-    if (reserveFd_ < 0) {
+    // take(): another worker may have taken the slot it gave up last time.
+    if (!reserve_.take()) {
         return 0;
     }
-    ::close(reserveFd_);
-    reserveFd_ = -1;
+    reserve_.give();
     // The backlog bounds what waits; the cap bounds a flood that keeps arriving meanwhile.
     constexpr std::size_t shedCap = 4096;
     std::size_t shed = 0;
@@ -150,7 +140,7 @@ std::size_t Server::shedWaiting(int listenFd) {
             break; // EAGAIN: none left; anything else: the next readiness event retries
         }
     }
-    reserveFd_ = openReserve();
+    reserve_.take();
     return shed;
 }
 

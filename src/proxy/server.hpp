@@ -15,6 +15,7 @@
 #include <sluice/config.hpp>
 
 #include "net/address.hpp"
+#include "net/spare_descriptor.hpp"
 #include "proxy/pool.hpp"
 #include "proxy/timer_heap.hpp"
 #include "proxy/warm_list.hpp"
@@ -190,7 +191,6 @@ public:
 
 private:
     void adopt(ListenSocket socket);
-    static int openReserve();
     void closeListener(std::unique_ptr<Listener> listener);
     void checkDrained();
     /** `timer` (the quiet or the sweep timer), made on first use; it keeps no loop alive. */
@@ -206,9 +206,9 @@ private:
 
     uv_loop_t *loop_;
     std::shared_ptr<const Runtime> runtime_;
-    // Held open (on /dev/null) so that a worker out of descriptors can still accept, and close,
-    // the connections waiting for one: they get a prompt close instead of a timeout.
-    int reserveFd_ = -1;
+    // Held so that a worker out of descriptors can still accept, and close, the connections
+    // waiting for one: they get a prompt close instead of a timeout.
+    net::SpareDescriptor reserve_;
     std::vector<std::unique_ptr<Listener>> listeners_;
     // The live connections (stats_.active of them), linked through their own
     // prevInServer_/nextInServer_: no allocation or hashing per connection.
