@@ -60,6 +60,14 @@ def timeout(seconds):
     return mark
 
 
+def alone(fn):
+    """Decorator: run.py runs the test with no other test beside it, even with -j. For tests that
+    keep both CPUs busy for seconds (churn, gigabyte transfers, thousands of connections) or that
+    measure the daemon's CPU time, so that neither they nor their neighbours run short of CPU."""
+    fn.alone = True
+    return fn
+
+
 def wait_until(cond, timeout, what, interval=0.02):
     """Polls cond() until it returns something truthy, and returns that. Fails after `timeout`
     seconds naming `what`. The interval only paces the poll; nothing relies on it."""

@@ -5,8 +5,9 @@
 
 Finds `test_*` functions in `test_*.py` beside this file, runs each in its own process (its own
 process group, so a timed-out test and everything it started are killed), with a time limit
-(120 s unless the test says otherwise with @harness.timeout). Prints one line per test on
-stdout:
+(120 s unless the test says otherwise with @harness.timeout). With -j N, N tests run at once,
+except that a test marked @harness.alone runs with nothing beside it. Prints one line per test
+on stdout:
 
     PASS module.test_name (1.2s)
     FAIL module.test_name: reason
@@ -37,14 +38,15 @@ DEFAULT_TIMEOUT = 120
 
 
 def discover():
-    """[(module, function, timeout)] in file order, then definition order."""
+    """[(module, function, timeout, alone)] in file order, then definition order."""
     sys.path.insert(0, str(HERE))
     found = []
     for path in sorted(HERE.glob("test_*.py")):
         mod = importlib.import_module(path.stem)
         for name, obj in vars(mod).items():
             if name.startswith("test_") and callable(obj) and getattr(obj, "__module__", None) == mod.__name__:
-                found.append((path.stem, name, getattr(obj, "timeout", DEFAULT_TIMEOUT)))
+                found.append((path.stem, name, getattr(obj, "timeout", DEFAULT_TIMEOUT),
+                              getattr(obj, "alone", False)))
     return found
 
 
@@ -106,8 +108,8 @@ def run_child(module, func, result_path, limit):
 
 
 class Running:
-    def __init__(self, module, func, limit, workdir, env):
-        self.module, self.func, self.limit = module, func, limit
+    def __init__(self, module, func, limit, workdir, env, alone=False):
+        self.module, self.func, self.limit, self.alone = module, func, limit, alone
         self.name = display(module, func)
         self.result_path = workdir / f"{module}.{func}.json"
         self.log_path = workdir / f"{module}.{func}.log"
@@ -170,8 +172,8 @@ def main():
     if args.k:
         tests = [t for t in tests if any(k in display(t[0], t[1]) for k in args.k)]
     if args.list:
-        for m, f, lim in tests:
-            print(f"{display(m, f)} (limit {lim}s)")
+        for m, f, lim, solo in tests:
+            print(f"{display(m, f)} (limit {lim}s{', alone' if solo else ''})")
         return 0
 
     binary = args.bin or os.environ.get("SLUICE_BIN") or str(REPO / "build/src/daemon/sluice")
@@ -194,9 +196,14 @@ def main():
     start = time.monotonic()
     try:
         while queue or running:
-            while queue and len(running) < max(1, args.j):
-                m, f, lim = queue.pop(0)
-                running.append(Running(m, f, lim, work, env))
+            # Tests start in file order. One marked alone waits for the others to finish, and
+            # nothing starts beside it.
+            while queue and len(running) < max(1, args.j) and not any(r.alone for r in running):
+                m, f, lim, solo = queue[0]
+                if solo and running:
+                    break
+                queue.pop(0)
+                running.append(Running(m, f, lim, work, env, solo))
             for r in list(running):
                 res = r.poll()
                 if res is None:

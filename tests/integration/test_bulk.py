@@ -11,6 +11,7 @@ import time
 
 from backends import EchoBackend, SinkBackend, SourceBackend
 from harness import (
+    alone,
     LIGHT,
     GiB,
     MiB,
@@ -81,6 +82,7 @@ def test_full_duplex_64mib(t):
 
 
 @timeout(240)
+@alone
 def test_1000_concurrent_connections(t):
     n = 1000
     echo = t.backend(EchoBackend())
@@ -155,6 +157,7 @@ def check_rss(d, baseline, phase):
 
 
 @timeout(300)
+@alone
 def test_client_stalls_1gb_download(t):
     src = t.backend(SourceBackend(STALL_VOLUME))
     d = t.sluice(t.listener(src), env=asan_quarantine())
@@ -178,6 +181,7 @@ def test_client_stalls_1gb_download(t):
 
 
 @timeout(300)
+@alone
 def test_backend_stalls_1gb_upload(t):
     gate = threading.Event()
     sink = t.backend(SinkBackend(gate=gate))
@@ -202,6 +206,7 @@ def test_backend_stalls_1gb_upload(t):
 
 
 @timeout(180)
+@alone
 def test_many_parallel_transfers(t):
     # Eight downloads at once through one daemon, each byte-exact: connections do not share
     # or mix buffers.
@@ -220,6 +225,7 @@ def test_many_parallel_transfers(t):
         check(c.close_notify, f"download {i}: {c.ending()}")
 
 
+@alone
 def test_small_writes_are_not_delayed(t):
     # Many small request/response turns: Nagle or a one-read-per-packet bug (LESSONS #1, #20)
     # would add tens of milliseconds to each.

@@ -18,6 +18,7 @@ import time
 
 from backends import EchoBackend, ResetBackend, SinkBackend, SourceBackend
 from harness import (
+    alone,
     settle_fds,
     LIGHT,
     TIMING_MARGIN,
@@ -297,6 +298,7 @@ def test_backend_resets_mid_stream_others_unaffected(t):
     check(bulk.hash.hexdigest() == pattern_sha256(total), "the bystander's bytes are wrong")
 
 
+@alone
 def test_stalled_backend_does_not_hold_up_others_and_loses_nothing(t):
     gate = threading.Event()
     stalled = t.backend(SinkBackend(gate=gate))
@@ -327,6 +329,7 @@ def test_stalled_backend_does_not_hold_up_others_and_loses_nothing(t):
 
 
 @timeout(180)
+@alone
 def test_backend_flaps_during_load(t):
     flap = Flapper()
     t.defer(flap.close)
@@ -460,6 +463,7 @@ def test_client_reset_mid_handshake_and_mid_stream(t):
 
 
 @timeout(180)
+@alone
 def test_garbage_flood_and_slowloris_do_not_starve_real_clients(t):
     echo = t.backend(EchoBackend())
     d = t.sluice(t.listener(echo, timeouts={"handshake": "2s"}))
@@ -541,6 +545,7 @@ def s_client_renegotiate(addr, attempts):
     return (p.stdout + p.stderr).decode("utf-8", "replace"), p.returncode
 
 
+@alone
 def test_renegotiation_storm_refused(t):
     echo = t.backend(EchoBackend())
     d = t.sluice(t.listener(echo))
@@ -728,6 +733,7 @@ class LimitedSluice(Sluice):
 
 
 @timeout(180)
+@alone
 def test_fd_exhaustion_backs_off_and_recovers(t):
     echo = t.backend(EchoBackend())
     nofile = 64
@@ -833,6 +839,7 @@ def stalled_readers(t, addr, n):
     return clients
 
 
+@alone
 def test_memory_bounded_with_1000_stalled_readers(t):
     n = scaled(1000, 200)
     raise_nofile_for(n)
@@ -876,6 +883,7 @@ def test_memory_bounded_with_1000_stalled_readers(t):
     d.assert_alive()
 
 
+@alone
 def test_memory_goes_back_after_a_burst(t):
     # Many connections fill their queues at once, then all close. Once the worker has been quiet
     # for global.release_memory_after (default 1s), the heap's free memory goes back to the
@@ -973,6 +981,7 @@ def test_memory_goes_back_after_a_burst(t):
     check(metrics(admin2)[key] == 0, "memory released with release_memory_after = 0s")
 
 
+@alone
 def test_idle_connections_give_their_buffers_back(t):
     # A busy connection keeps its buffers between reads; once it has been idle for a sweep (a
     # quarter to half a second) it gives them back, and the heap's free pages go to the system
@@ -1028,6 +1037,7 @@ def test_idle_connections_give_their_buffers_back(t):
     d.assert_alive()
 
 
+@alone
 def test_silent_connections_hold_little(t):
     # A connection that never sends a byte (a browser's preconnect, a port check, a silent
     # client) holds its socket and a bare SSL object until the handshake timeout: no pair and
@@ -1060,6 +1070,7 @@ def test_silent_connections_hold_little(t):
     d.assert_alive()
 
 
+@alone
 def test_clients_leaving_together_hold_no_buffers(t):
     # Many idle TLS clients vanish at once (a client fleet restarts, a NAT drops its table): in
     # one turn of the loop the worker reads a thousand FINs, and each read needs a pair to land
@@ -1118,6 +1129,7 @@ def bench_backend(t):
     return f"127.0.0.1:{line[1]}"
 
 
+@alone
 def test_churn_50000_connections_back_to_baseline(t):
     # 50,000 short TLS connections (handshake, one echo, close_notify), 16 at a time, through one
     # daemon: none fails, and afterwards the active-connection metric, the descriptors and the

@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from backends import EchoBackend, PoolBackend
 from harness import (
+    alone,
     REPO,
     Sluice,
     TlsClient,
@@ -500,6 +501,7 @@ class Load:
 
 
 @timeout(90)
+@alone
 def test_fleet_spreads_connections_and_carries_the_client_address(t):
     fleet = Fleet(t)
     n = scaled(1000, 200)
@@ -656,6 +658,7 @@ class LongTransfer(threading.Thread):
 
 
 @timeout(120)
+@alone
 def test_fleet_rolling_restart_loses_nothing(t):
     fleet = Fleet(t)
     load = Load(fleet.front, threads=2).start()
@@ -739,6 +742,7 @@ def test_fleet_rolling_restart_loses_nothing(t):
 
 
 @timeout(120)
+@alone
 def test_fleet_ticket_key_rotation_under_load(t):
     k1, k2 = key_line(), key_line()
     fleet = Fleet(t, keys=[k1])

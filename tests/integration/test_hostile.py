@@ -10,6 +10,7 @@ import time
 
 from backends import EchoBackend, SourceBackend, refused_address
 from harness import (
+    alone,
     settle_fds,
     TIMING_MARGIN,
     MiB,
@@ -170,6 +171,7 @@ def wait_fds(d, baseline, when):
                              + "\n".join(f"  {k} -> {v}" for k, v in sorted(d.fds().items())))
 
 
+@alone
 def test_fd_count_back_to_baseline_after_churn(t):
     echo = t.backend(EchoBackend())
     src = t.backend(SourceBackend(16 * MiB))
@@ -277,6 +279,7 @@ def test_failed_handshake_released_when_client_leaves(t):
     print(f"released after {time.monotonic() - start:.2f}s")
 
 
+@alone
 def test_lingering_connections_do_not_spin(t):
     # Connections that wait for something (a failed handshake's lingering close, a silent
     # client, an idle session) must cost no CPU while they wait.
