@@ -134,8 +134,10 @@ void AccessLog::install(std::shared_ptr<AccessLog> log) {
         proxy::setAccessLogSink(nullptr);
         return;
     }
+    const bool toEventLog = log->path_.empty();
     proxy::setAccessLogSink(
-        [log = std::move(log)](const proxy::ConnectionRecord &record) { log->write(record); });
+        [log = std::move(log)](const proxy::ConnectionRecord &record) { log->write(record); },
+        toEventLog);
 }
 
 AccessLog::AccessLog(int fd, std::string path, AccessLogFormat format)

@@ -6,6 +6,8 @@
 #endif
 #include <memory>
 
+#include "util/log.hpp"
+
 namespace sluice::proxy {
 namespace {
 
@@ -266,15 +268,17 @@ namespace {
 std::mutex sinkMutex;
 std::shared_ptr<const AccessLogSink> sinkInstalled; // guarded by sinkMutex
 std::atomic<bool> sinkPresent{false};
+std::atomic<bool> sinkAtInfo{false};
 
 } // namespace
 
-void setAccessLogSink(AccessLogSink sink) {
+void setAccessLogSink(AccessLogSink sink, bool atInfo) {
     std::shared_ptr<const AccessLogSink> next;
     if (sink) {
         next = std::make_shared<const AccessLogSink>(std::move(sink));
     }
     std::lock_guard lock(sinkMutex);
+    sinkAtInfo.store(atInfo, std::memory_order_relaxed);
     sinkPresent.store(next != nullptr, std::memory_order_relaxed);
     sinkInstalled.swap(next);
     // The previous sink is released when `next` goes out of scope; a record being written
@@ -282,7 +286,8 @@ void setAccessLogSink(AccessLogSink sink) {
 }
 
 bool accessLogEnabled() {
-    return sinkPresent.load(std::memory_order_relaxed);
+    return sinkPresent.load(std::memory_order_relaxed) &&
+           (!sinkAtInfo.load(std::memory_order_relaxed) || log::enabled(LogLevel::info));
 }
 
 void emitConnectionRecord(const ConnectionRecord &record) {

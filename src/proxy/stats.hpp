@@ -207,10 +207,14 @@ struct ConnectionRecord {
 /** Where connection records go. Called on a worker's thread; must be thread-safe. */
 using AccessLogSink = std::function<void(const ConnectionRecord &)>;
 
-/** Installs (or, with an empty function, removes) the sink. Safe while workers run. */
-void setAccessLogSink(AccessLogSink sink);
+/**
+ * Installs (or, with an empty function, removes) the sink. Safe while workers run. A sink that
+ * writes into the event log (`atInfo`) takes records only while the log level lets info lines
+ * out: at "warn" or "error" no connection builds one.
+ */
+void setAccessLogSink(AccessLogSink sink, bool atInfo = false);
 
-/** True when a sink is installed (skip building the record otherwise). */
+/** True when the sink would write a record (skip building the record otherwise). */
 bool accessLogEnabled();
 
 /** Hands `record` to the sink, if any. */

@@ -33,6 +33,7 @@
 #include "ops/text.hpp"
 #include "proxy/stats.hpp"
 #include "temp_dir.hpp"
+#include "util/log.hpp"
 
 using namespace sluice;
 using sluice::ops::HttpRequest;
@@ -337,6 +338,23 @@ TEST_CASE("the access-log sink receives records and can be removed") {
     CHECK_FALSE(proxy::accessLogEnabled());
     proxy::emitConnectionRecord(record);
     CHECK(calls == 1);
+}
+
+TEST_CASE("an access log in the event log builds no record while info lines are filtered") {
+    // The daemon's access log on stderr is part of the event log: at log_level "warn" its lines
+    // are dropped, so connections must not format records for it either.
+    proxy::setAccessLogSink([](const proxy::ConnectionRecord &) {}, true);
+    log::setLevel(LogLevel::warn);
+    CHECK_FALSE(proxy::accessLogEnabled());
+    log::setLevel(LogLevel::info);
+    CHECK(proxy::accessLogEnabled());
+    // A sink of its own (a file) takes records at every level.
+    proxy::setAccessLogSink([](const proxy::ConnectionRecord &) {});
+    log::setLevel(LogLevel::error);
+    CHECK(proxy::accessLogEnabled());
+    log::setLevel(LogLevel::info);
+    proxy::setAccessLogSink(nullptr);
+    CHECK_FALSE(proxy::accessLogEnabled());
 }
 
 // --- Prometheus and /status
