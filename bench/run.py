@@ -469,6 +469,9 @@ class Bench:
                             f"wall={self.figure(key, res):10.1f} "
                             f"per-cpu-s={self.figure(key, res, True):10.1f} "
                             f"cpu={res['cpu']:.2f}s errors={res['errors']}")
+                # One-second speed probes between workloads catch a slow spell that starts
+                # and ends inside the run, which the probes at its start and end miss.
+                self.results["speed"].setdefault("during", []).append(speed_probe())
                 if serve and wanted("rr_direct"):
                     # The baseline: the same load generator talking to its own echo, no terminator.
                     base = self.results["rounds"].setdefault("rr_direct", {})
@@ -867,7 +870,8 @@ def machine():
 
 def speed_probe():
     """ECDSA P-256 signatures per second on the terminator's CPU (openssl speed, 1 s): taken at
-    the start and the end of a run, so a report says when the machine itself changed speed."""
+    the start and the end of a run and after each workload, so a report says when the machine
+    itself changed speed."""
     out = subprocess.run(pinned(TERMINATOR_CPU, ["openssl", "speed", "-mr", "-seconds", "1",
                                                   "ecdsap256"]),
                          capture_output=True, text=True).stdout
@@ -967,9 +971,13 @@ def render(results):
     speed = results.get("speed", {})
     if speed.get("start") and speed.get("end"):
         a, b = speed["start"], speed["end"]
-        change = abs(b - a) / max(a, b)
+        during = [v for v in speed.get("during", []) if v]
+        probes = [a, b] + during
+        change = (max(probes) - min(probes)) / max(probes)
         add(f"- Machine check: {a:,.0f} ECDSA P-256 signatures per second on the terminator's CPU "
-            f"at the start, {b:,.0f} at the end (`openssl speed`, 1 s)" +
+            f"at the start, {b:,.0f} at the end" +
+            (f", {min(during):,.0f}–{max(during):,.0f} between the workloads" if during else "") +
+            " (`openssl speed`, 1 s)" +
             (f"; **the machine's own speed changed by {change:.0%} during the run**, so the "
              "same-round ratios are the ones to read." if change > 0.15 else "."))
     if m.get("compilers_running_at_start"):
