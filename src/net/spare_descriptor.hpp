@@ -15,23 +15,20 @@ public:
     SpareDescriptor(const SpareDescriptor &) = delete;
     SpareDescriptor &operator=(const SpareDescriptor &) = delete;
 
-    /** Holds the spare unless it already does; false when no descriptor is free for it
-     * (another thread took the slot it gave up). */
-    bool take() {
+    /** Holds the spare unless it already does; when no descriptor is free for it (another
+     * thread took the slot it gave up), it stays unheld until a later call. */
+    void take() {
         if (fd_ < 0) {
             fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
         }
-        return fd_ >= 0;
     }
 
-    /** Closes the spare, freeing one slot for the caller; false when none was held. */
-    bool give() {
-        if (fd_ < 0) {
-            return false;
+    /** Closes the spare, if held, freeing its slot for the caller. */
+    void give() {
+        if (fd_ >= 0) {
+            ::close(fd_);
+            fd_ = -1;
         }
-        ::close(fd_);
-        fd_ = -1;
-        return true;
     }
 
 private:

@@ -165,8 +165,8 @@ int Admin::acceptOnReserve(int error) {
     // Out of descriptors the admin listener is what an operator looks at, so it answers: the
     // reserve descriptor makes room for one admin connection, and comes back when it closes.
     int fd = -1;
-    // take(): a worker may have taken the slot it gave up last time.
-    if ((error == EMFILE || error == ENFILE) && reserve_.take()) {
+    if (error == EMFILE || error == ENFILE) {
+        // Not held (a worker took its slot last time): the accept fails again, as it would.
         reserve_.give();
         fd = ::accept4(fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd < 0) {

@@ -123,10 +123,8 @@ Server::~Server() {
 }
 
 std::size_t Server::shedWaiting(int listenFd) {
-    // take(): another worker may have taken the slot it gave up last time.
-    if (!reserve_.take()) {
-        return 0;
-    }
+    // The spare's slot makes room for the accepts. When it is not held (another worker took
+    // its slot last time), the first accept fails with EMFILE and nothing is shed.
     reserve_.give();
     // The backlog bounds what waits; the cap bounds a flood that keeps arriving meanwhile.
     constexpr std::size_t shedCap = 4096;

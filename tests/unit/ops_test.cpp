@@ -176,7 +176,6 @@ std::uint64_t monotonicMicros() {
            static_cast<std::uint64_t>(now.tv_nsec) / 1000u;
 }
 
-/** Connects to 127.0.0.1:port, sends `request`, and reads until the server closes. */
 /** A blocking TCP connection to 127.0.0.1:`port` with a 5 s receive timeout; -1 on failure. */
 int connectLoopback(int port) {
     const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -207,6 +206,7 @@ std::string readAll(int fd) {
     return out;
 }
 
+/** Connects to 127.0.0.1:port, sends `request`, and reads until the server closes. */
 std::string exchange(int port, const std::string &request, bool halfClose = true) {
     const int fd = connectLoopback(port);
     if (fd < 0) {
