@@ -122,6 +122,38 @@ def test_both_key_derivations_serve_other_stacks_and_resume(t):
         d.assert_alive()
 
 
+def test_tickets_allow_no_early_data(t):
+    # TLS 1.3 early data (0-RTT) can be replayed by anyone who recorded it, and the backend
+    # could not tell, so sluice never allows it: its tickets say "Max Early Data: 0", and a
+    # client holding one sends its request after the handshake, where it is not replayable.
+    need("openssl")
+    payload_size = 1001
+    backend = t.backend(ReplyBackend(payload_size))
+    d = t.sluice(t.listener(backend))
+    host, port = d.addr()
+    session = t.tmp / "ticket.pem"
+    early = t.tmp / "early.txt"
+    early.write_bytes(b"GET /transfer?amount=100 HTTP/1.1\r\n\r\n")
+    base = ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "localhost",
+            "-CAfile", str(t.certs / "ca.crt"), "-verify_return_error", "-ign_eof", "-tls1_3"]
+    for extra, expect in ((["-sess_out", str(session)], "New, TLSv1.3"),
+                          (["-sess_in", str(session), "-early_data", str(early)], "Reused, TLSv1.3")):
+        payload = os.urandom(500).hex().encode() + b"\n"
+        p = run_tool(base + extra, payload)
+        out = p.stdout.decode(errors="replace")
+        what = f"s_client {extra[0]}"
+        check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
+        check(expect in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
+        check(payload.decode() in out, f"{what}: the echo did not come back")
+        if extra[0] == "-sess_out":
+            text = run_tool(["openssl", "sess_id", "-in", str(session), "-text", "-noout"])
+            said = text.stdout.decode(errors="replace")
+            check("Max Early Data: 0\n" in said, f"the ticket allows early data:\n{said}")
+        else:
+            check("Early data was not sent" in out, f"the client sent early data:\n{out[-3000:]}")
+    d.assert_alive()
+
+
 def curl(t, d, *args, timeout=60):
     need("curl")
     host, port = d.addr()
