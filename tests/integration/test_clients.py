@@ -4,9 +4,10 @@ import hashlib
 import os
 import shutil
 import subprocess
+import threading
 
 from backends import EchoBackend, HttpBackend, ReplyBackend
-from harness import MiB, Skip, check, pattern_bytes, pattern_sha256
+from harness import MiB, Skip, check, pattern_bytes, pattern_sha256, wait_until
 
 
 def need(tool):
@@ -119,6 +120,91 @@ def test_both_key_derivations_serve_other_stacks_and_resume(t):
             check(expect + ", Cipher is TLS_AES_256_GCM_SHA384" in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
             check(payload.decode() in out, f"{what}: the echo did not come back")
         r.assert_alive()
+        d.assert_alive()
+
+
+class LineClient:
+    """openssl s_client run line by line: each line sent on its standard input, its output
+    collected by a reader thread, so the test waits for an echo instead of sleeping.
+    key_update("K") (or "k") makes it send a TLS 1.3 KeyUpdate asking (or not asking) for one
+    back."""
+
+    def __init__(self, argv):
+        self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT)
+        self.lines = []
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for raw in self.p.stdout:
+            with self.lock:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+
+    def output(self):
+        with self.lock:
+            return list(self.lines)
+
+    def send(self, line):
+        self.p.stdin.write(line.encode() + b"\n")
+        self.p.stdin.flush()
+
+    def wait_for(self, line, timeout=10, count=1):
+        wait_until(lambda: self.output().count(line) >= count, timeout,
+                   f"{line!r} from s_client:\n" + "\n".join(self.output()[-40:]))
+
+    def key_update(self, letter):
+        # s_client reads a command only at the start of what one read of its input returns,
+        # and drops the rest of that read: wait until it has acted before sending more.
+        done = self.output().count("KEYUPDATE")
+        self.send(letter)
+        self.wait_for("KEYUPDATE", count=done + 1)
+
+    def finish(self, timeout=10):
+        self.p.stdin.close()  # s_client sends close_notify and exits at the end of its input
+        code = self.p.wait(timeout=timeout)
+        self.reader.join(timeout)
+        return code
+
+
+def test_key_updates_from_openssl_rekey_both_directions(t):
+    # A TLS 1.3 KeyUpdate changes the keys of one direction and may ask the other side to change
+    # its own. Each derivation runs through the key schedule that global.tls_kdf picks, and the
+    # client (s_client) derives with OpenSSL's own code, so a wrong byte in either direction
+    # breaks the next record. A burst of requested updates each gets its answer, and the
+    # stream's bytes stay whole and in order throughout.
+    need("openssl")
+    for kdf in ("sluice", "openssl"):
+        echo = t.backend(EchoBackend())
+        d = t.sluice(t.listener(echo), global_={"tls_kdf": kdf})
+        host, port = d.addr()
+        c = LineClient(["openssl", "s_client", "-connect", f"{host}:{port}", "-servername",
+                        "localhost", "-CAfile", str(t.certs / "ca.crt"), "-verify_return_error",
+                        "-tls1_3", "-msg"])
+        t.defer(c.p.kill)
+        c.send("before any update")
+        c.wait_for("before any update")
+        c.key_update("K")  # update the client's keys and ask sluice to update its own
+        c.send("after a requested update")
+        c.wait_for("after a requested update")
+        c.key_update("k")  # update the client's keys only
+        c.send("after an update of one direction")
+        c.wait_for("after an update of one direction")
+        burst = 50
+        for _ in range(burst):
+            c.key_update("K")
+        c.send("after a burst of updates")
+        c.wait_for("after a burst of updates")
+        code = c.finish()
+        out = c.output()
+        what = f"tls_kdf={kdf}"
+        check(code == 0, f"{what}: s_client exited {code}:\n" + "\n".join(out[-40:]))
+        sent = sum(1 for line in out if line.startswith(">>> ") and line.endswith("KeyUpdate"))
+        got = sum(1 for line in out if line.startswith("<<< ") and line.endswith("KeyUpdate"))
+        check(sent == burst + 2, f"{what}: s_client sent {sent} KeyUpdates, not {burst + 2}")
+        check(got == burst + 1,
+              f"{what}: sluice answered {burst + 1} requested KeyUpdates with {got} of its own")
         d.assert_alive()
 
 
