@@ -865,7 +865,24 @@ def machine():
     return {"nproc": os.cpu_count(), "cpu": model, "memory_gib": mem,
             "kernel": platform.release(), "openssl": ssl,
             "date": datetime.date.today().isoformat(),
+            "source": source_revision(),
             "compilers_running_at_start": int(busy.stdout.strip() or 0)}
+
+
+def source_revision():
+    """The commit the measured sluice was built from, and whether tracked files differed from
+    it when the run started (None outside a git checkout)."""
+    here = HERE.parent
+    def git(*args):
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True)
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except OSError:
+        return None
+    return head.stdout.strip() + (" with local changes" if changed else "")
 
 
 def speed_probe():
@@ -959,6 +976,8 @@ def render(results):
     add(f"- Date: {m['date']} (run {results['started']} – {results['finished']} UTC)")
     add(f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, "
         f"{m['openssl']}")
+    if m.get("source"):
+        add(f"- Code: sluice at commit {m['source']}")
     v = results.get("versions", {})
     add("- Terminators: " + ", ".join(f"{NAMES[t]} ({v.get(t, '?')})" for t in terms))
     st = results["settings"]
