@@ -390,7 +390,8 @@ class Sluice:
         return rc
 
     def kill(self):
-        """SIGKILL without any check (only for cleaning up after a failure)."""
+        """SIGKILL without any check: cleaning up after a failure, or a test's sudden death of an
+        instance."""
         if self.alive():
             self.proc.kill()
             self.proc.wait(10)
