@@ -200,6 +200,19 @@ def test_new_process_takes_over_the_port_without_losing_a_connection(t):
     new.assert_alive()
 
 
+def all_threads_stopped(pid):
+    """Every thread of the process is in the stopped state ("T" in /proc/PID/task/TID/stat)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            continue  # the thread has ended
+        if state != "T":
+            return False
+    return True
+
+
 def test_connections_queued_on_a_killed_process_move_to_the_other(t):
     # The same two processes on one port, and the old one dies without a drain (SIGKILL) while
     # connections it has not accepted wait in its sockets' queues (it is stopped, so it accepts
@@ -214,6 +227,8 @@ def test_connections_queued_on_a_killed_process_move_to_the_other(t):
     old = t.sluice(listener, global_=settings)
     new = t.sluice(listener, global_=settings)
     old.signal(signal.SIGSTOP)
+    # Stopping takes effect thread by thread; a worker still running could accept a client.
+    wait_until(lambda: all_threads_stopped(old.pid), 10, f"{old.name}'s threads to stop")
     count = 64
     # Each is TCP-connected at once: the kernel spread them over both processes' sockets, and
     # those on the stopped one's wait in its accept queues.
