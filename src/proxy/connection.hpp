@@ -354,8 +354,9 @@ private:
     /** Nanoseconds as saturated microseconds. */
     static std::int32_t micros(std::uint64_t nanos);
 
-    // Bits: a connection is mostly waiting, and its size is what idle costs. They fill the
-    // object's last 8 bytes exactly: one bit more and it takes a 16-byte larger heap chunk.
+    // Bits: a connection is mostly waiting, and its size is what idle costs. They take 50 of
+    // the object's last 64 bits; past those it would need a 16-byte larger heap chunk (the
+    // static_assert in connection.cpp).
     Pinned clientPinned_ : 2 = Pinned::none;
     Pinned backendPinned_ : 2 = Pinned::none;
     CloseReason closeReason_ : 4 = CloseReason::done;
