@@ -112,9 +112,9 @@ def test_sigpipe_ignored(t):
     d.assert_alive()
 
 
-def isolate_network(migrate_requests=True):
+def isolate_network():
     """Moves this test (and what it starts from now on) into a network namespace of its own,
-    with loopback up and net.ipv4.tcp_migrate_req (per namespace) set as asked."""
+    with loopback up and net.ipv4.tcp_migrate_req = 1 (a per-namespace setting)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
         raise Skip(f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}")
@@ -126,7 +126,7 @@ def isolate_network(migrate_requests=True):
     migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
     if not migrate.exists():
         raise Skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14 and later)")
-    migrate.write_text("1" if migrate_requests else "0")
+    migrate.write_text("1")
 
 
 class RoundTrips:
