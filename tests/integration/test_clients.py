@@ -76,6 +76,25 @@ def test_gnutls_cli_tls12(t):
     gnutls(t, "NORMAL:-VERS-ALL:+VERS-TLS1.2")
 
 
+S_CLIENT_LINE = 1001  # what s_client_echo() sends: the size of the ReplyBackend it talks to
+
+
+def s_client_echo(t, addr, args, expect, what=""):
+    """One TLS 1.3 openssl s_client connection through a ReplyBackend(S_CLIENT_LINE): sends a
+    line of that length, checks that s_client printed `expect` and got the line back, and
+    returns its output."""
+    payload = os.urandom(S_CLIENT_LINE // 2).hex().encode() + b"\n"
+    p = run_tool(["openssl", "s_client", "-connect", f"{addr[0]}:{addr[1]}", "-servername",
+                  "localhost", "-CAfile", str(t.certs / "ca.crt"), "-verify_return_error",
+                  "-ign_eof", "-tls1_3", *args], payload)
+    out = p.stdout.decode(errors="replace")
+    what = f"{what} s_client {' '.join(args)}".strip()
+    check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
+    check(expect in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
+    check(payload.decode() in out, f"{what}: the echo did not come back")
+    return out
+
+
 def test_both_key_derivations_serve_other_stacks_and_resume(t):
     # global.tls_kdf picks who derives the TLS keys: sluice's own TLS 1.3 key schedule and TLS
     # 1.2 PRF, or OpenSSL's. GnuTLS and OpenSSL's s_client derive theirs with their own code, so
@@ -103,22 +122,13 @@ def test_both_key_derivations_serve_other_stacks_and_resume(t):
                 # With --resume gnutls-cli also prints its progress on standard output.
                 check(p.stdout.count(payload) == 1, f"{what}: the echo did not come back whole")
         # s_client ends when the backend closes: each connection gets its bytes back, then FIN.
-        payload_size = 1001
-        reply = t.backend(ReplyBackend(payload_size))
+        reply = t.backend(ReplyBackend(S_CLIENT_LINE))
         r = t.sluice(t.listener(reply), global_={"tls_kdf": kdf})
-        rhost, rport = r.addr()
         session = t.tmp / f"s_client-{kdf}.pem"
+        suite = ["-ciphersuites", "TLS_AES_256_GCM_SHA384"]
         for flag, expect in (("-sess_out", "New, TLSv1.3"), ("-sess_in", "Reused, TLSv1.3")):
-            payload = os.urandom(500).hex().encode() + b"\n"
-            p = run_tool(["openssl", "s_client", "-connect", f"{rhost}:{rport}", "-servername",
-                          "localhost", "-CAfile", ca, "-verify_return_error", "-ign_eof",
-                          "-tls1_3", "-ciphersuites", "TLS_AES_256_GCM_SHA384", flag, str(session)],
-                         payload)
-            out = p.stdout.decode(errors="replace")
-            what = f"tls_kdf={kdf} s_client {flag}"
-            check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
-            check(expect + ", Cipher is TLS_AES_256_GCM_SHA384" in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
-            check(payload.decode() in out, f"{what}: the echo did not come back")
+            s_client_echo(t, r.addr(), suite + [flag, str(session)],
+                          expect + ", Cipher is TLS_AES_256_GCM_SHA384", f"tls_kdf={kdf}")
         r.assert_alive()
         d.assert_alive()
 
@@ -213,30 +223,17 @@ def test_tickets_allow_no_early_data(t):
     # could not tell, so sluice never allows it: its tickets say "Max Early Data: 0", and a
     # client holding one sends its request after the handshake, where it is not replayable.
     need("openssl")
-    payload_size = 1001
-    backend = t.backend(ReplyBackend(payload_size))
-    d = t.sluice(t.listener(backend))
-    host, port = d.addr()
+    d = t.sluice(t.listener(t.backend(ReplyBackend(S_CLIENT_LINE))))
     session = t.tmp / "ticket.pem"
     early = t.tmp / "early.txt"
     early.write_bytes(b"GET /transfer?amount=100 HTTP/1.1\r\n\r\n")
-    base = ["openssl", "s_client", "-connect", f"{host}:{port}", "-servername", "localhost",
-            "-CAfile", str(t.certs / "ca.crt"), "-verify_return_error", "-ign_eof", "-tls1_3"]
-    for extra, expect in ((["-sess_out", str(session)], "New, TLSv1.3"),
-                          (["-sess_in", str(session), "-early_data", str(early)], "Reused, TLSv1.3")):
-        payload = os.urandom(500).hex().encode() + b"\n"
-        p = run_tool(base + extra, payload)
-        out = p.stdout.decode(errors="replace")
-        what = f"s_client {extra[0]}"
-        check(p.returncode == 0, f"{what} exited {p.returncode}:\n{p.stderr.decode(errors='replace')}")
-        check(expect in out, f"{what}: no {expect!r}:\n{out[-3000:]}")
-        check(payload.decode() in out, f"{what}: the echo did not come back")
-        if extra[0] == "-sess_out":
-            text = run_tool(["openssl", "sess_id", "-in", str(session), "-text", "-noout"])
-            said = text.stdout.decode(errors="replace")
-            check("Max Early Data: 0\n" in said, f"the ticket allows early data:\n{said}")
-        else:
-            check("Early data was not sent" in out, f"the client sent early data:\n{out[-3000:]}")
+    s_client_echo(t, d.addr(), ["-sess_out", str(session)], "New, TLSv1.3")
+    text = run_tool(["openssl", "sess_id", "-in", str(session), "-text", "-noout"])
+    said = text.stdout.decode(errors="replace")
+    check("Max Early Data: 0\n" in said, f"the ticket allows early data:\n{said}")
+    out = s_client_echo(t, d.addr(), ["-sess_in", str(session), "-early_data", str(early)],
+                        "Reused, TLSv1.3")
+    check("Early data was not sent" in out, f"the client sent early data:\n{out[-3000:]}")
     d.assert_alive()
 
 
