@@ -870,16 +870,17 @@ def machine():
 
 
 def source_revision():
-    """The commit the measured sluice was built from, and whether tracked files differed from
-    it when the run started (None outside a git checkout)."""
-    here = HERE.parent
+    """The commit the measured sluice was built from, and whether tracked files other than the
+    results a run writes differed from it when the run started (None outside a git checkout)."""
     def git(*args):
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True)
+        return subprocess.run(["git", "-C", str(HERE.parent), *args], capture_output=True,
+                              text=True)
     try:
         head = git("rev-parse", "--short=12", "HEAD")
         if head.returncode != 0:
             return None
-        changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)bench/results").stdout.strip()
     except OSError:
         return None
     return head.stdout.strip() + (" with local changes" if changed else "")
