@@ -168,6 +168,15 @@ class RoundTrips:
             th.join(30)
 
 
+def shared_port_listener(t):
+    """In a network namespace of the test's own: an echo backend, and a listener table on a
+    fixed loopback port that two daemons can both be started with. Returns (table, address)."""
+    isolate_network()
+    echo = t.backend(EchoBackend())
+    port = free_loopback_port()
+    return t.listener(echo, listen=f"127.0.0.1:{port}"), ("127.0.0.1", port)
+
+
 def test_new_process_takes_over_the_port_without_losing_a_connection(t):
     # Replacing the process on one host without a balancer (README, "Running the daemon"): a
     # second sluice with the same configuration binds the same address beside the first (every
@@ -175,13 +184,10 @@ def test_new_process_takes_over_the_port_without_losing_a_connection(t):
     # the first drains. With net.ipv4.tcp_migrate_req = 1, connections still waiting in the old
     # sockets' accept queues when they close move to the new ones instead of being reset, so
     # clients connecting all along never see a refusal, a reset or a cut echo.
-    isolate_network()
-    echo = t.backend(EchoBackend())
-    port = free_loopback_port()
-    listener = t.listener(echo, listen=f"127.0.0.1:{port}")
+    listener, addr = shared_port_listener(t)
     settings = {"workers": 2, "drain_timeout": "10s"}
     old = t.sluice(listener, global_=settings)
-    load = RoundTrips(("127.0.0.1", port))
+    load = RoundTrips(addr)
     t.defer(load.stop)
     load.wait_for(100)
     new = t.sluice(listener, global_=settings)
@@ -213,16 +219,34 @@ def all_threads_stopped(pid):
     return True
 
 
+def accept_queue_length(pid):
+    """Connections waiting to be accepted on the process's listening TCP sockets (the receive
+    queue /proc/net/tcp gives a socket in LISTEN)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
+    waiting = 0
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                waiting += int(fields[4].split(":")[1], 16)
+    return waiting
+
+
 def test_connections_queued_on_a_killed_process_move_to_the_other(t):
     # The same two processes on one port, and the old one dies without a drain (SIGKILL) while
     # connections it has not accepted wait in its sockets' queues (it is stopped, so it accepts
     # none). net.ipv4.tcp_migrate_req moves them to the survivor's sockets: every client
     # completes its handshake and echo. Without it they are reset (37 of the 64 in a trial
     # with the setting at 0).
-    isolate_network()
-    echo = t.backend(EchoBackend())
-    port = free_loopback_port()
-    listener = t.listener(echo, listen=f"127.0.0.1:{port}")
+    listener, addr = shared_port_listener(t)
     settings = {"workers": 2}
     old = t.sluice(listener, global_=settings)
     new = t.sluice(listener, global_=settings)
@@ -232,7 +256,9 @@ def test_connections_queued_on_a_killed_process_move_to_the_other(t):
     count = 64
     # Each is TCP-connected at once: the kernel spread them over both processes' sockets, and
     # those on the stopped one's wait in its accept queues.
-    clients = [t.client(("127.0.0.1", port)) for _ in range(count)]
+    clients = [t.client(addr) for _ in range(count)]
+    waiting = accept_queue_length(old.pid)
+    check(waiting > 0, f"none of the {count} connections waits on the stopped process")
     old.kill()
     failed = []
     for i, c in enumerate(clients):
@@ -244,6 +270,6 @@ def test_connections_queued_on_a_killed_process_move_to_the_other(t):
             check(got == payload, "the echo differs")
         except Exception as e:
             failed.append(f"client {i}: {type(e).__name__}: {e}")
-    print(f"{count} clients, {len(failed)} failed")
+    print(f"{count} clients, {waiting} of them queued on the killed process, {len(failed)} failed")
     check(not failed, f"{len(failed)} of {count} queued clients failed, the first: {failed[:3]}")
     new.assert_alive()
