@@ -76,7 +76,8 @@ constexpr std::uint64_t ticketHoldMs = 50;
 } // namespace
 
 // An idle connection costs mostly this object. Beside libuv's two handles its fields take 264
-// bytes, so on x86-64 Linux it is 776 bytes: a 784-byte heap chunk, where 777 would take 800.
+// bytes, so on x86-64 Linux it is 776 bytes, a 784-byte heap chunk; one byte more would make
+// it 784 bytes (alignment), an 800-byte chunk.
 static_assert(sizeof(Connection) - sizeof(uv_tcp_t) - sizeof(uv_pipe_t) <= 264,
               "a field more moves each connection into a larger heap chunk");
 
