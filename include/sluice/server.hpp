@@ -123,10 +123,11 @@ public:
     bool reload(Config config, std::string *error = nullptr);
 
     /**
-     * Stops accepting (the listening sockets close) and lets open connections finish, for up to
-     * global.drain_timeout; then cuts what is left. `done(forced)` runs once every handle is
-     * closed; `forced` is true when the deadline cut connections. Returns false when the Server
-     * is not running (never started, or drain() or stop() was called already).
+     * Stops accepting (the listening sockets close, after the connections already waiting in
+     * their queues are accepted, within the connection limits) and lets open connections
+     * finish, for up to global.drain_timeout; then cuts what is left. `done(forced)` runs once
+     * every handle is closed; `forced` is true when the deadline cut connections. Returns false
+     * when the Server is not running (never started, or drain() or stop() was called already).
      */
     bool drain(std::function<void(bool forced)> done);
 

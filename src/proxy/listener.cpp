@@ -125,12 +125,28 @@ void Listener::onReadable(uv_poll_t *poll, int status, int /*events*/) {
 }
 
 void Listener::acceptReady() {
-    for (int taken = 0; taken < acceptsPerWake && !closing_; ++taken) {
+    if (!acceptUpTo(acceptsPerWake)) {
+        // Back-pressure into the kernel's backlog until retryAccept().
+        pending_ = true;
+        uv_poll_stop(poll_);
+    }
+}
+
+std::size_t Listener::acceptQueued() {
+    if (closing_ || fd_ < 0) {
+        return 0;
+    }
+    // The queue holds at most backlog + 1; the bound also ends the loop if clients keep
+    // arriving while it runs.
+    const std::uint64_t before = server_.counters().accepted;
+    acceptUpTo(settings_->backlog + 1);
+    return static_cast<std::size_t>(server_.counters().accepted - before);
+}
+
+bool Listener::acceptUpTo(int most) {
+    for (int taken = 0; taken < most && !closing_; ++taken) {
         if (!server_.admits(*settings_)) {
-            // Back-pressure into the kernel's backlog until retryAccept().
-            pending_ = true;
-            uv_poll_stop(poll_);
-            return;
+            return false;
         }
         sockaddr_storage peer{};
         socklen_t length = sizeof peer;
@@ -142,13 +158,14 @@ void Listener::acceptReady() {
         }
         const int error = errno;
         if (error == EAGAIN || error == EWOULDBLOCK) {
-            return;
+            return true;
         }
         if (!connectionOnly(error)) {
             acceptFailed(error);
-            return;
+            return true;
         }
     }
+    return true;
 }
 
 void Listener::acceptFailed(int error) {

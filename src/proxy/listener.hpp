@@ -1,6 +1,7 @@
 // proxy/listener: one bound TCP socket that accepts connections while the server admits them.
 #pragma once
 
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -46,13 +47,22 @@ public:
     /** Accepts again if accepting paused while the server was full. */
     void retryAccept();
 
+    /**
+     * Accepts the connections waiting in the kernel's queue, as far as the server's limits
+     * allow, so that closing the socket next does not reset them: they completed their TCP
+     * handshake while this listener was open. Returns how many it accepted.
+     */
+    std::size_t acceptQueued();
+
     /** Closes the socket; `closed` runs from the close callback. */
     void close(std::function<void()> closed);
 
 private:
     static void onReadable(uv_poll_t *poll, int status, int events);
-    /** Accepts what waits, up to a bound per readiness event. */
+    /** Accepts what waits, up to a bound per readiness event; pauses while the server is full. */
     void acceptReady();
+    /** Accepts up to `most`; false when it stopped because the server is full. */
+    bool acceptUpTo(int most);
     void acceptOne(int fd, const sockaddr_storage &peer);
     /** accept() failed with `error` (an errno value): shed, count, log, and rest if needed. */
     void acceptFailed(int error);

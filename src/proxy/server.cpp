@@ -190,6 +190,7 @@ void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSo
         if (std::find(removed.begin(), removed.end(), (*it)->key()) != removed.end()) {
             auto listener = std::move(*it);
             it = listeners_.erase(it);
+            listener->acceptQueued(); // as a drain does: what waits is served, not reset
             closeListener(std::move(listener));
             continue;
         }
@@ -326,9 +327,20 @@ void Server::drain(std::function<void(bool forced)> done) {
     if (draining_) {
         return;
     }
+    // Connections in the listeners' queues completed their TCP handshake while sluice
+    // listened; closing the sockets would reset them. They are served like the live ones.
+    std::size_t queued = 0;
+    for (auto &listener : listeners_) {
+        queued += listener->acceptQueued();
+    }
+    beginDrain(std::move(done), queued);
+}
+
+void Server::beginDrain(std::function<void(bool forced)> done, std::size_t queued) {
     draining_ = true;
     drained_ = std::move(done);
     log::info("drain-start connections=" + std::to_string(stats_.active) +
+              " queued=" + std::to_string(queued) +
               " timeout_ms=" + std::to_string(runtime_->drainTimeout.count()));
     drainTimer_ = net::newTimer(loop_, this);
     if (runtime_->drainTimeout.count() > 0) {
@@ -345,7 +357,7 @@ void Server::drain(std::function<void(bool forced)> done) {
 
 void Server::stop(std::function<void(bool forced)> done) {
     if (!draining_) {
-        drain(std::move(done));
+        beginDrain(std::move(done), 0); // nothing more is accepted only to be cut
     } else if (done) {
         drained_ = std::move(done);
     }

@@ -140,7 +140,8 @@ public:
     std::vector<std::pair<std::string, std::string>> boundAddresses() const;
 
     /**
-     * Stops accepting, lets live connections finish for up to the drain timeout, then closes
+     * Accepts what already waits in the listeners' queues (within the connection limits), then
+     * stops accepting, lets live connections finish for up to the drain timeout, then closes
      * what is left. `done(forced)` runs once on the loop, after every handle is closed;
      * `forced` is true when the deadline cut connections. Never called re-entrantly. `done` may
      * destroy the Server: nothing touches it after `done` returns (sluice::Server relies on it).
@@ -192,6 +193,8 @@ public:
 private:
     void adopt(ListenSocket socket);
     void closeListener(std::unique_ptr<Listener> listener);
+    /** Closes the listeners and starts the deadline; `queued` is for the log line. */
+    void beginDrain(std::function<void(bool forced)> done, std::size_t queued);
     void checkDrained();
     /** `timer` (the quiet or the sweep timer), made on first use; it keeps no loop alive. */
     uv_timer_t *backgroundTimer(uv_timer_t *&timer);

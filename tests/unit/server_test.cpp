@@ -661,7 +661,91 @@ int connectPlain(const std::string &address) {
     return fd;
 }
 
+/** A TLS client on a socket that connectPlain() connected: handshakes, verifying "localhost"
+ * against the test CA, and echoes `message` once. Closes nothing. */
+bool echoOver(int fd, const std::string &message) {
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    SSL_CTX_load_verify_locations(ctx, certificates().ca.c_str(), nullptr);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+    SSL *ssl = SSL_new(ctx);
+    SSL_set_fd(ssl, fd);
+    SSL_set_tlsext_host_name(ssl, "localhost");
+    SSL_set1_host(ssl, "localhost");
+    const int length = static_cast<int>(message.size());
+    bool ok = SSL_connect(ssl) == 1 && SSL_write(ssl, message.data(), length) == length;
+    std::string got;
+    while (ok && got.size() < message.size()) {
+        char buffer[256];
+        const int n = SSL_read(ssl, buffer, static_cast<int>(sizeof buffer));
+        ok = n > 0;
+        got.append(buffer, static_cast<std::size_t>(std::max(n, 0)));
+    }
+    SSL_free(ssl);
+    SSL_CTX_free(ctx);
+    return ok && got == message;
+}
+
+/** Clients connected (TCP only) to `address` while the loop does not run: they wait in the
+ * listening socket's accept queue. */
+std::vector<int> waitingClients(const std::string &address, int count) {
+    std::vector<int> fds;
+    for (int i = 0; i < count; ++i) {
+        const int fd = connectPlain(address);
+        REQUIRE(fd >= 0);
+        fds.push_back(fd);
+    }
+    return fds;
+}
+
+/** Each client handshakes and echoes once, then closes; how many were served. */
+int serveAll(Loop &loop, const std::vector<int> &fds) {
+    int served = 0;
+    loop.runWhile([&] {
+        for (const int fd : fds) {
+            served += echoOver(fd, "waited in the queue") ? 1 : 0;
+            ::close(fd);
+        }
+    });
+    return served;
+}
+
 } // namespace
+
+TEST_CASE("a drain, and a reload that removes a listener, serve the connections waiting in the "
+          "listening socket's queue instead of resetting them") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    Loop loop;
+    SUBCASE("drain") {
+        sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+        server.start();
+        const auto before = server.stats().accepted;
+        const auto fds = waitingClients(server.addresses().at(0).second, 3);
+        int calls = 0;
+        bool forced = true;
+        REQUIRE(server.drain([&](bool f) {
+            ++calls;
+            forced = f;
+        }));
+        CHECK(serveAll(loop, fds) == 3);
+        uv_run(loop.get(), UV_RUN_DEFAULT);
+        CHECK(calls == 1);
+        CHECK_FALSE(forced);
+        CHECK(server.stats().accepted - before == 3);
+    }
+    SUBCASE("reload") {
+        sluice::Server server(loop.get(), configFor(backend.address(), certs.certA, certs.keyA));
+        server.start();
+        const auto before = server.stats().accepted;
+        const auto fds = waitingClients(server.addresses().at(0).second, 3);
+        std::string error;
+        REQUIRE(server.reload(configFor(backend.address(), certs.certA, certs.keyA, "127.0.0.2:0"),
+                              &error));
+        CHECK(serveAll(loop, fds) == 3);
+        CHECK(server.stats().accepted - before == 3);
+        REQUIRE(server.stop(nullptr));
+    }
+}
 
 TEST_CASE("out of descriptors, a waiting client is closed at once and counted; the Server then "
           "serves again, and gives its reserve descriptor back when destroyed") {
