@@ -270,18 +270,20 @@ void Listener::close(std::function<void()> closed) {
         }
         return;
     }
+    // uv_close() stops the poll at once (the descriptor leaves epoll), so the socket can close
+    // now rather than a loop turn later: what the kernel queues between acceptQueued() and the
+    // close is reset by it, and that window is now only the time between the two calls.
     uv_close(reinterpret_cast<uv_handle_t *>(poll_), [](uv_handle_t *handle) {
         auto *self = static_cast<Listener *>(handle->data);
         delete reinterpret_cast<uv_poll_t *>(handle);
         self->poll_ = nullptr;
-        // The poll handle no longer watches it: the socket can go.
-        ::close(self->fd_);
-        self->fd_ = -1;
         // Moved out first: the callback may delete this listener and with it closed_.
         if (auto done = std::move(self->closed_)) {
             done();
         }
     });
+    ::close(fd_);
+    fd_ = -1;
 }
 
 } // namespace sluice::proxy

@@ -324,19 +324,25 @@ void Server::closeListener(std::unique_ptr<Listener> listener) {
 }
 
 void Server::drain(std::function<void(bool forced)> done) {
-    if (draining_) {
-        return;
+    if (!draining_) {
+        beginDrain(std::move(done), true);
     }
-    // Connections in the listeners' queues completed their TCP handshake while sluice
-    // listened; closing the sockets would reset them. They are served like the live ones.
-    std::size_t queued = 0;
-    for (auto &listener : listeners_) {
-        queued += listener->acceptQueued();
-    }
-    beginDrain(std::move(done), queued);
 }
 
-void Server::beginDrain(std::function<void(bool forced)> done, std::size_t queued) {
+void Server::beginDrain(std::function<void(bool forced)> done, bool serveQueued) {
+    // Connections in a listener's queue completed their TCP handshake while sluice listened,
+    // and closing the socket would reset them. A drain serves them like the live ones, each
+    // listener's just before it closes (while admits() still counts them against the limits); a
+    // stop does not accept what it would only cut.
+    std::size_t queued = 0;
+    auto listeners = std::move(listeners_);
+    listeners_.clear();
+    for (auto &listener : listeners) {
+        if (serveQueued) {
+            queued += listener->acceptQueued();
+        }
+        closeListener(std::move(listener));
+    }
     draining_ = true;
     drained_ = std::move(done);
     log::info("drain-start connections=" + std::to_string(stats_.active) +
@@ -347,17 +353,12 @@ void Server::beginDrain(std::function<void(bool forced)> done, std::size_t queue
         uv_timer_start(drainTimer_, onDrainTimer,
                        static_cast<std::uint64_t>(runtime_->drainTimeout.count()), 0);
     }
-    auto listeners = std::move(listeners_);
-    listeners_.clear();
-    for (auto &listener : listeners) {
-        closeListener(std::move(listener));
-    }
     checkDrained();
 }
 
 void Server::stop(std::function<void(bool forced)> done) {
     if (!draining_) {
-        beginDrain(std::move(done), 0); // nothing more is accepted only to be cut
+        beginDrain(std::move(done), false);
     } else if (done) {
         drained_ = std::move(done);
     }

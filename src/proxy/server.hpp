@@ -193,8 +193,9 @@ public:
 private:
     void adopt(ListenSocket socket);
     void closeListener(std::unique_ptr<Listener> listener);
-    /** Closes the listeners and starts the deadline; `queued` is for the log line. */
-    void beginDrain(std::function<void(bool forced)> done, std::size_t queued);
+    /** Closes the listeners (first accepting what waits in their queues when `serveQueued`)
+     * and starts the deadline. */
+    void beginDrain(std::function<void(bool forced)> done, bool serveQueued);
     void checkDrained();
     /** `timer` (the quiet or the sweep timer), made on first use; it keeps no loop alive. */
     uv_timer_t *backgroundTimer(uv_timer_t *&timer);
