@@ -257,6 +257,10 @@ struct GlobalConfig {
     /** Drop to this user (and group) after binding and loading keys; empty keeps root. */
     std::string user;
     std::string group;
+    /** The daemon checks this often whether its configuration file, or a file that file names
+     * for TLS, changed on disk, and reloads (as on SIGHUP) once a change has held for one check.
+     * 0: only SIGHUP reloads. A Server ignores it: the program calls reload(). */
+    Duration reloadOnChange{0};
     /** TLS contexts derive their keys with sluice's TLS13-KDF and TLS1-PRF (tls_kdf =
      * "sluice"), or with OpenSSL's (tls_kdf = "openssl"). OpenSSL's in FIPS mode regardless. */
     bool builtinKdf = true;

@@ -733,7 +733,7 @@ private:
         checkKeys(table, "global",
                   {"max_connections", "drain_timeout", "drain_delay", "log_level", "buffers",
                    "workers", "user", "group", "max_handshakes_per_ip", "release_memory_after",
-                   "tls_kdf"});
+                   "tls_kdf", "reload_on_change"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -767,6 +767,14 @@ private:
         }
         if (const toml::node *node = table.get("release_memory_after")) {
             global.releaseMemoryAfter = duration(*node, "global.release_memory_after");
+        }
+        if (const toml::node *node = table.get("reload_on_change")) {
+            const std::string key = "global.reload_on_change";
+            global.reloadOnChange = duration(*node, key);
+            if (global.reloadOnChange != Duration::zero() &&
+                global.reloadOnChange < std::chrono::milliseconds(100)) {
+                fail(node->source(), key, "must be 0 (reload on SIGHUP only) or at least 100ms");
+            }
         }
         if (const toml::node *node = table.get("tls_kdf")) {
             global.builtinKdf =

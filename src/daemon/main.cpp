@@ -22,6 +22,7 @@
 #include <sluice/config.hpp>
 
 #include "daemon/activation.hpp"
+#include "daemon/file_watch.hpp"
 #include "daemon/privileges.hpp"
 #include "daemon/worker.hpp"
 #include "ops/access_log.hpp"
@@ -177,7 +178,9 @@ public:
         , workers_(std::move(workers))
         , accessLog_(std::move(accessLog))
         , watchdog_(loop)
-        , resolver_(loop) {
+        , resolver_(loop)
+        , fileWatch_(loop,
+                     [this](const std::vector<std::string> &changed) { filesChanged(changed); }) {
         resolver_.watch(runtime_);
         for (auto *handle : {&term_, &interrupt_, &hangup_, &user1_}) {
             uv_signal_init(loop_, handle);
@@ -196,6 +199,12 @@ public:
     /** The sockets systemd passed; kept open for the daemon's life and matched on reload. */
     void keepActivated(std::vector<sluice::daemon::ActivatedSocket> activated) {
         activated_ = std::move(activated);
+    }
+
+    /** Starts global.reload_on_change; `readAt`: the files' stamps before they were read. */
+    void watchFiles(const sluice::daemon::FileWatch::Stamps &readAt) {
+        fileWatch_.watch(sluice::daemon::watchedFiles(config_), config_.global.reloadOnChange,
+                         readAt);
     }
 
     /** Called from a worker thread when its loop has ended. */
@@ -250,6 +259,7 @@ private:
             return;
         }
         self->stopping_ = true;
+        self->fileWatch_.stop();
         sluice::log::info(std::string("drain signal=") + strsignal(signum));
         sluice::ops::systemd::notifyStopping("draining");
         if (self->admin_) {
@@ -293,12 +303,33 @@ private:
         }
     }
 
+    void filesChanged(const std::vector<std::string> &changed) {
+        if (stopping_) {
+            return;
+        }
+        std::string list;
+        for (const auto &path : changed) {
+            list += (list.empty() ? "" : ",") + path;
+        }
+        sluice::log::info("files-changed files=\"" + list + "\"");
+        reload();
+    }
+
+    /** A reload on SIGHUP or a change on disk; then watches the files of the configuration in
+     * use, as they were when this reload read them (so a broken file is not tried again until it
+     * changes). */
+    void reload() {
+        const auto readAt = fileWatch_.now();
+        loadAndSwitch();
+        watchFiles(readAt);
+    }
+
     /**
      * Builds the whole new configuration first (config, TLS contexts, backends, new sockets);
      * only if all of it succeeds do the workers switch. Live connections keep the settings
      * they started with; sockets whose listener and address are unchanged stay open.
      */
-    void reload() {
+    void loadAndSwitch() {
         sluice::log::info("reload-start config=" + configPath_);
         sluice::ops::systemd::notifyReloading();
         sluice::Config config;
@@ -407,6 +438,7 @@ private:
         uv_close(reinterpret_cast<uv_handle_t *>(&exited_), nullptr);
         uv_close(reinterpret_cast<uv_handle_t *>(&drainDelay_), nullptr);
         resolver_.close();
+        fileWatch_.close();
     }
 
     uv_loop_t *loop_;
@@ -419,6 +451,7 @@ private:
     std::unique_ptr<sluice::ops::Admin> admin_;
     sluice::ops::systemd::Watchdog watchdog_;
     sluice::proxy::Resolver resolver_;
+    sluice::daemon::FileWatch fileWatch_;
     std::vector<sluice::daemon::ActivatedSocket> activated_;
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
@@ -440,6 +473,12 @@ int run(const Options &options) {
         return exitConfig;
     }
     sluice::log::setLevel(config.global.logLevel);
+    // Stamped before the certificates and keys are read, so that a file that changes while they
+    // are read still differs from its stamp afterwards.
+    const auto readAt =
+        config.global.reloadOnChange == sluice::Duration::zero()
+            ? sluice::daemon::FileWatch::Stamps{}
+            : sluice::daemon::FileWatch::stamp(sluice::daemon::watchedFiles(config));
     // Once, before any thread: mallopt() is not safe while other threads allocate.
     sluice::proxy::applyMemoryPolicy(config.global.releaseMemoryAfter);
     const unsigned workers = workerCount(config);
@@ -517,6 +556,7 @@ int run(const Options &options) {
     }
     // Workers run before anyone is told the daemon is ready.
     daemon->start();
+    daemon->watchFiles(readAt);
     if (options.readyFd >= 0) {
         std::string ready;
         for (const auto &[name, address] : daemon->bound()) {

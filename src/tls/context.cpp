@@ -5,10 +5,8 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
-#include <filesystem>
 #include <map>
 #include <mutex>
-#include <sys/stat.h>
 
 #include <openssl/err.h>
 #include <openssl/pem.h>
@@ -21,6 +19,7 @@
 #include "tls/kdf.hpp"
 #include "tls/ocsp.hpp"
 #include "tls/ticket_keys.hpp"
+#include "util/file_stamp.hpp"
 #include "util/log.hpp"
 
 namespace sluice::tls {
@@ -353,35 +352,6 @@ ContextPtr makeServerContext(const ListenerConfig &listener, bool builtinKdf) {
     return ctx;
 }
 
-namespace {
-
-/** "path dev:ino size mtime ctime" lines for `path` and, for a folder, its entries. */
-void stampFile(const std::string &path, int depth, std::string &out) {
-    struct stat st {};
-    if (::stat(path.c_str(), &st) != 0) {
-        out += path + " -\n";
-        return;
-    }
-    out += path + " " + std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + " " +
-           std::to_string(st.st_size) + " " + std::to_string(st.st_mtim.tv_sec) + "." +
-           std::to_string(st.st_mtim.tv_nsec) + " " + std::to_string(st.st_ctim.tv_sec) + "." +
-           std::to_string(st.st_ctim.tv_nsec) + "\n";
-    if (!S_ISDIR(st.st_mode) || depth >= 2) {
-        return;
-    }
-    std::vector<std::string> entries;
-    std::error_code error;
-    for (const auto &entry : std::filesystem::directory_iterator(path, error)) {
-        entries.push_back(entry.path().string());
-    }
-    std::sort(entries.begin(), entries.end());
-    for (const auto &entry : entries) {
-        stampFile(entry, depth + 1, out);
-    }
-}
-
-} // namespace
-
 ContextPtr serverContextFor(const ListenerConfig &listener, bool builtinKdf) {
     if (listener.tlsIdentity.empty()) {
         return makeServerContext(listener, builtinKdf);
@@ -390,7 +360,7 @@ ContextPtr serverContextFor(const ListenerConfig &listener, bool builtinKdf) {
     std::string key =
         listener.name + '\0' + listener.tlsIdentity + '\0' + kdfName(builtinKdf) + '\0';
     for (const auto &file : listener.tlsFiles) {
-        stampFile(file, 0, key);
+        util::appendFileStamp(file, key);
     }
     static std::mutex mutex;
     static std::map<std::string, std::weak_ptr<ssl_ctx_st>> cache;

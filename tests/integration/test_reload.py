@@ -190,6 +190,76 @@ def test_reload_adds_and_removes_listeners(t):
     check(live.recv_exact(26) == b"live on a removed listener", "a live connection was dropped")
 
 
+def site_files(t, name):
+    """Copies tests/certs NAME.crt and NAME.key to t.tmp as site.crt and site.key, each replaced
+    by a rename (as a deploy tool or a Kubernetes Secret update does); returns the listener's
+    certificate table."""
+    for ext in ("crt", "key"):
+        staged = t.tmp / f"site.{ext}.new"
+        staged.write_bytes((t.certs / f"{name}.{ext}").read_bytes())
+        os.replace(staged, t.tmp / f"site.{ext}")
+    return {"cert": str(t.tmp / "site.crt"), "key": str(t.tmp / "site.key")}
+
+
+def test_changed_files_reload_without_a_signal(t):
+    # global.reload_on_change: a certificate and key replaced on disk, and then an edit of the
+    # configuration file itself, each reload the daemon with no SIGHUP.
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, cert=site_files(t, "server-ecdsa")),
+                 global_={"reload_on_change": "200ms", "workers": 2})
+    ecdsa, rsa = leaf_der(t.certs / "server-ecdsa.crt"), leaf_der(t.certs / "server-rsa.crt")
+    check(served_cert(d.addr()) == ecdsa, "the configured certificate is not served")
+    live = t.client(d.addr()).handshake()
+    site_files(t, "server-rsa")
+    m = d.wait_log(r'files-changed files="([^"]*)"', 10)
+    check(set(m.group(1).split(",")) == {str(t.tmp / "site.crt"), str(t.tmp / "site.key")},
+          f"the changed files are not named: {m.group(0)}")
+    wait_until(lambda: "reload-done" in d.log(), 10, "the reload")
+    check(served_cert(d.addr()) == rsa, "the replaced certificate is not served")
+    live.sendall(b"across the reload")
+    check(live.recv_exact(17) == b"across the reload", "a live connection broke")
+    # The configuration file is watched too.
+    rewrite_config(d, str(t.tmp / "site.crt"), str(t.certs / "server-ecdsa.crt"))
+    rewrite_config(d, str(t.tmp / "site.key"), str(t.certs / "server-ecdsa.key"))
+    wait_until(lambda: d.log().count("reload-done") == 2, 10, "the reload for the edited file")
+    check(served_cert(d.addr()) == ecdsa, "the certificate named by the edited file is not served")
+    check("reload-failed" not in d.log(), "a reload failed")
+    # Nothing changes: nothing reloads.
+    time.sleep(1)
+    check(d.log().count("reload-start") == 2, "the daemon reloaded with nothing changed")
+
+
+def test_a_broken_changed_file_is_tried_once_and_again_when_it_changes(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, cert=site_files(t, "server-ecdsa")),
+                 global_={"reload_on_change": "200ms"})
+    ecdsa, rsa = leaf_der(t.certs / "server-ecdsa.crt"), leaf_der(t.certs / "server-rsa.crt")
+    (t.tmp / "site.crt.new").write_text("not a certificate\n")
+    os.replace(t.tmp / "site.crt.new", t.tmp / "site.crt")
+    m = d.wait_log(r'reload-failed reason="([^"]*)"', 10)
+    check("site.crt" in m.group(1), f"the failure does not name the file: {m.group(0)}")
+    time.sleep(1.2)  # six more checks of an unchanged (still broken) file
+    check(d.log().count("reload-failed") == 1, "the same broken file was tried again")
+    check(served_cert(d.addr()) == ecdsa, "the old certificate is no longer served")
+    site_files(t, "server-rsa")
+    wait_until(lambda: "reload-done" in d.log(), 10, "the reload once the file is whole")
+    check(served_cert(d.addr()) == rsa, "the repaired certificate is not served")
+
+
+def test_files_are_not_watched_by_default(t):
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, cert=site_files(t, "server-ecdsa")))
+    site_files(t, "server-rsa")
+    time.sleep(1.5)
+    check("reload-start" not in d.log(), "the daemon reloaded without reload_on_change")
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-ecdsa.crt"),
+          "the certificate changed without a reload")
+    d.signal(signal.SIGHUP)
+    wait_until(lambda: "reload-done" in d.log(), 10, "the reload on SIGHUP")
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-rsa.crt"),
+          "SIGHUP did not load the replaced certificate")
+
+
 def test_privileges_dropped_after_binding(t):
     if os.geteuid() != 0:
         raise Skip("needs root to drop privileges")

@@ -62,6 +62,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.drainTimeout == 30s);
     CHECK(config.global.drainDelay == 0s);
     CHECK(config.global.releaseMemoryAfter == 1s);
+    CHECK(config.global.reloadOnChange == 0s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 32 * 1024);
@@ -117,6 +118,7 @@ max_handshakes_per_ip = 7
 drain_timeout = "1500ms"
 drain_delay = "2s"
 release_memory_after = "0s"
+reload_on_change = "10s"
 log_level = "debug"
 tls_kdf = "openssl"
 buffers = { tls = "4KiB", tls_bulk = "1MiB", plaintext = 1000, backend = "2MB" }
@@ -154,6 +156,7 @@ backlog = 64
     CHECK(config.global.drainTimeout == 1500ms);
     CHECK(config.global.drainDelay == 2s);
     CHECK(config.global.releaseMemoryAfter == 0s);
+    CHECK(config.global.reloadOnChange == 10s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK_FALSE(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 4096);
@@ -420,6 +423,11 @@ TEST_CASE("bad values are rejected at their position") {
           "t.toml:6:25: global.max_handshakes_per_ip: must be at least 0, got -1");
     CHECK(parseConfig(global + "max_handshakes_per_ip = 0\n", "t.toml").global.maxHandshakesPerIp ==
           0);
+    CHECK(errorOf(global + "reload_on_change = \"50ms\"\n") ==
+          "t.toml:6:20: global.reload_on_change: must be 0 (reload on SIGHUP only) or at least "
+          "100ms");
+    CHECK(parseConfig(global + "reload_on_change = \"100ms\"\n", "t.toml").global.reloadOnChange ==
+          100ms);
     CHECK(errorOf(global + "tls_kdf = \"fast\"\n") ==
           "t.toml:6:11: global.tls_kdf: expected \"sluice\" or \"openssl\", got \"fast\"");
     CHECK(errorOf(global + "log_level = \"verbose\"\n") ==
