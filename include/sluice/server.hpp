@@ -62,6 +62,7 @@ struct ServerStats {
     std::uint64_t backendConnectFailures = 0; ///< backend connects that failed or timed out
     std::uint64_t acceptErrors = 0;           ///< accept() failures (descriptor limits)
     std::uint64_t handshakeLimited = 0;       ///< closed at accept by max_handshakes_per_ip
+    std::uint64_t handshakeRateLimited = 0;   ///< closed at accept by max_handshake_rate_per_ip
     std::uint64_t proxySourceRefused = 0;     ///< closed at accept: not an accept_proxy_from source
     std::uint64_t reloadsOk = 0;              ///< reloads that were applied
     std::uint64_t reloadsFailed = 0;          ///< reloads that kept the running configuration

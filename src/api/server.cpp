@@ -351,6 +351,7 @@ ServerStats Server::stats() const {
     out.backendConnectFailures = snapshot.backendConnectFailures;
     out.acceptErrors = snapshot.acceptErrors;
     out.handshakeLimited = snapshot.handshakeLimited;
+    out.handshakeRateLimited = snapshot.handshakeRateLimited;
     out.proxySourceRefused = snapshot.proxySourceRefused;
     out.reloadsOk = snapshot.reloadsOk;
     out.reloadsFailed = snapshot.reloadsFailed;

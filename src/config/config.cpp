@@ -732,8 +732,8 @@ private:
     void loadGlobal(const toml::table &table, GlobalConfig &global) const {
         checkKeys(table, "global",
                   {"max_connections", "drain_timeout", "drain_delay", "log_level", "buffers",
-                   "workers", "user", "group", "max_handshakes_per_ip", "release_memory_after",
-                   "tls_kdf", "reload_on_change"});
+                   "workers", "user", "group", "max_handshakes_per_ip", "max_handshake_rate_per_ip",
+                   "release_memory_after", "tls_kdf", "reload_on_change"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -758,6 +758,10 @@ private:
         if (const toml::node *node = table.get("max_handshakes_per_ip")) {
             global.maxHandshakesPerIp = static_cast<std::uint64_t>(
                 integer(*node, "global.max_handshakes_per_ip", 0, maxInt));
+        }
+        if (const toml::node *node = table.get("max_handshake_rate_per_ip")) {
+            global.maxHandshakeRatePerIp = static_cast<std::uint64_t>(
+                integer(*node, "global.max_handshake_rate_per_ip", 0, maxInt));
         }
         if (const toml::node *node = table.get("drain_timeout")) {
             global.drainTimeout = duration(*node, "global.drain_timeout");

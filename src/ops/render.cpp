@@ -114,6 +114,10 @@ std::string renderMetrics(const proxy::StatsSnapshot &s, const StatusView &view)
              "Connections closed at accept because their IP address already had "
              "global.max_handshakes_per_ip handshakes in progress.");
     e.sample("sluice_handshake_limited_total", {}, s.handshakeLimited);
+    e.family("sluice_handshake_rate_limited_total", "counter",
+             "Connections closed at accept because their IP address had started "
+             "global.max_handshake_rate_per_ip handshakes in the last second.");
+    e.sample("sluice_handshake_rate_limited_total", {}, s.handshakeRateLimited);
     e.family("sluice_proxy_source_refused_total", "counter",
              "Connections closed at accept because their source is not in the listener's "
              "accept_proxy_from.");

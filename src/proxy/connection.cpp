@@ -942,10 +942,11 @@ bool Connection::takeProxyHeader() {
     // The handshake limit per client address applies to the address the header names.
     endHandshakeCount();
     const std::string ipKey = clientIpKey(&clientAddress_.any);
-    if (!server_.handshakeStarting(ipKey)) {
-        server_.counters().handshakeLimited++;
-        stats().handshakeLimited();
-        noteClose(CloseReason::limit, "handshakes per IP");
+    if (const auto admission = server_.handshakeStarting(ipKey);
+        admission != Server::HandshakeAdmission::admitted) {
+        noteClose(CloseReason::limit, admission == Server::HandshakeAdmission::tooMany
+                                          ? "handshakes per IP"
+                                          : "handshake rate per IP");
         closeAll();
         return false;
     }

@@ -231,11 +231,10 @@ void Listener::acceptOne(int fd, const sockaddr_storage &peer) {
     } else {
         ipKey = clientIpKey(reinterpret_cast<const sockaddr *>(&peer));
     }
-    if (!server_.handshakeStarting(ipKey)) {
-        // This address already has its limit of handshakes in progress: close at once, before
-        // any TLS work, so one source cannot hold every slot with silent connections.
-        server_.counters().handshakeLimited++;
-        stats().handshakeLimited();
+    if (server_.handshakeStarting(ipKey) != Server::HandshakeAdmission::admitted) {
+        // This address already has its limit of handshakes in progress, or started its rate's
+        // worth in the last second: close at once, before any TLS work, so that one source can
+        // neither hold every slot with silent connections nor keep the CPU busy with handshakes.
         connection->refuse();
         return;
     }

@@ -16,6 +16,7 @@
 #include "proxy/connection.hpp"
 #include "proxy/listener.hpp"
 #include "proxy/proxy_protocol.hpp"
+#include "proxy/stats.hpp"
 #include "tls/names.hpp"
 #include "util/log.hpp"
 
@@ -61,6 +62,7 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     runtime->drainTimeout = config.global.drainTimeout;
     runtime->releaseMemoryAfter = config.global.releaseMemoryAfter;
     runtime->maxHandshakesPerIp = config.global.maxHandshakesPerIp;
+    runtime->maxHandshakeRatePerIp = config.global.maxHandshakeRatePerIp;
     for (const auto &backend : config.backends) {
         const HandlerFactory *handler = nullptr;
         if (!backend.handler.empty() && handlers != nullptr) {
@@ -186,6 +188,9 @@ void Server::listen(std::vector<ListenSocket> sockets) {
 void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSocket> added,
                     const std::vector<std::string> &removed) {
     runtime_ = std::move(runtime);
+    if (runtime_->maxHandshakeRatePerIp == 0) {
+        handshakeRates_.clear(); // the rate is off: nothing will look at them again
+    }
     for (auto it = listeners_.begin(); it != listeners_.end();) {
         if (std::find(removed.begin(), removed.end(), (*it)->key()) != removed.end()) {
             auto listener = std::move(*it);
@@ -248,24 +253,64 @@ std::string clientIpKey(const sockaddr *address) {
     if (address->sa_family == AF_INET6) {
         sockaddr_in6 in6{};
         std::memcpy(&in6, address, sizeof in6);
-        return std::string("6") +
-               std::string(reinterpret_cast<const char *>(&in6.sin6_addr), sizeof in6.sin6_addr);
+        const auto *bytes = reinterpret_cast<const char *>(&in6.sin6_addr);
+        if (IN6_IS_ADDR_V4MAPPED(&in6.sin6_addr)) {
+            return std::string("4") + std::string(bytes + 12, 4);
+        }
+        return std::string("6") + std::string(bytes, 8); // the /64
     }
     return {};
 }
 
-bool Server::handshakeStarting(const std::string &ipKey) {
+Server::HandshakeAdmission Server::handshakeStarting(const std::string &ipKey) {
     if (ipKey.empty()) {
-        return true;
+        return HandshakeAdmission::admitted;
     }
     std::uint64_t &count = handshakesByIp_[ipKey];
-    if (runtime_->maxHandshakesPerIp != 0 && count >= runtime_->maxHandshakesPerIp) {
+    auto refuse = [&](HandshakeAdmission why) {
         if (count == 0) {
             handshakesByIp_.erase(ipKey);
         }
-        return false;
+        if (why == HandshakeAdmission::tooMany) {
+            stats_.handshakeLimited++;
+            proxy::stats().handshakeLimited();
+        } else {
+            stats_.handshakeRateLimited++;
+            proxy::stats().handshakeRateLimited();
+        }
+        return why;
+    };
+    if (runtime_->maxHandshakesPerIp != 0 && count >= runtime_->maxHandshakesPerIp) {
+        return refuse(HandshakeAdmission::tooMany);
+    }
+    if (runtime_->maxHandshakeRatePerIp != 0 && !takeRateToken(ipKey)) {
+        return refuse(HandshakeAdmission::tooFast);
     }
     ++count;
+    return HandshakeAdmission::admitted;
+}
+
+bool Server::takeRateToken(const std::string &ipKey) {
+    const auto rate = static_cast<double>(runtime_->maxHandshakeRatePerIp);
+    const std::uint64_t now = uv_now(loop_);
+    if (handshakeRates_.size() >= ratesPruneAt_) {
+        // A bucket untouched for a second is full again, as good as none: dropping those keeps
+        // the map to the addresses seen in the last second, at O(1) a call over time.
+        std::erase_if(handshakeRates_,
+                      [now](const auto &entry) { return now - entry.second.refilledMs >= 1000; });
+        ratesPruneAt_ = std::max<std::size_t>(1024, 2 * handshakeRates_.size());
+    }
+    auto [found, added] = handshakeRates_.try_emplace(ipKey, RateBucket{rate, now});
+    RateBucket &bucket = found->second;
+    if (!added) {
+        const auto elapsed = static_cast<double>(now - bucket.refilledMs);
+        bucket.tokens = std::min(rate, bucket.tokens + elapsed * rate / 1000.0);
+        bucket.refilledMs = now;
+    }
+    if (bucket.tokens < 1.0) {
+        return false;
+    }
+    bucket.tokens -= 1.0;
     return true;
 }
 

@@ -59,9 +59,10 @@ struct ListenerSettings {
 /** One generation of configuration: what every connection accepted under it shares. */
 struct Runtime {
     std::vector<std::shared_ptr<const ListenerSettings>> listeners;
-    std::vector<PoolPtr> pools;           ///< every backend of the configuration, in its order
-    std::uint64_t maxConnections = 0;     ///< this worker's share of global.max_connections
-    std::uint64_t maxHandshakesPerIp = 0; ///< per worker (not divided); 0: no limit
+    std::vector<PoolPtr> pools;              ///< every backend of the configuration, in its order
+    std::uint64_t maxConnections = 0;        ///< this worker's share of global.max_connections
+    std::uint64_t maxHandshakesPerIp = 0;    ///< per worker (not divided); 0: no limit
+    std::uint64_t maxHandshakeRatePerIp = 0; ///< per second, per worker; 0: no limit
     Duration drainTimeout{};
     Duration releaseMemoryAfter{}; ///< 0: never
 
@@ -93,6 +94,7 @@ struct ServerStats {
     std::uint64_t timeouts = 0;
     std::uint64_t acceptErrors = 0;
     std::uint64_t handshakeLimited = 0;
+    std::uint64_t handshakeRateLimited = 0;
 };
 
 /**
@@ -107,8 +109,10 @@ struct ServerStats {
 void applyMemoryPolicy(Duration releaseAfter);
 
 /**
- * The client IP address of an accepted socket as a map key (family and address bytes, no port);
- * empty when it has none (a UNIX socket), which no limit applies to.
+ * The client IP address of an accepted socket as a map key for the per-address limits: family
+ * and address bytes, no port. An IPv6 address counts by its /64, the smallest block a network
+ * hands one customer (taking another address in it costs nothing), and an IPv4-mapped IPv6
+ * address as the IPv4 address. Empty when it has none (a UNIX socket): no limit applies then.
  */
 std::string clientIpKey(int fd);
 /** The same key for an address (from a PROXY header). */
@@ -160,11 +164,15 @@ public:
     bool admits(const ListenerSettings &settings) const;
     void connectionOpened(Connection *connection, const ListenerSettings &settings);
     void connectionClosed(Connection *connection, const ListenerSettings &settings);
+    /** What handshakeStarting() decided for a client address. */
+    enum class HandshakeAdmission { admitted, tooMany, tooFast };
     /**
-     * Counts a handshake starting from `ipKey`; false (nothing counted) when that address
-     * already has the limit's worth in progress. Every true is matched by one handshakeEnded().
+     * Counts a handshake starting from `ipKey`, or refuses it (nothing counted) when that
+     * address already has max_handshakes_per_ip in progress (`tooMany`) or has started
+     * max_handshake_rate_per_ip in the last second (`tooFast`); refusals are counted in the
+     * stats. Every `admitted` is matched by one handshakeEnded().
      */
-    bool handshakeStarting(const std::string &ipKey);
+    HandshakeAdmission handshakeStarting(const std::string &ipKey);
     void handshakeEnded(const std::string &ipKey);
     ServerStats &counters() { return stats_; }
     /**
@@ -221,6 +229,16 @@ private:
     // Handshakes in progress by client IP; an entry exists only while its count is above zero,
     // so the map's size is bounded by the connections open, whatever addresses connect.
     std::unordered_map<std::string, std::uint64_t> handshakesByIp_;
+    /** max_handshake_rate_per_ip: tokens (handshakes that may still start) by address, refilled
+     * at the rate and capped at one second's worth, with when each was last refilled. */
+    struct RateBucket {
+        double tokens = 0;
+        std::uint64_t refilledMs = 0;
+    };
+    std::unordered_map<std::string, RateBucket> handshakeRates_;
+    std::size_t ratesPruneAt_ = 1024; // the map's size that makes the next call prune it
+    /** Takes one of `ipKey`'s tokens; false when it has none. */
+    bool takeRateToken(const std::string &ipKey);
     ServerStats stats_;
     TimerHeap deadlines_;
     // Busy connections keeping their TLS pairs between pumps: at most warmBudget bytes of pairs

@@ -202,6 +202,7 @@ StatsSnapshot Stats::snapshot() const {
         out.bytesBackendToClient += own.bytesDown.load(relaxed);
         out.acceptErrors += own.acceptErrors.load(relaxed);
         out.handshakeLimited += own.handshakeLimited.load(relaxed);
+        out.handshakeRateLimited += own.handshakeRateLimited.load(relaxed);
         out.proxySourceRefused += own.proxySourceRefused.load(relaxed);
         out.memoryReleases += own.memoryReleases.load(relaxed);
         out.backendUnused += own.backendUnused.load(relaxed);
@@ -244,6 +245,7 @@ void Stats::resetForTests() {
         own.bytesDown = 0;
         own.acceptErrors = 0;
         own.handshakeLimited = 0;
+        own.handshakeRateLimited = 0;
         own.proxySourceRefused = 0;
         own.memoryReleases = 0;
         own.backendUnused = 0;

@@ -91,7 +91,9 @@ struct StatsSnapshot {
     std::uint64_t bytesClientToBackend = 0;
     std::uint64_t bytesBackendToClient = 0;
     std::uint64_t acceptErrors = 0;
-    std::uint64_t handshakeLimited = 0;   ///< closed at accept: their IP had too many handshakes
+    std::uint64_t handshakeLimited = 0; ///< closed at accept: their IP had too many handshakes
+    std::uint64_t handshakeRateLimited =
+        0;                                ///< closed at accept: their IP started too many a second
     std::uint64_t proxySourceRefused = 0; ///< closed at accept: not an accept_proxy_from source
     std::uint64_t memoryReleases = 0;     ///< times free heap memory was handed back after a burst
     /** Bytes the process's allocations hold now, all threads (glibc's mallinfo2: in use plus
@@ -126,6 +128,8 @@ public:
     void acceptErrors(std::uint64_t n) { shard().acceptErrors.fetch_add(n, relaxed); }
     /** A connection closed at accept by global.max_handshakes_per_ip. */
     void handshakeLimited() { shard().handshakeLimited.fetch_add(1, relaxed); }
+    /** A connection closed at accept by global.max_handshake_rate_per_ip. */
+    void handshakeRateLimited() { shard().handshakeRateLimited.fetch_add(1, relaxed); }
     /** A connection from a source not in the listener's accept_proxy_from, closed at accept. */
     void proxySourceRefused() { shard().proxySourceRefused.fetch_add(1, relaxed); }
     /** Free heap memory was handed back to the operating system (global.release_memory_after). */
@@ -158,6 +162,7 @@ private:
         std::atomic<std::uint64_t> bytesDown{0};
         std::atomic<std::uint64_t> acceptErrors{0};
         std::atomic<std::uint64_t> handshakeLimited{0};
+        std::atomic<std::uint64_t> handshakeRateLimited{0};
         std::atomic<std::uint64_t> proxySourceRefused{0};
         std::atomic<std::uint64_t> memoryReleases{0};
         std::atomic<std::uint64_t> backendUnused{0};

@@ -1,9 +1,11 @@
 """Connection limits. Per-source-IP handshake limit (global.max_handshakes_per_ip): silent
 connections from one address hold at most N handshake slots; the rest are closed at accept and
 counted, while other addresses are served, and the slots free up when the silent connections
-leave. max_connections: new connections wait in the backlog until a slot frees up."""
+leave. The handshake rate per source IP (global.max_handshake_rate_per_ip) the same way, for a
+burst. max_connections: new connections wait in the backlog until a slot frees up."""
 
 import socket
+import time
 
 from backends import EchoBackend
 from harness import check, client_context, raw_connect, wait_until
@@ -24,6 +26,15 @@ def roundtrip_from(source, addr, payload=b"hello"):
             check(data, "the connection closed before the echo")
             got += data
         check(got == payload, "echo mismatch")
+
+
+def served_from(source, addr):
+    """True when a TLS echo from `source` succeeds, False when the connection is refused or cut."""
+    try:
+        roundtrip_from(source, addr)
+        return True
+    except (OSError, AssertionError):
+        return False
 
 
 def closed_soon(sock, seconds):
@@ -64,15 +75,8 @@ def test_handshakes_per_ip_are_limited_and_other_addresses_are_not(t):
     # When the silent ones leave, their slots are free again.
     for s in silent[:limit]:
         s.close()
-
-    def served():
-        try:
-            roundtrip_from("127.0.0.1", d.addr())
-            return True
-        except (OSError, AssertionError):
-            return False
-
-    wait_until(served, 10, "a handshake from 127.0.0.1 once the silent connections left")
+    wait_until(lambda: served_from("127.0.0.1", d.addr()), 10,
+               "a handshake from 127.0.0.1 once the silent connections left")
 
 
 def test_zero_turns_the_handshake_limit_off(t):
@@ -85,6 +89,35 @@ def test_zero_turns_the_handshake_limit_off(t):
     roundtrip_from("127.0.0.1", d.addr())
     check(not any(closed_soon(s, 0.01) for s in silent), "a silent connection was closed")
     check(metrics(admin).get("sluice_handshake_limited_total") == 0, "connections were limited")
+
+
+def test_handshake_rate_per_ip_is_limited_and_other_addresses_are_not(t):
+    # global.max_handshake_rate_per_ip: one second's worth pass at once, the rest of a burst is
+    # closed at accept and counted; another address has its own bucket, and the first one
+    # refills with time.
+    rate = 2
+    echo = t.backend(EchoBackend())
+    d, admin = start_ops(t, t.listener(echo, timeouts={"handshake": "30s"}),
+                         global_={"max_handshake_rate_per_ip": rate, "workers": 1})
+    start = time.monotonic()
+    silent = [raw_connect(d.addr()) for _ in range(12)]
+    elapsed = time.monotonic() - start
+    for s in silent:
+        t.defer(s.close)
+    closed = [closed_soon(s, 0.3 if i < rate else 2.0) for i, s in enumerate(silent)]
+    held = closed.count(False)
+    # The bucket refills at `rate` a second: a slow machine may let one more through.
+    check(closed[:rate] == [False] * rate and rate <= held <= rate + int(elapsed * rate),
+          f"which of the burst were closed: {closed} (connecting took {elapsed:.3f} s)")
+    roundtrip_from("127.0.0.2", d.addr())
+    m = metrics(admin)
+    check(m.get("sluice_handshake_rate_limited_total") == 12 - held,
+          f"sluice_handshake_rate_limited_total = {m.get('sluice_handshake_rate_limited_total')}, "
+          f"expected {12 - held}")
+    check(m.get("sluice_handshake_limited_total") == 0, "the concurrency limit was counted")
+    time.sleep(1.0 / rate)  # a token back
+    wait_until(lambda: served_from("127.0.0.1", d.addr()), 5,
+               "a handshake from 127.0.0.1 once its bucket refilled")
 
 
 def test_connection_limit_holds_new_connections_in_the_backlog(t):

@@ -59,6 +59,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
 
     CHECK(config.global.maxConnections == 100000);
     CHECK(config.global.maxHandshakesPerIp == 64);
+    CHECK(config.global.maxHandshakeRatePerIp == 0);
     CHECK(config.global.drainTimeout == 30s);
     CHECK(config.global.drainDelay == 0s);
     CHECK(config.global.releaseMemoryAfter == 1s);
@@ -115,6 +116,7 @@ TEST_CASE("every key round-trips") {
 [global]
 max_connections = 12345
 max_handshakes_per_ip = 7
+max_handshake_rate_per_ip = 50
 drain_timeout = "1500ms"
 drain_delay = "2s"
 release_memory_after = "0s"
@@ -153,6 +155,7 @@ backlog = 64
                                 "/srv/conf/s.toml");
     CHECK(config.global.maxConnections == 12345);
     CHECK(config.global.maxHandshakesPerIp == 7);
+    CHECK(config.global.maxHandshakeRatePerIp == 50);
     CHECK(config.global.drainTimeout == 1500ms);
     CHECK(config.global.drainDelay == 2s);
     CHECK(config.global.releaseMemoryAfter == 0s);
@@ -423,6 +426,8 @@ TEST_CASE("bad values are rejected at their position") {
           "t.toml:6:25: global.max_handshakes_per_ip: must be at least 0, got -1");
     CHECK(parseConfig(global + "max_handshakes_per_ip = 0\n", "t.toml").global.maxHandshakesPerIp ==
           0);
+    CHECK(errorOf(global + "max_handshake_rate_per_ip = -5\n") ==
+          "t.toml:6:29: global.max_handshake_rate_per_ip: must be at least 0, got -5");
     CHECK(errorOf(global + "reload_on_change = \"50ms\"\n") ==
           "t.toml:6:20: global.reload_on_change: must be 0 (reload on SIGHUP only) or at least "
           "100ms");

@@ -1,8 +1,9 @@
 // Unit tests for proxy/proxy_protocol: the PROXY v1 and v2 examples of the specification, round
 // trips from the builders through the parser with every TLV, the same results when the bytes
 // arrive one at a time, every class of invalid header rejected at the first byte that rules it
-// out, the length limits, CRC32c, values too large for the header, and the allow-list network
-// match with IPv4-mapped addresses and odd prefixes.
+// out, the length limits, CRC32c, values too large for the header, the allow-list network
+// match with IPv4-mapped addresses and odd prefixes, and the client-address key of the
+// per-address limits.
 
 #include <arpa/inet.h>
 #include <cstdint>
@@ -22,6 +23,7 @@
 
 #include "net/address.hpp"
 #include "proxy/proxy_protocol.hpp"
+#include "proxy/server.hpp"
 
 using namespace sluice;
 using namespace sluice::proxy;
@@ -796,4 +798,24 @@ TEST_CASE("networkContains: null and non-IP addresses match nothing") {
     Network none;
     const sockaddr_storage a = ip("10.0.0.1", 1);
     CHECK_FALSE(networkContains(none, raw(a)));
+}
+
+TEST_CASE("clientIpKey: IPv4 by address, IPv6 by its /64, IPv4-mapped IPv6 as IPv4") {
+    auto key = [](const char *address, std::uint16_t port) {
+        const sockaddr_storage storage = ip(address, port);
+        return proxy::clientIpKey(raw(storage));
+    };
+    CHECK(key("192.0.2.1", 1) == key("192.0.2.1", 2)); // the port is not part of it
+    CHECK(key("192.0.2.1", 1) != key("192.0.2.2", 1));
+    // One customer's /64 is one client: another address in it takes no new slot.
+    CHECK(key("2001:db8:1:2::1", 1) == key("2001:db8:1:2:ffff:ffff:ffff:9", 2));
+    CHECK(key("2001:db8:1:2::1", 1) != key("2001:db8:1:3::1", 1));
+    // A dual-stack socket's IPv4 clients are their IPv4 addresses, not one shared /64.
+    CHECK(key("::ffff:192.0.2.1", 1) == key("192.0.2.1", 1));
+    CHECK(key("::ffff:192.0.2.1", 1) != key("::ffff:192.0.2.2", 1));
+    // An IPv6 address whose first 64 bits look like an IPv4 key's bytes is still IPv6.
+    CHECK(key("::1", 1) != key("0.0.0.0", 1));
+    sockaddr_un unixAddress{};
+    unixAddress.sun_family = AF_UNIX;
+    CHECK(proxy::clientIpKey(reinterpret_cast<const sockaddr *>(&unixAddress)).empty());
 }
