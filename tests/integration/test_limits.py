@@ -7,6 +7,7 @@ burst. max_connections: new connections wait in the backlog until a slot frees u
 import socket
 import time
 
+import proxyproto
 from backends import EchoBackend
 from harness import check, client_context, raw_connect, wait_until
 from test_ops import metrics, start_ops
@@ -118,6 +119,39 @@ def test_handshake_rate_per_ip_is_limited_and_other_addresses_are_not(t):
     time.sleep(1.0 / rate)  # a token back
     wait_until(lambda: served_from("127.0.0.1", d.addr()), 5,
                "a handshake from 127.0.0.1 once its bucket refilled")
+
+
+def test_behind_a_balancer_the_limits_count_the_address_the_header_names(t):
+    # Every connection comes from the balancer (127.0.0.1), so the per-address limits must
+    # count the client each PROXY header names; an IPv6 client counts by its /64, so another
+    # address in the same /64 takes no fresh slot, while another /64 is another client.
+    echo = t.backend(EchoBackend())
+    listener = t.listener(echo, accept_proxy_from=["127.0.0.0/8"], timeouts={"handshake": "30s"})
+    d, admin = start_ops(t, listener, global_={"max_handshakes_per_ip": 2, "workers": 1})
+    dst = ("2001:db8::443", 443)
+
+    def silent_behind(source):
+        s = raw_connect(d.addr())
+        t.defer(s.close)
+        s.sendall(proxyproto.v1((source, 40000), dst))
+        return s
+
+    held = [silent_behind("2001:db8:1:2::1"), silent_behind("2001:db8:1:2::99")]
+    third = silent_behind("2001:db8:1:2:ffff::5")
+    check(closed_soon(third, 3.0), "a third silent client in the same /64 was not closed")
+    check(not any(closed_soon(s, 0.3) for s in held), "a silent client within the limit was closed")
+    c = t.client(d.addr())
+    c.sock.setblocking(True)
+    c.sock.sendall(proxyproto.v1(("2001:db8:1:3::1", 40000), dst))
+    c.sock.setblocking(False)
+    c.handshake()
+    c.sendall(b"another /64")
+    check(c.recv_exact(11) == b"another /64", "the client from another /64 was not served")
+    m = metrics(admin)
+    check(m.get("sluice_handshake_limited_total") == 1,
+          f"sluice_handshake_limited_total = {m.get('sluice_handshake_limited_total')}, expected 1")
+    # The access log names the refused client by the header's address.
+    d.wait_log(r"access .*client=\[2001:db8:1:2:ffff::5\]:40000 .*reason=limit")
 
 
 def test_connection_limit_holds_new_connections_in_the_backlog(t):
