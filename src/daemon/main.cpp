@@ -60,8 +60,8 @@ Terminates TLS and forwards plaintext to a TCP or UNIX-socket backend.
 
 Signals: TERM or INT drain (stop accepting, let connections finish up to
 global.drain_timeout; a second signal stops at once). HUP reloads the configuration:
-everything is built first and swapped in only if all of it is valid. USR1 reopens
-the logs.
+everything is built first and swapped in only if all of it is valid (with
+global.reload_on_change, a changed file reloads it too). USR1 reopens the logs.
 
 Exit status: 0 after a clean drain, 1 if the drain deadline closed connections or a
 runtime error occurred, 2 for a bad command line or configuration.
