@@ -308,8 +308,11 @@ private:
     void run();
     void runSteps();
     void runHandshake();
-    /** Asks the pair (cipherOutPending() answers from outPending_). */
+    /** Ciphertext OpenSSL wrote that the transport has not taken (cipherOutPending() answers
+     * from outPending_, noted from this). */
     std::size_t queryOutPending() const;
+    /** Ciphertext the transport committed that OpenSSL has not read. */
+    std::size_t cipherInWaiting() const;
     void runRead();
     void runShutdown();
     /** Takes plain_, or a larger one with what waits in it moved over (runRead()). */

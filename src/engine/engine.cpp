@@ -142,8 +142,8 @@ bool Engine::ensurePair() {
 }
 
 void Engine::growPair() {
-    if (!bulkSeen_ || spaceLent_ || network_ == nullptr || BIO_ctrl_pending(network_) > 0 ||
-        BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0) {
+    if (!bulkSeen_ || spaceLent_ || network_ == nullptr || queryOutPending() > 0 ||
+        cipherInWaiting() > 0) {
         return;
     }
     // Nothing is queued in the pair (OpenSSL may still hold part of a record in its own
@@ -164,9 +164,9 @@ bool Engine::releaseIdleBuffers() {
     // The transport's EOF is no reason to hold on: it is remembered (transportEof_) and given
     // to a pair made again. Holding the pair then would keep 2 x pairSize per half-closed
     // connection, and a thousand clients leaving at once would each hold one.
-    if (BIO_ctrl_pending(network_) > 0 || BIO_ctrl_pending(SSL_get_rbio(ssl_)) > 0 ||
-        plainTail_ > plainHead_ || SSL_has_pending(ssl_) == 1 || readWantsWrite_ ||
-        postHandshakePending_ || refusedLength_ > 0) {
+    if (queryOutPending() > 0 || cipherInWaiting() > 0 || plainTail_ > plainHead_ ||
+        SSL_has_pending(ssl_) == 1 || readWantsWrite_ || postHandshakePending_ ||
+        refusedLength_ > 0) {
         return false;
     }
     SSL_set_bio(ssl_, nullptr, nullptr); // frees the inner half
@@ -226,7 +226,13 @@ std::size_t Engine::cipherInCapacity() const {
     if (transportEof_) {
         return 0;
     }
-    return network_ != nullptr ? BIO_ctrl_get_write_guarantee(network_) : pairSize_;
+    if (network_ == nullptr) {
+        return pairSize_;
+    }
+    // Each half of the pair holds pairSize_ bytes; what OpenSSL has not read still takes room.
+    const std::size_t capacity = pairSize_ - cipherInWaiting();
+    assert(capacity == BIO_ctrl_get_write_guarantee(network_));
+    return capacity;
 }
 
 void Engine::commitCipherIn(std::size_t n) {
@@ -289,8 +295,30 @@ std::size_t Engine::cipherOutPending() const {
     return outPending_;
 }
 
+// Both questions are answered from the byte counters every BIO keeps (BIO_read, BIO_write and
+// the pair's BIO_nread and BIO_nwrite add to them): two calls that return a field, where asking
+// the pair takes a BIO_ctrl each, about 80 instructions, several times a round trip. The two
+// halves of one pair count from zero together, and the pair is the only way bytes move between
+// them; debug builds check every answer against the pair's own.
 std::size_t Engine::queryOutPending() const {
-    return network_ != nullptr ? BIO_ctrl_pending(network_) : 0;
+    if (network_ == nullptr) {
+        return 0;
+    }
+    const auto pending = static_cast<std::size_t>(BIO_number_written(SSL_get_rbio(ssl_)) -
+                                                  BIO_number_read(network_));
+    assert(pending == BIO_ctrl_pending(network_));
+    return pending;
+}
+
+std::size_t Engine::cipherInWaiting() const {
+    if (network_ == nullptr) {
+        return 0;
+    }
+    BIO *inner = SSL_get_rbio(ssl_);
+    const auto waiting =
+        static_cast<std::size_t>(BIO_number_written(network_) - BIO_number_read(inner));
+    assert(waiting == BIO_ctrl_pending(inner));
+    return waiting;
 }
 
 std::span<const std::uint8_t> Engine::plainOut() {
@@ -571,7 +599,6 @@ void Engine::recordHandshake() {
 }
 
 void Engine::runRead() {
-    BIO *inner = SSL_get_rbio(ssl_);
     if (closeNotifyReceived_ || truncated_) {
         // Bytes after the end of the stream are never plaintext: discard them so the transport
         // keeps draining and a close does not turn into a reset.
@@ -580,7 +607,7 @@ void Engine::runRead() {
     }
     for (;;) {
         // Nothing to decrypt and nothing buffered: skip the call (and the buffer allocation).
-        const std::size_t cipherWaiting = BIO_ctrl_pending(inner);
+        const std::size_t cipherWaiting = cipherInWaiting();
         if (cipherWaiting == 0 && SSL_has_pending(ssl_) == 0 && !transportEof_ &&
             !readWantsWrite_) {
             break;
