@@ -84,6 +84,22 @@ def test_drain_deadline_forces_close_and_exit_1(t):
     c.recv_until_closed(timeout=5)
 
 
+def echo_each(clients):
+    """Each client (connected, not yet in TLS) completes its handshake and one echo, then
+    closes; returns a line for each one that failed."""
+    failed = []
+    for i, c in enumerate(clients):
+        payload = f"waiting client {i}".encode()
+        try:
+            c.handshake()
+            c.sendall(payload)
+            check(c.recv_exact(len(payload)) == payload, "the echo differs")
+            c.close()
+        except Exception as e:
+            failed.append(f"client {i}: {type(e).__name__}: {e}")
+    return failed
+
+
 def test_drain_serves_connections_already_waiting(t):
     # Clients that completed their TCP handshake before the drain but were not yet accepted
     # (they wait in the listening socket's queue) are served, not reset by the socket's close.
@@ -102,16 +118,7 @@ def test_drain_serves_connections_already_waiting(t):
     check(waiting == count, f"{waiting} of {count} connections wait in the accept queue")
     d.signal(signal.SIGTERM)
     d.signal(signal.SIGCONT)
-    failed = []
-    for i, c in enumerate(clients):
-        payload = f"waiting client {i}".encode()
-        try:
-            c.handshake()
-            c.sendall(payload)
-            check(c.recv_exact(len(payload)) == payload, "the echo differs")
-            c.close()
-        except Exception as e:
-            failed.append(f"client {i}: {type(e).__name__}: {e}")
+    failed = echo_each(clients)
     check(not failed, f"{len(failed)} of {count} waiting clients failed, the first: {failed[:3]}")
     m = re.search(r"drain-start connections=(\d+) queued=(\d+)", d.log())
     check(m is not None, "no drain-start line")
@@ -298,16 +305,7 @@ def test_connections_queued_on_a_killed_process_move_to_the_other(t):
     waiting = accept_queue_length(old.pid)
     check(waiting > 0, f"none of the {count} connections waits on the stopped process")
     old.kill()
-    failed = []
-    for i, c in enumerate(clients):
-        payload = f"queued client {i}".encode()
-        try:
-            c.handshake()
-            c.sendall(payload)
-            got = c.recv_exact(len(payload))
-            check(got == payload, "the echo differs")
-        except Exception as e:
-            failed.append(f"client {i}: {type(e).__name__}: {e}")
+    failed = echo_each(clients)
     print(f"{count} clients, {waiting} of them queued on the killed process, {len(failed)} failed")
     check(not failed, f"{len(failed)} of {count} queued clients failed, the first: {failed[:3]}")
     new.assert_alive()
