@@ -315,21 +315,21 @@ private:
         reload();
     }
 
-    /** A reload on SIGHUP or a change on disk; then watches the files of the configuration in
-     * use, as they were when this reload read them (so a broken file is not tried again until it
-     * changes). */
+    /** A reload on SIGHUP or a change on disk; then watches the files it read, as they were
+     * when it read them (so a broken file is not tried again until it changes). */
     void reload() {
         const auto readAt = fileWatch_.now();
-        loadAndSwitch();
-        watchFiles(readAt);
+        auto files = loadAndSwitch();
+        fileWatch_.watch(std::move(files), config_.global.reloadOnChange, readAt);
     }
 
     /**
      * Builds the whole new configuration first (config, TLS contexts, backends, new sockets);
      * only if all of it succeeds do the workers switch. Live connections keep the settings
-     * they started with; sockets whose listener and address are unchanged stay open.
+     * they started with; sockets whose listener and address are unchanged stay open. Returns
+     * the files to watch from now on (global.reload_on_change).
      */
-    void loadAndSwitch() {
+    std::vector<std::string> loadAndSwitch() {
         sluice::log::info("reload-start config=" + configPath_);
         sluice::ops::systemd::notifyReloading();
         sluice::Config config;
@@ -348,7 +348,14 @@ private:
             next = sluice::proxy::buildGeneration(config, workers, listening_, activated_);
         } catch (const std::exception &e) {
             reloadFailed(e.what());
-            return;
+            // The running configuration's files, and those of the new file if it parsed: a
+            // certificate it names that is missing now is tried again once it appears.
+            auto files = sluice::daemon::watchedFiles(config_);
+            if (!config.path.empty()) {
+                const auto named = sluice::daemon::watchedFiles(config);
+                files.insert(files.end(), named.begin(), named.end());
+            }
+            return files;
         }
         for (const auto &socket : next.added.front()) {
             sluice::log::info("listening listener=" + socket.name +
@@ -394,6 +401,7 @@ private:
                           " sockets_added=" + std::to_string(next.addedCount) +
                           " sockets_removed=" + std::to_string(next.removed.size()) +
                           " tls_kdf=" + sluice::tls::kdfName(config_.global.builtinKdf));
+        return sluice::daemon::watchedFiles(config_);
     }
 
     void reloadFailed(const std::string &reason) {

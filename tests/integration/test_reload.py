@@ -246,6 +246,21 @@ def test_a_broken_changed_file_is_tried_once_and_again_when_it_changes(t):
     check(served_cert(d.addr()) == rsa, "the repaired certificate is not served")
 
 
+def test_a_certificate_named_before_it_exists_is_loaded_when_it_appears(t):
+    # The configuration is edited to name files that are not there yet: that reload fails, and
+    # the new names are watched from then on, so the files' arrival reloads it.
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo, cert=site_files(t, "server-ecdsa")),
+                 global_={"reload_on_change": "200ms"})
+    rewrite_config(d, str(t.tmp / "site."), str(t.tmp / "next."))
+    d.wait_log(r'reload-failed reason="[^"]*next\.crt', 10)
+    for ext in ("crt", "key"):
+        (t.tmp / f"next.{ext}").write_bytes((t.certs / f"server-rsa.{ext}").read_bytes())
+    wait_until(lambda: "reload-done" in d.log(), 10, "the reload once the files exist")
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-rsa.crt"),
+          "the certificate that appeared is not served")
+
+
 def test_files_are_not_watched_by_default(t):
     echo = t.backend(EchoBackend())
     d = t.sluice(t.listener(echo, cert=site_files(t, "server-ecdsa")))
