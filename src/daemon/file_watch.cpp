@@ -38,8 +38,6 @@ std::vector<std::string> watchedFiles(const Config &config) {
         add(backend.tls.cert);
         add(backend.tls.key);
     }
-    std::sort(paths.begin(), paths.end());
-    paths.erase(std::unique(paths.begin(), paths.end()), paths.end());
     return paths;
 }
 
@@ -67,6 +65,9 @@ void FileWatch::watch(std::vector<std::string> paths, Duration interval, const S
         reference_.clear();
         return;
     }
+    // A file two listeners (or the running and a refused configuration) name is stamped once.
+    std::sort(paths.begin(), paths.end());
+    paths.erase(std::unique(paths.begin(), paths.end()), paths.end());
     paths_ = std::move(paths);
     reference_ = stamp(paths_);
     for (auto &[path, text] : reference_) {

@@ -41,9 +41,9 @@ public:
     Stamps now() const { return stamp(paths_); }
 
     /**
-     * Watches `paths` every `interval` (zero: stops watching, and stamps nothing) against
-     * `readAt`, the stamps at which the running configuration read them; a path missing from
-     * `readAt` is stamped now.
+     * Watches `paths` (a path named twice is stamped once) every `interval` (zero: stops
+     * watching, and stamps nothing) against `readAt`, the stamps at which the running
+     * configuration read them; a path missing from `readAt` is stamped now.
      */
     void watch(std::vector<std::string> paths, Duration interval, const Stamps &readAt);
 
