@@ -197,7 +197,7 @@ void Connection::pump() {
                 progress |= moveDown();
                 progress |= propagateCloses();
             }
-            if (!progress) {
+            if (!progress || settled()) {
                 break;
             }
         }
@@ -211,6 +211,26 @@ void Connection::pump() {
     if (!closing_) {
         keepOrReleaseBuffers();
     }
+}
+
+bool Connection::settled() {
+    // Step by step, what would make each one act: feedLeftover() a PROXY remainder; moveDown()
+    // reply bytes; flushClient() ciphertext (or held tickets, or a held tail); moveUp() a
+    // backend engine or handler; flushBackend() a header or plaintext; checkEngines() a failure,
+    // an unrecorded handshake or an unstarted backend; propagateCloses() an end either way.
+    if (engine_ == nullptr || backendEngine_ || local_ || flushing_ || awaitingProxy_ ||
+        !backendStarted_ || !backendConnected_ || !backendReady() || handshakeMicros_ < 0 ||
+        proxyInPending() || !proxyOutDone() || backendReadFull_ || clientEof_ || backendEof_ ||
+        clientGone_ || clientShutdown_ || backendShutdown_ || engine_->ticketsHeld()) {
+        return false;
+    }
+    const EngineStatus status = engine_->status();
+    if (!status.handshakeDone || status.failed || status.closeNotifyReceived || status.truncated ||
+        status.closeNotifySent) {
+        return false;
+    }
+    return reply_.data().empty() && (clientWriteInFlight_ > 0 || !status.ciphertextPending) &&
+           (backendWriteInFlight_ > 0 || !status.plaintextReady);
 }
 
 void Connection::keepOrReleaseBuffers() {
@@ -1697,8 +1717,7 @@ void Connection::onClientRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t
         self->clientIn_.releaseIfEmpty();
     }
     if (self->pumpAtCheck(nread > 0 && static_cast<std::size_t>(nread) < buf->len)) {
-        self->keepOrReleaseBuffers(); // as the pump would have
-        return;
+        return; // the check's pump keeps the pairs (or releases them), as this one would have
     }
     self->pump(); // the connection outlives the call (its memory goes in a close callback)
 }
@@ -1840,8 +1859,7 @@ void Connection::onBackendRead(uv_stream_t *stream, ssize_t nread, const uv_buf_
         self->inPump_ = true; // a pump this asks for waits for the check's
         self->moveDown();
         self->inPump_ = false;
-        self->keepOrReleaseBuffers();
-        return;
+        return; // the check's pump keeps the pairs (or releases them)
     }
     self->backendReadFull_ = nread > 0 && static_cast<std::size_t>(nread) == buf->len;
     self->pump();

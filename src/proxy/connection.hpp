@@ -130,6 +130,13 @@ private:
     bool releaseIdleBuffers();
     bool feedLeftover();
     bool checkEngines();
+    /**
+     * True when another round of pump()'s steps is sure to move nothing: a TLS client and a
+     * plain backend, both open, in their data phase, with nothing left for any step. A round
+     * that made progress is then the last, where the loop would run one more to find out.
+     * Conservative: false whenever any step's condition is not plainly idle.
+     */
+    bool settled();
     /** True while the client engine's session tickets wait to share the first reply's write. */
     bool holdingTickets();
     /** When held tickets go out on their own (uv_now ms), or 0 when none are held. */
