@@ -10,6 +10,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "net/listen_socket.hpp"
 #include "util/log.hpp"
 
 namespace sluice::daemon {
@@ -48,25 +49,6 @@ std::vector<std::string> splitNames(const char *text) {
     return names;
 }
 
-bool isListeningTcp(int fd) {
-    int type = 0;
-    int listening = 0;
-    socklen_t length = sizeof type;
-    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) != 0 || type != SOCK_STREAM) {
-        return false;
-    }
-    length = sizeof listening;
-    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || !listening) {
-        return false;
-    }
-    sockaddr_storage storage{};
-    length = sizeof storage;
-    if (::getsockname(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
-        return false;
-    }
-    return storage.ss_family == AF_INET || storage.ss_family == AF_INET6;
-}
-
 } // namespace
 
 std::vector<ActivatedSocket> takeActivatedSockets() {
@@ -101,7 +83,7 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
         if (static_cast<std::size_t>(i) < names.size()) {
             socket.name = names[static_cast<std::size_t>(i)];
         }
-        socket.usable = isListeningTcp(socket.fd);
+        socket.usable = net::isListeningTcp(socket.fd);
         socket.localText = net::localText(socket.fd);
         log::info("socket-activated fd=" + std::to_string(socket.fd) + " name=\"" + socket.name +
                   "\" address=" + socket.localText + (socket.usable ? "" : " usable=no"));

@@ -6,9 +6,11 @@
 #include <chrono>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <future>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +26,7 @@
 #include "daemon/activation.hpp"
 #include "daemon/file_watch.hpp"
 #include "daemon/privileges.hpp"
+#include "daemon/upgrade.hpp"
 #include "daemon/worker.hpp"
 #include "ops/access_log.hpp"
 #include "ops/admin.hpp"
@@ -61,7 +64,10 @@ Terminates TLS and forwards plaintext to a TCP or UNIX-socket backend.
 Signals: TERM or INT drain (stop accepting, let connections finish up to
 global.drain_timeout; a second signal stops at once). HUP reloads the configuration:
 everything is built first and swapped in only if all of it is valid (with
-global.reload_on_change, a changed file reloads it too). USR1 reopens the logs.
+global.reload_on_change, a changed file reloads it too). USR1 reopens the logs. USR2
+upgrades: starts the program again from the same path with the same arguments, hands
+it every listening socket, and drains once the new process is ready (if it fails, this
+one goes on serving).
 
 Exit status: 0 after a clean drain, 1 if the drain deadline closed connections or a
 runtime error occurred, 2 for a bad command line or configuration.
@@ -182,7 +188,7 @@ public:
         , fileWatch_(loop,
                      [this](const std::vector<std::string> &changed) { filesChanged(changed); }) {
         resolver_.watch(runtime_);
-        for (auto *handle : {&term_, &interrupt_, &hangup_, &user1_}) {
+        for (auto *handle : {&term_, &interrupt_, &hangup_, &user1_, &user2_}) {
             uv_signal_init(loop_, handle);
             handle->data = this;
         }
@@ -190,6 +196,7 @@ public:
         uv_signal_start(&interrupt_, onStop, SIGINT);
         uv_signal_start(&hangup_, onReload, SIGHUP);
         uv_signal_start(&user1_, onReopen, SIGUSR1);
+        uv_signal_start(&user2_, onUpgrade, SIGUSR2);
         uv_async_init(loop_, &exited_, onWorkerExited);
         exited_.data = this;
         uv_timer_init(loop_, &drainDelay_);
@@ -199,6 +206,23 @@ public:
     /** The sockets systemd passed; kept open for the daemon's life and matched on reload. */
     void keepActivated(std::vector<sluice::daemon::ActivatedSocket> activated) {
         activated_ = std::move(activated);
+    }
+
+    /** What SIGUSR2 starts: this program's path and its arguments (without --ready-fd). */
+    void upgradeCommand(std::string program, std::vector<std::string> args) {
+        program_ = std::move(program);
+        programArgs_ = std::move(args);
+    }
+
+    /** The listening sockets sluice bound (not systemd's), by key, for an upgrade to hand on. */
+    void recordSockets(const std::vector<std::vector<sluice::proxy::ListenSocket>> &byWorker) {
+        for (const auto &sockets : byWorker) {
+            for (const auto &socket : sockets) {
+                if (socket.key.find(" systemd:") == std::string::npos) {
+                    socketFds_[socket.key].push_back(socket.fd);
+                }
+            }
+        }
     }
 
     /** Starts global.reload_on_change; `readAt`: the files' stamps before they were read. */
@@ -213,8 +237,9 @@ public:
     /** The bound addresses announced at startup. */
     std::vector<std::pair<std::string, std::string>> bound() const { return listening_.bound(); }
 
-    /** Opens the admin listener on the main loop (throws on a bind error). */
-    void startAdmin() {
+    /** Opens the admin listener on the main loop (throws on a bind error), or takes over the
+     * socket a previous process handed over. */
+    void startAdmin(sluice::daemon::HandedOver &handedOver) {
         if (!config_.admin.enabled) {
             return;
         }
@@ -226,7 +251,7 @@ public:
         source.certificates = [this] { return sluice::ops::certificatesOf(*runtime_); };
         source.backends = [this] { return sluice::ops::backendsOf(*runtime_); };
         admin_ = std::make_unique<sluice::ops::Admin>(loop_, config_.admin, std::move(source));
-        admin_->start();
+        admin_->start(handedOver.take(adminKey()));
     }
 
     void start() {
@@ -239,9 +264,7 @@ public:
 
     /** Closes the main loop's handles after a failed start. */
     void abandon() {
-        if (admin_) {
-            admin_->close(nullptr);
-        }
+        closeAdmin();
         watchdog_.close();
         closeSignals();
     }
@@ -265,6 +288,10 @@ private:
         if (self->admin_) {
             self->admin_->setDraining(true); // /ready answers 503 from now on
         }
+        if (self->upgrade_) {
+            // A new process that is not ready yet goes on by itself: it has every socket.
+            self->upgrade_->close(nullptr);
+        }
         const auto delay = static_cast<std::uint64_t>(self->config_.global.drainDelay.count());
         if (delay == 0) {
             self->drainWorkers();
@@ -283,6 +310,87 @@ private:
         uv_timer_stop(&drainDelay_);
         for (auto &worker : workers_) {
             worker->drain();
+        }
+    }
+
+    std::string adminKey() const { return "admin " + config_.admin.listen.text(); }
+
+    void closeAdmin() {
+        if (admin_ && !adminClosed_) {
+            adminClosed_ = true;
+            admin_->close(nullptr);
+        }
+    }
+
+    static void onUpgrade(uv_signal_t *handle, int) {
+        static_cast<Daemon *>(handle->data)->upgrade();
+    }
+
+    /** SIGUSR2: starts the new process with every listening socket; see daemon/upgrade. */
+    void upgrade() {
+        auto refuse = [](const std::string &reason) {
+            sluice::log::warn("upgrade-refused reason=\"" + reason + "\"");
+        };
+        if (stopping_) {
+            return refuse("draining");
+        }
+        if (upgrade_) {
+            return refuse("an upgrade is in progress (pid " + std::to_string(upgrade_->pid()) +
+                          ")");
+        }
+        if (!activated_.empty() || std::getenv("NOTIFY_SOCKET") != nullptr) {
+            return refuse("under systemd: systemctl restart with socket activation keeps the "
+                          "sockets; systemd would not follow a new main process");
+        }
+        if (!config_.global.user.empty()) {
+            return refuse("global.user: the new process would start without root, and could "
+                          "neither read root-only keys nor drop privileges");
+        }
+        if (program_.empty()) {
+            return refuse("the path this program was started from is unknown");
+        }
+        std::vector<sluice::daemon::HandOver> sockets;
+        for (const auto &[key, fds] : socketFds_) {
+            for (const int fd : fds) {
+                sockets.push_back({key, fd});
+            }
+        }
+        if (admin_ && admin_->listenFd() >= 0) {
+            sockets.push_back({adminKey(), admin_->listenFd()});
+        }
+        sluice::log::info("upgrade-start program=" + program_ +
+                          " sockets=" + std::to_string(sockets.size()));
+        std::string error;
+        upgrade_ = sluice::daemon::Upgrade::start(
+            loop_, program_, programArgs_, sockets, upgradeTimeoutMs,
+            [this](int pid) { upgradeReady(pid); },
+            [this](const std::string &reason) { upgradeFailed(reason); }, error);
+        if (!upgrade_) {
+            upgradeFailed(error);
+        }
+    }
+
+    void upgradeReady(int pid) {
+        // The new process serves every socket now; this one lets go of its copies and drains.
+        sluice::log::info("upgrade-ready pid=" + std::to_string(pid));
+        stopping_ = true;
+        fileWatch_.stop();
+        closeAdmin(); // the new process answers on the same socket
+        drainWorkers();
+    }
+
+    void upgradeFailed(const std::string &reason) {
+        std::string quoted;
+        for (char c : reason) {
+            quoted += c == '"' ? '\'' : c;
+        }
+        sluice::log::error("upgrade-failed reason=\"" + quoted +
+                           "\" action=\"this process goes on serving\"");
+        if (upgrade_) {
+            // Its handles close on the loop; a process still running (sent SIGTERM) is left to
+            // its own drain.
+            upgrade_->close(nullptr);
+            retired_.push_back(std::move(upgrade_));
         }
     }
 
@@ -357,6 +465,10 @@ private:
             }
             return files;
         }
+        for (const auto &key : next.removed) {
+            socketFds_.erase(key);
+        }
+        recordSockets(next.added);
         for (const auto &socket : next.added.front()) {
             sluice::log::info("listening listener=" + socket.name +
                               " address=" + sluice::net::localText(socket.fd) +
@@ -432,15 +544,16 @@ private:
                 self->exitCode_ = exitForced;
             }
         }
-        if (self->admin_) {
-            self->admin_->close(nullptr);
+        self->closeAdmin();
+        if (self->upgrade_) {
+            self->upgrade_->close(nullptr);
         }
         self->watchdog_.close();
         self->closeSignals();
     }
 
     void closeSignals() {
-        for (auto *signal : {&term_, &interrupt_, &hangup_, &user1_}) {
+        for (auto *signal : {&term_, &interrupt_, &hangup_, &user1_, &user2_}) {
             uv_close(reinterpret_cast<uv_handle_t *>(signal), nullptr);
         }
         uv_close(reinterpret_cast<uv_handle_t *>(&exited_), nullptr);
@@ -461,18 +574,27 @@ private:
     sluice::proxy::Resolver resolver_;
     sluice::daemon::FileWatch fileWatch_;
     std::vector<sluice::daemon::ActivatedSocket> activated_;
+    std::map<std::string, std::vector<int>> socketFds_; // by key: each worker's socket
+    std::string program_;
+    std::vector<std::string> programArgs_;
+    std::unique_ptr<sluice::daemon::Upgrade> upgrade_;
+    std::vector<std::unique_ptr<sluice::daemon::Upgrade>> retired_; // failed, closing
+    static constexpr std::uint64_t upgradeTimeoutMs = 60000;
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
     uv_signal_t hangup_{};
     uv_signal_t user1_{};
+    uv_signal_t user2_{};
     uv_async_t exited_{};
     uv_timer_t drainDelay_{};
     bool stopping_ = false;
     bool closing_ = false;
+    bool adminClosed_ = false;
     int exitCode_ = exitOk;
 };
 
-int run(const Options &options) {
+int run(const Options &options, const std::string &program,
+        const std::vector<std::string> &programArgs) {
     sluice::Config config;
     try {
         config = sluice::loadConfig(options.config);
@@ -494,11 +616,13 @@ int run(const Options &options) {
     // Taken before any thread starts (building TLS contexts may start some): taking them unsets
     // the LISTEN_* variables, and unsetenv() is not thread-safe. --check leaves them alone.
     std::vector<sluice::daemon::ActivatedSocket> activated;
+    sluice::daemon::HandedOver handedOver;
     std::shared_ptr<const sluice::proxy::Runtime> runtime;
     std::vector<sluice::proxy::PlannedSocket> plan;
     try {
         if (!options.check) {
             activated = sluice::daemon::takeActivatedSockets();
+            handedOver = sluice::daemon::HandedOver::fromEnvironment();
         }
         runtime = sluice::proxy::buildRuntime(config, workers);
         plan = sluice::proxy::planSockets(config, activated);
@@ -537,8 +661,10 @@ int run(const Options &options) {
     Daemon *owner = nullptr;
     const std::string kdf = sluice::tls::kdfName(config.global.builtinKdf); // config moves below
     try {
-        auto sockets = sluice::proxy::openSockets(plan, workers);
+        auto sockets = sluice::proxy::openSockets(
+            plan, workers, [&handedOver](const std::string &key) { return handedOver.take(key); });
         sluice::proxy::ListenState listening = sluice::proxy::listenStateOf(sockets.front());
+        std::vector<std::vector<sluice::proxy::ListenSocket>> opened = sockets; // keys and fds
         std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
         for (unsigned w = 0; w < workers; ++w) {
             pool.push_back(std::make_unique<sluice::daemon::Worker>(
@@ -551,7 +677,10 @@ int run(const Options &options) {
                                      runtime, std::move(pool), accessLog);
         owner = daemon.get();
         daemon->keepActivated(std::move(activated));
-        daemon->startAdmin();
+        daemon->recordSockets(opened);
+        daemon->upgradeCommand(program, programArgs);
+        daemon->startAdmin(handedOver);
+        handedOver.closeUnused();
     } catch (const std::exception &e) {
         std::fprintf(stderr, "sluice: %s\n", e.what());
         if (daemon) {
@@ -602,5 +731,8 @@ int main(int argc, char **argv) {
     if (!options) {
         return exitCode;
     }
-    return run(*options);
+    // Both taken now, before anything could change the working folder.
+    const std::string config = sluice::daemon::absoluteConfigPath(options->config);
+    return run(*options, sluice::daemon::programPath(argv[0]),
+               sluice::daemon::upgradeArguments(argc, argv, config));
 }

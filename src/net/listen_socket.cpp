@@ -82,6 +82,25 @@ void setSocketOptions(int fd, const SocketOptions &options, bool fresh) {
     }
 }
 
+bool isListeningTcp(int fd) {
+    int type = 0;
+    int listening = 0;
+    socklen_t length = sizeof type;
+    if (::getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &length) != 0 || type != SOCK_STREAM) {
+        return false;
+    }
+    length = sizeof listening;
+    if (::getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &length) != 0 || !listening) {
+        return false;
+    }
+    sockaddr_storage storage{};
+    length = sizeof storage;
+    if (::getsockname(fd, reinterpret_cast<sockaddr *>(&storage), &length) != 0) {
+        return false;
+    }
+    return storage.ss_family == AF_INET || storage.ss_family == AF_INET6;
+}
+
 int boundPort(int fd) {
     sockaddr_storage storage{};
     socklen_t length = sizeof storage;

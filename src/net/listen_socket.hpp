@@ -33,6 +33,9 @@ void setSocketOptions(int fd, const SocketOptions &options, bool fresh);
 /** The symbolic name of an errno value, as logs show it: "EMFILE". */
 std::string errorName(int error);
 
+/** `fd` is a listening TCP socket (IPv4 or IPv6), as a handed-over descriptor must be. */
+bool isListeningTcp(int fd);
+
 /** The port a bound socket got from the kernel (for "port 0" addresses). */
 int boundPort(int fd);
 

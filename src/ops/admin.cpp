@@ -105,13 +105,17 @@ Admin::Admin(uv_loop_t *loop, const AdminConfig &config, StatusSource source)
 
 Admin::~Admin() = default;
 
-void Admin::start() {
-    const net::SocketAddress address = net::resolve(address_);
-    try {
-        // No SO_REUSEPORT: a second daemon on the same admin address is an error, not a share.
-        fd_ = net::openListenSocket(address, address_.text(), 64, false);
-    } catch (const std::exception &e) {
-        throw std::runtime_error(std::string("admin ") + e.what());
+void Admin::start(int handedOver) {
+    if (handedOver >= 0) {
+        fd_ = handedOver;
+    } else {
+        try {
+            // No SO_REUSEPORT: a second daemon on the same admin address is an error, not a
+            // share.
+            fd_ = net::openListenSocket(net::resolve(address_), address_.text(), 64, false);
+        } catch (const std::exception &e) {
+            throw std::runtime_error(std::string("admin ") + e.what());
+        }
     }
     reserve_.take();
     poll_ = new uv_poll_t;

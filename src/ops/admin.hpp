@@ -64,8 +64,15 @@ public:
     Admin(const Admin &) = delete;
     Admin &operator=(const Admin &) = delete;
 
-    /** Binds and listens. Throws std::runtime_error naming the address; then call close(). */
-    void start();
+    /**
+     * Binds and listens, or listens on `handedOver` (a listening socket a previous process passed
+     * on, which the Admin then owns) when it is not -1. Throws std::runtime_error naming the
+     * address; then call close().
+     */
+    void start(int handedOver = -1);
+
+    /** The listening socket (-1 before start() and once closed), to hand to a new process. */
+    int listenFd() const { return closing_ ? -1 : fd_; }
 
     /** "127.0.0.1:9901", with the port the kernel chose for port 0; empty before start(). */
     const std::string &boundAddress() const { return bound_; }

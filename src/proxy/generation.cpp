@@ -116,7 +116,8 @@ void closeSockets(std::vector<std::vector<ListenSocket>> &byWorker) {
 }
 
 std::vector<std::vector<ListenSocket>> openSockets(const std::vector<PlannedSocket> &plan,
-                                                   unsigned workers) {
+                                                   unsigned workers,
+                                                   const HandedOverSocket &handedOver) {
     std::vector<std::vector<ListenSocket>> byWorker(workers);
     try {
         for (const auto &planned : plan) {
@@ -133,7 +134,14 @@ std::vector<std::vector<ListenSocket>> openSockets(const std::vector<PlannedSock
                     byWorker[w].push_back({planned.key, planned.name, fd});
                     continue;
                 }
-                int fd = -1;
+                int fd = handedOver ? handedOver(planned.key) : -1;
+                if (fd >= 0) {
+                    byWorker[w].push_back({planned.key, planned.name, fd});
+                    if (w == 0) {
+                        address = net::withPort(address, net::boundPort(fd));
+                    }
+                    continue;
+                }
                 try {
                     fd = net::openListenSocket(address, planned.text, planned.backlog);
                 } catch (const std::exception &e) {

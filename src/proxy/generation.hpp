@@ -5,6 +5,7 @@
 // listener and address are unchanged stay open, so a reload never refuses a connection.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -50,14 +51,20 @@ struct PlannedSocket {
 std::vector<PlannedSocket> planSockets(const Config &config,
                                        const std::vector<InheritedSocket> &inherited = {});
 
+/** Gives a socket a previous process handed over under `key` ("NAME ADDRESS"), or -1. */
+using HandedOverSocket = std::function<int(const std::string &key)>;
+
 /**
  * Opens one socket per worker for each planned address (SO_REUSEPORT), or dups the inherited one.
+ * A worker takes a socket `handedOver` gives for the address's key before it binds one (each
+ * worker asks once, so the handed-over sockets go one per worker and the rest are bound).
  * For port 0 the first socket's port is reused by the others, so all workers share one port.
- * Returns the sockets by worker; on failure closes what it opened and throws std::runtime_error
- * naming the listener and the address.
+ * Returns the sockets by worker; on failure closes what it opened (handed-over ones included)
+ * and throws std::runtime_error naming the listener and the address.
  */
 std::vector<std::vector<ListenSocket>> openSockets(const std::vector<PlannedSocket> &plan,
-                                                   unsigned workers);
+                                                   unsigned workers,
+                                                   const HandedOverSocket &handedOver = {});
 
 /** Closes the descriptors of sockets that were opened but never handed to a Server. */
 void closeSockets(std::vector<std::vector<ListenSocket>> &byWorker);

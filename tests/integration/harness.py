@@ -922,8 +922,10 @@ class Context:
                 continue
             if test_failed:
                 # The test's failure is the story: only a crash or a sanitizer report adds to it,
-                # and a drain that is still waiting is cut short.
-                d.signal(signal.SIGTERM)
+                # and a drain that is still waiting is cut short (one the test started may have
+                # ended since).
+                if d.alive():
+                    d.signal(signal.SIGTERM)
                 if not d._wait_exit(5):
                     d.kill()
                     continue

@@ -157,9 +157,9 @@ def test_sigpipe_ignored(t):
     d.assert_alive()
 
 
-def isolate_network():
+def isolate_network(migrate=1):
     """Moves this test (and what it starts from now on) into a network namespace of its own,
-    with loopback up and net.ipv4.tcp_migrate_req = 1 (a per-namespace setting)."""
+    with loopback up and net.ipv4.tcp_migrate_req = `migrate` (a per-namespace setting)."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(0x40000000) != 0:  # CLONE_NEWNET
         raise Skip(f"cannot make a network namespace: {os.strerror(ctypes.get_errno())}")
@@ -168,10 +168,10 @@ def isolate_network():
         ifreq = struct.pack("16sH14x", b"lo", 0)
         flags = struct.unpack("16sH14x", fcntl.ioctl(s, siocgifflags, ifreq))[1]
         fcntl.ioctl(s, siocsifflags, struct.pack("16sH14x", b"lo", flags | iff_up))
-    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
-    if not migrate.exists():
+    path = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    if not path.exists():
         raise Skip("this kernel has no net.ipv4.tcp_migrate_req (Linux 5.14 and later)")
-    migrate.write_text("1")
+    path.write_text(str(migrate))
 
 
 class RoundTrips:

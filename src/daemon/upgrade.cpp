@@ -1,0 +1,328 @@
+#include "daemon/upgrade.hpp"
+
+#include <cerrno>
+#include <climits>
+#include <csignal>
+#include <cstdlib>
+#include <cstring>
+#include <fcntl.h>
+#include <stdexcept>
+#include <string_view>
+#include <unistd.h>
+
+#include "net/listen_socket.hpp"
+#include "util/log.hpp"
+
+extern char **environ; // NOLINT: POSIX declares it nowhere else
+
+namespace sluice::daemon {
+namespace {
+
+constexpr int firstHandedFd = 3;
+constexpr const char *pidVariable = "SLUICE_UPGRADE_PID";
+constexpr const char *socketsVariable = "SLUICE_UPGRADE_SOCKETS";
+
+std::string currentFolder() {
+    char buffer[PATH_MAX];
+    return ::getcwd(buffer, sizeof buffer) != nullptr ? std::string(buffer) : std::string();
+}
+
+std::string absolute(const std::string &path) {
+    if (path.empty() || path.front() == '/') {
+        return path;
+    }
+    const std::string cwd = currentFolder();
+    return cwd.empty() ? std::string() : cwd + "/" + path;
+}
+
+} // namespace
+
+HandedOver HandedOver::fromEnvironment() {
+    const char *pidText = std::getenv(pidVariable);
+    const char *keysText = std::getenv(socketsVariable);
+    const std::string pid = pidText != nullptr ? pidText : "";
+    const std::string keys = keysText != nullptr ? keysText : "";
+    // Unset first, so that nothing this process starts later inherits them by mistake.
+    ::unsetenv(pidVariable);
+    ::unsetenv(socketsVariable);
+    HandedOver out;
+    if (pid.empty() && keys.empty()) {
+        return out;
+    }
+    if (pid != std::to_string(::getppid())) {
+        log::info("upgrade-sockets-ignored reason=\"SLUICE_UPGRADE_PID is not this process's "
+                  "parent\"");
+        return out;
+    }
+    int fd = firstHandedFd;
+    std::size_t start = 0;
+    while (start < keys.size()) {
+        std::size_t end = keys.find('\n', start);
+        if (end == std::string::npos) {
+            end = keys.size();
+        }
+        const std::string key = keys.substr(start, end - start);
+        start = end + 1;
+        if (::fcntl(fd, F_SETFD, FD_CLOEXEC) != 0 || !net::isListeningTcp(fd)) {
+            throw std::runtime_error("upgrade: descriptor " + std::to_string(fd) + " (" + key +
+                                     ") is not a listening TCP socket");
+        }
+        out.byKey_[key].push_back(fd);
+        ++fd;
+    }
+    log::info("upgrade-sockets count=" + std::to_string(fd - firstHandedFd) + " from_pid=" + pid);
+    return out;
+}
+
+int HandedOver::take(const std::string &key) {
+    auto found = byKey_.find(key);
+    if (found == byKey_.end() || found->second.empty()) {
+        return -1;
+    }
+    const int fd = found->second.front();
+    found->second.erase(found->second.begin());
+    ++taken_;
+    return fd;
+}
+
+void HandedOver::closeUnused() {
+    for (auto &[key, fds] : byKey_) {
+        for (const int fd : fds) {
+            log::info("upgrade-socket-closed key=\"" + key + "\" address=" + net::localText(fd) +
+                      " reason=\"this configuration does not use it\"");
+            ::close(fd);
+        }
+        fds.clear();
+    }
+}
+
+Upgrade::Upgrade(uv_loop_t *loop, Ready ready, Failed failed)
+    : loop_(loop)
+    , ready_(std::move(ready))
+    , failed_(std::move(failed)) {}
+
+Upgrade::~Upgrade() = default;
+
+std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &program,
+                                        const std::vector<std::string> &args,
+                                        const std::vector<HandOver> &sockets,
+                                        std::uint64_t timeoutMs, Ready ready, Failed failed,
+                                        std::string &error) {
+    std::unique_ptr<Upgrade> upgrade(new Upgrade(loop, std::move(ready), std::move(failed)));
+    uv_file pipeFds[2] = {-1, -1};
+    if (const int err = uv_pipe(pipeFds, 0, 0); err != 0) {
+        error = std::string("pipe: ") + uv_strerror(err);
+        return nullptr;
+    }
+    // The new process's descriptors: 0-2 as ours, then the sockets, then the ready pipe.
+    std::vector<uv_stdio_container_t> stdio(firstHandedFd + sockets.size() + 1);
+    for (std::size_t i = 0; i < stdio.size(); ++i) {
+        stdio[i].flags = UV_INHERIT_FD;
+        stdio[i].data.fd = i < firstHandedFd                    ? static_cast<int>(i)
+                           : i < firstHandedFd + sockets.size() ? sockets[i - firstHandedFd].fd
+                                                                : pipeFds[1];
+    }
+    const std::string readyFd = std::to_string(stdio.size() - 1);
+    std::vector<std::string> argStrings{program};
+    argStrings.insert(argStrings.end(), args.begin(), args.end());
+    argStrings.insert(argStrings.end(), {"--ready-fd", readyFd});
+    std::string keys;
+    for (const auto &socket : sockets) {
+        keys += (keys.empty() ? "" : "\n") + socket.key;
+    }
+    std::vector<std::string> envStrings;
+    for (char **entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
+        const std::string_view text(*entry);
+        if (!text.starts_with(std::string(pidVariable) + "=") &&
+            !text.starts_with(std::string(socketsVariable) + "=")) {
+            envStrings.emplace_back(text);
+        }
+    }
+    envStrings.push_back(std::string(pidVariable) + "=" + std::to_string(::getpid()));
+    envStrings.push_back(std::string(socketsVariable) + "=" + keys);
+    auto pointers = [](std::vector<std::string> &strings) {
+        std::vector<char *> out;
+        for (auto &s : strings) {
+            out.push_back(s.data());
+        }
+        out.push_back(nullptr);
+        return out;
+    };
+    std::vector<char *> argv = pointers(argStrings);
+    std::vector<char *> envp = pointers(envStrings);
+
+    uv_process_options_t options{};
+    options.exit_cb = onExit;
+    options.file = program.c_str();
+    options.args = argv.data();
+    options.env = envp.data();
+    options.stdio_count = static_cast<int>(stdio.size());
+    options.stdio = stdio.data();
+    upgrade->process_ = new uv_process_t{};
+    upgrade->process_->data = upgrade.get();
+    const int spawned = uv_spawn(loop, upgrade->process_, &options);
+    ::close(pipeFds[1]); // the new process has its own copy
+    if (spawned != 0) {
+        error = std::string("cannot start ") + program + ": " + uv_strerror(spawned);
+        ::close(pipeFds[0]);
+        // The handle was initialized all the same and must be closed; nothing else is open.
+        uv_close(reinterpret_cast<uv_handle_t *>(upgrade->process_),
+                 [](uv_handle_t *handle) { delete reinterpret_cast<uv_process_t *>(handle); });
+        upgrade->process_ = nullptr;
+        return nullptr;
+    }
+    upgrade->open_ = 1;
+    upgrade->pipe_ = new uv_pipe_t{};
+    uv_pipe_init(loop, upgrade->pipe_, 0);
+    upgrade->pipe_->data = upgrade.get();
+    ++upgrade->open_;
+    if (uv_pipe_open(upgrade->pipe_, pipeFds[0]) != 0 ||
+        uv_read_start(reinterpret_cast<uv_stream_t *>(upgrade->pipe_), onAlloc, onRead) != 0) {
+        ::close(pipeFds[0]); // the timeout below decides then
+    }
+    upgrade->timer_ = new uv_timer_t{};
+    uv_timer_init(loop, upgrade->timer_);
+    upgrade->timer_->data = upgrade.get();
+    ++upgrade->open_;
+    uv_timer_start(upgrade->timer_, onTimeout, timeoutMs, 0);
+    return upgrade;
+}
+
+void Upgrade::onAlloc(uv_handle_t *handle, std::size_t, uv_buf_t *buf) {
+    auto *self = static_cast<Upgrade *>(handle->data);
+    *buf = uv_buf_init(self->buffer_, sizeof self->buffer_);
+}
+
+void Upgrade::onRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
+    auto *self = static_cast<Upgrade *>(stream->data);
+    if (nread > 0 && !self->decided_) {
+        self->received_.append(buf->base, static_cast<std::size_t>(nread));
+        // "listen NAME ADDRESS" lines, then "ready" (daemon/main.cpp writes them).
+        if (self->received_.starts_with("ready\n") ||
+            self->received_.find("\nready\n") != std::string::npos) {
+            self->decided_ = true;
+            uv_timer_stop(self->timer_);
+            uv_read_stop(stream);
+            self->ready_(self->process_->pid);
+        }
+        return;
+    }
+    if (nread < 0) {
+        // Closed without "ready": the exit (or the deadline) says why.
+        uv_read_stop(stream);
+    }
+}
+
+void Upgrade::onExit(uv_process_t *process, std::int64_t status, int signal) {
+    auto *self = static_cast<Upgrade *>(process->data);
+    const std::string how = signal != 0 ? std::string("was killed by signal ") + strsignal(signal)
+                                        : "exited with code " + std::to_string(status);
+    if (!self->decided_) {
+        self->fail("the new process " + how + " before it was ready");
+    } else {
+        log::warn("upgrade-process-exited pid=" + std::to_string(process->pid) + " reason=\"it " +
+                  how + "\"");
+    }
+}
+
+void Upgrade::onTimeout(uv_timer_t *timer) {
+    auto *self = static_cast<Upgrade *>(timer->data);
+    if (self->decided_) {
+        return;
+    }
+    uv_process_kill(self->process_, SIGTERM);
+    self->fail("the new process was not ready in time; sent it SIGTERM");
+}
+
+void Upgrade::fail(const std::string &reason) {
+    decided_ = true;
+    uv_timer_stop(timer_);
+    uv_read_stop(reinterpret_cast<uv_stream_t *>(pipe_));
+    failed_(reason);
+}
+
+void Upgrade::close(std::function<void()> done) {
+    if (closeRequested_) {
+        return;
+    }
+    closeRequested_ = true;
+    done_ = std::move(done);
+    auto closeOne = [this](uv_handle_t *handle) {
+        if (handle != nullptr && uv_is_closing(handle) == 0) {
+            uv_close(handle, [](uv_handle_t *h) {
+                auto *self = static_cast<Upgrade *>(h->data);
+                if (h->type == UV_PROCESS) {
+                    delete reinterpret_cast<uv_process_t *>(h);
+                } else if (h->type == UV_NAMED_PIPE) {
+                    delete reinterpret_cast<uv_pipe_t *>(h);
+                } else {
+                    delete reinterpret_cast<uv_timer_t *>(h);
+                }
+                self->closed();
+            });
+        }
+    };
+    closeOne(reinterpret_cast<uv_handle_t *>(process_));
+    closeOne(reinterpret_cast<uv_handle_t *>(pipe_));
+    closeOne(reinterpret_cast<uv_handle_t *>(timer_));
+}
+
+void Upgrade::closed() {
+    if (--open_ == 0 && done_) {
+        done_();
+    }
+}
+
+std::vector<std::string> upgradeArguments(int argc, char **argv,
+                                          const std::string &absoluteConfig) {
+    std::vector<std::string> out;
+    for (int i = 1; i < argc; ++i) {
+        const std::string_view arg = argv[i];
+        if (arg == "--ready-fd") {
+            ++i; // the new process reports on a pipe of the old one's
+        } else if (arg == "-c" || arg == "--config") {
+            out.emplace_back(arg);
+            out.push_back(absoluteConfig);
+            ++i;
+        } else if (arg.starts_with("--config=")) {
+            out.push_back("--config=" + absoluteConfig);
+        } else {
+            out.emplace_back(arg);
+        }
+    }
+    return out;
+}
+
+std::string programPath(const char *argv0) {
+    const std::string name = argv0 != nullptr ? argv0 : "";
+    if (name.empty()) {
+        return {};
+    }
+    // Not resolved through symbolic links: a link that now points at a newer binary is how an
+    // upgrade is often installed.
+    if (name.find('/') != std::string::npos) {
+        return absolute(name);
+    }
+    const char *path = std::getenv("PATH");
+    const std::string folders = path != nullptr ? path : "";
+    std::size_t start = 0;
+    while (start <= folders.size()) {
+        std::size_t end = folders.find(':', start);
+        if (end == std::string::npos) {
+            end = folders.size();
+        }
+        const std::string folder = folders.substr(start, end - start);
+        const std::string candidate = (folder.empty() ? "." : folder) + "/" + name;
+        if (::access(candidate.c_str(), X_OK) == 0) {
+            return absolute(candidate);
+        }
+        start = end + 1;
+    }
+    return {};
+}
+
+std::string absoluteConfigPath(const std::string &path) {
+    return absolute(path);
+}
+
+} // namespace sluice::daemon

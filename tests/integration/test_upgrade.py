@@ -1,0 +1,149 @@
+"""SIGUSR2: the running daemon starts its binary again, hands it every listening socket (each
+worker's, and the admin listener's) and drains once the new process is ready; a new process
+that fails leaves the old one serving."""
+
+import ctypes
+import os
+import signal
+import time
+
+from backends import EchoBackend
+from harness import Skip, check, free_loopback_port, tls_roundtrip
+from test_ops import http_get, start_ops
+from test_signals import RoundTrips, isolate_network
+
+
+def adopt_orphans():
+    """Makes this test's process the one that inherits the daemons' children once their parent
+    exits (PR_SET_CHILD_SUBREAPER), so it can wait for the new process and read its exit code."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    check(libc.prctl(36, 1, 0, 0, 0) == 0, "prctl(PR_SET_CHILD_SUBREAPER) failed")
+
+
+def listening_inodes(pid):
+    """The inodes of the listening TCP sockets process `pid` holds (its /proc/PID/fd against
+    /proc/net/tcp, state 0A), in this network namespace."""
+    listening = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A":
+                listening.add(fields[9])
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inode = target[len("socket:["):-1]
+            if inode in listening:
+                held.add(inode)
+    return held
+
+
+def wait_child_exit(pid, timeout):
+    """Waits for `pid` (adopted: see adopt_orphans) to exit; returns its exit code."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            check(os.WIFEXITED(status), f"the new process ended by signal {os.WTERMSIG(status)}")
+            return os.WEXITSTATUS(status)
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} still running {timeout}s later")
+
+
+def stop_new_process(pid):
+    """Teardown for a new process the test did not stop itself."""
+    try:
+        os.kill(pid, signal.SIGTERM)
+        wait_child_exit(pid, 15)
+    except (ProcessLookupError, ChildProcessError):
+        pass
+
+
+def test_sigusr2_hands_every_socket_over_and_loses_no_connection(t):
+    # In a network namespace with net.ipv4.tcp_migrate_req = 0: the kernel moves nothing here,
+    # so a connection lost at the switch would show as a failed round trip.
+    isolate_network(migrate=0)
+    adopt_orphans()
+    echo = t.backend(EchoBackend())
+    port = free_loopback_port()
+    listener = t.listener(echo, listen=f"127.0.0.1:{port}")
+    old, admin = start_ops(t, listener, global_={"workers": 2, "drain_timeout": "10s"})
+    addr = ("127.0.0.1", port)
+    before = listening_inodes(old.pid)
+    check(len(before) == 3, f"expected 2 worker sockets and the admin socket, found {before}")
+    load = RoundTrips(addr)
+    t.defer(load.stop)
+    load.wait_for(100)
+    # A connection open across the switch stays with the old process until it ends.
+    first, second = b"before the upgrade", b"after the upgrade"
+    live = t.client(addr).handshake()
+    live.sendall(first)
+    check(live.recv_exact(len(first)) == first, "no echo before the upgrade")
+
+    old.signal(signal.SIGUSR2)
+    new_pid = int(old.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
+    t.defer(lambda: stop_new_process(new_pid))
+    check(old.wait_log(r"upgrade-sockets count=3 from_pid=(\d+)").group(1) == str(old.pid),
+          "the new process did not report the three sockets from the old one")
+    after = listening_inodes(new_pid)
+    check(after == before, f"the new process listens on {after}, the old one on {before}")
+
+    live.sendall(second)
+    check(live.recv_exact(len(first + second)) == first + second,
+          "the live connection stopped echoing at the switch")
+    live.close_write_tls()
+    live.recv_until_closed(timeout=10)
+    check(old.wait_exit(20) == 0, "the old process did not drain to exit 0")
+
+    load.wait_for(100)  # all on the new process now
+    load.stop()
+    check(not load.failures,
+          f"{len(load.failures)} of {load.ok + len(load.failures)} round trips failed, the first: "
+          f"{load.failures[:3]}")
+    status, _, body = http_get(admin, "/ready")
+    check(status == 200, f"/ready on the handed-over admin socket answered {status}: {body!r}")
+    tls_roundtrip(addr, b"served by the new process")
+    print(f"{load.ok} round trips through the upgrade, none failed; sockets kept: {sorted(after)}")
+    os.kill(new_pid, signal.SIGTERM)
+    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+
+
+def test_sigusr2_new_process_that_fails_leaves_the_old_one_serving(t):
+    adopt_orphans()
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"workers": 2})
+    addr = d.addr()
+    good = d.config_path.read_text()
+    # The new process reads the file again: a configuration it refuses ends it with code 2.
+    d.config_path.write_text(good + '\n[[listener]]\nname = "broken"\n')
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r'upgrade-failed reason="the new process exited with code 2 before it was ready"',
+               timeout=30)
+    check(d.alive(), "the old process stopped after a failed upgrade")
+    tls_roundtrip(addr, b"still served")
+    # Repaired, the next SIGUSR2 goes through.
+    d.config_path.write_text(good)
+    d.signal(signal.SIGUSR2)
+    new_pid = int(d.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
+    t.defer(lambda: stop_new_process(new_pid))
+    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
+    tls_roundtrip(addr, b"served by the new process")
+    os.kill(new_pid, signal.SIGTERM)
+    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+
+
+def test_sigusr2_refused_where_a_new_process_could_not_take_over(t):
+    if os.geteuid() != 0:
+        raise Skip("needs root to drop privileges")
+    echo = t.backend(EchoBackend())
+    os.chmod(t.tmp, 0o755)
+    # Started as root with global.user, the daemon has dropped root: a new process could not.
+    d = t.sluice(t.listener(echo), global_={"user": "nobody"})
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r'upgrade-refused reason="global.user: ')
+    check(d.alive(), "sluice stopped on a refused upgrade")
+    tls_roundtrip(d.addr(), b"still served")
