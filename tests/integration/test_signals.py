@@ -264,9 +264,8 @@ def all_threads_stopped(pid):
     return True
 
 
-def accept_queue_length(pid):
-    """Connections waiting to be accepted on the process's listening TCP sockets (the receive
-    queue /proc/net/tcp gives a socket in LISTEN)."""
+def socket_inodes(pid):
+    """The inodes of the sockets process `pid` holds (its /proc/PID/fd links)."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -275,14 +274,26 @@ def accept_queue_length(pid):
             continue
         if target.startswith("socket:["):
             inodes.add(target[len("socket:["):-1])
-    waiting = 0
+    return inodes
+
+
+def listening_tcp():
+    """{inode: connections waiting to be accepted} of the IPv4 TCP sockets in LISTEN in this
+    network namespace (/proc/net/tcp: state 0A, and the receive queue a listening socket gives)."""
+    out = {}
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                waiting += int(fields[4].split(":")[1], 16)
-    return waiting
+            if fields[3] == "0A":
+                out[fields[9]] = int(fields[4].split(":")[1], 16)
+    return out
+
+
+def accept_queue_length(pid):
+    """Connections waiting to be accepted on the process's listening TCP sockets."""
+    held = socket_inodes(pid)
+    return sum(waiting for inode, waiting in listening_tcp().items() if inode in held)
 
 
 def test_connections_queued_on_a_killed_process_move_to_the_other(t):

@@ -10,7 +10,7 @@ import time
 from backends import EchoBackend
 from harness import Skip, check, free_loopback_port, tls_roundtrip
 from test_ops import http_get, start_ops
-from test_signals import RoundTrips, isolate_network
+from test_signals import RoundTrips, isolate_network, listening_tcp, socket_inodes
 
 
 def adopt_orphans():
@@ -21,25 +21,8 @@ def adopt_orphans():
 
 
 def listening_inodes(pid):
-    """The inodes of the listening TCP sockets process `pid` holds (its /proc/PID/fd against
-    /proc/net/tcp, state 0A), in this network namespace."""
-    listening = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A":
-                listening.add(fields[9])
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inode = target[len("socket:["):-1]
-            if inode in listening:
-                held.add(inode)
-    return held
+    """The inodes of the listening TCP sockets process `pid` holds, in this network namespace."""
+    return socket_inodes(pid) & listening_tcp().keys()
 
 
 def wait_child_exit(pid, timeout):
