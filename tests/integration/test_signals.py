@@ -278,12 +278,15 @@ def socket_inodes(pid):
 
 
 def listening_tcp():
-    """{inode: connections waiting to be accepted} of the IPv4 TCP sockets in LISTEN in this
-    network namespace (/proc/net/tcp: state 0A, and the receive queue a listening socket gives)."""
+    """{inode: connections waiting to be accepted} of the TCP sockets in LISTEN in this network
+    namespace (/proc/net/tcp and tcp6: state 0A, and the receive queue a listening socket gives)."""
     out = {}
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
             fields = line.split()
             if fields[3] == "0A":
                 out[fields[9]] = int(fields[4].split(":")[1], 16)

@@ -5,7 +5,6 @@ RELOADING with MONOTONIC_USEC, STOPPING, WATCHDOG)."""
 
 import fcntl
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -22,6 +21,7 @@ from harness import (
     tls_roundtrip,
     wait_until,
 )
+from test_signals import listening_tcp, socket_inodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,25 +105,7 @@ def activated(t, listeners, sockets, names=None, global_=None):
 
 def listening_inodes(pid):
     """Inodes of the TCP sockets in LISTEN state that process `pid` holds."""
-    held = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            continue
-        if m:
-            held.add(int(m.group(1)))
-    listening = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = open(table).read().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == "0A":  # TCP_LISTEN
-                listening.add(int(fields[9]))
-    return held & listening
+    return {int(inode) for inode in socket_inodes(pid) & listening_tcp().keys()}
 
 
 def refused(addr):

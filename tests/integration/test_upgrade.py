@@ -10,7 +10,8 @@ import time
 from backends import EchoBackend
 from harness import Skip, check, free_loopback_port, tls_roundtrip
 from test_ops import http_get, start_ops
-from test_signals import RoundTrips, isolate_network, listening_tcp, socket_inodes
+from test_signals import RoundTrips, isolate_network
+from test_systemd import listening_inodes
 
 
 def adopt_orphans():
@@ -18,11 +19,6 @@ def adopt_orphans():
     exits (PR_SET_CHILD_SUBREAPER), so it can wait for the new process and read its exit code."""
     libc = ctypes.CDLL(None, use_errno=True)
     check(libc.prctl(36, 1, 0, 0, 0) == 0, "prctl(PR_SET_CHILD_SUBREAPER) failed")
-
-
-def listening_inodes(pid):
-    """The inodes of the listening TCP sockets process `pid` holds, in this network namespace."""
-    return socket_inodes(pid) & listening_tcp().keys()
 
 
 def wait_child_exit(pid, timeout):
