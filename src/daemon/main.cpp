@@ -342,10 +342,6 @@ private:
             return refuse("under systemd: systemctl restart with socket activation keeps the "
                           "sockets; systemd would not follow a new main process");
         }
-        if (!config_.global.user.empty()) {
-            return refuse("global.user: the new process would start without root, and could "
-                          "neither read root-only keys nor drop privileges");
-        }
         if (program_.empty()) {
             return refuse("the path this program was started from is unknown");
         }
@@ -360,11 +356,21 @@ private:
         }
         sluice::log::info("upgrade-start program=" + program_ +
                           " sockets=" + std::to_string(sockets.size()));
+        // Having dropped root (global.user), this thread passes its two capabilities on, so
+        // that the new process, which starts as the same user, can read root-only keys too.
+        const bool passing = !config_.global.user.empty();
+        if (passing && !sluice::daemon::passCapabilitiesOn(true)) {
+            sluice::log::warn("upgrade-capabilities reason=\"the kernel refused to pass them on; "
+                              "the new process starts without them\"");
+        }
         std::string error;
         upgrade_ = sluice::daemon::Upgrade::start(
             loop_, program_, programArgs_, sockets, upgradeTimeoutMs,
             [this](int pid) { upgradeReady(pid); },
             [this](const std::string &reason) { upgradeFailed(reason); }, error);
+        if (passing) {
+            sluice::daemon::passCapabilitiesOn(false);
+        }
         if (!upgrade_) {
             upgradeFailed(error);
         }

@@ -287,6 +287,21 @@ def test_privileges_dropped_after_binding(t):
     d.wait_log(r"privileges-dropped user=nobody", 5)
 
 
+def root_only_copies(t, names):
+    """Copies of the test certificates and keys `names` in a folder only root may enter, each
+    file 0600 (the test's folder made 0755, so that an unprivileged user reaches the rest).
+    Returns the folder."""
+    os.chmod(t.tmp, 0o755)
+    keys = t.tmp / "keys"
+    keys.mkdir(mode=0o700)
+    for name in names:
+        for ext in ("crt", "key"):
+            target = keys / f"{name}.{ext}"
+            target.write_bytes((t.certs / f"{name}.{ext}").read_bytes())
+            os.chmod(target, 0o600)
+    return keys
+
+
 def test_root_only_keys_reload_after_dropping_privileges(t):
     # After dropping to an unprivileged user the main thread keeps CAP_DAC_READ_SEARCH (and
     # CAP_NET_BIND_SERVICE) and nothing else, so a reload can read keys only root may read; the
@@ -294,14 +309,7 @@ def test_root_only_keys_reload_after_dropping_privileges(t):
     if os.geteuid() != 0:
         raise Skip("needs root to drop privileges")
     echo = t.backend(EchoBackend())
-    os.chmod(t.tmp, 0o755)
-    keys = t.tmp / "keys"
-    keys.mkdir(mode=0o700)
-    for name in ("server-ecdsa", "server-rsa"):
-        for ext in ("crt", "key"):
-            target = keys / f"{name}.{ext}"
-            target.write_bytes((t.certs / f"{name}.{ext}").read_bytes())
-            os.chmod(target, 0o600)
+    keys = root_only_copies(t, ("server-ecdsa", "server-rsa"))
     cert = {"cert": str(keys / "server-ecdsa.crt"), "key": str(keys / "server-ecdsa.key")}
     d = t.sluice(t.listener(echo, cert=cert), global_={"user": "nobody", "workers": 2})
     d.wait_log(r"privileges-dropped user=nobody .*kept=cap_net_bind_service,cap_dac_read_search", 5)

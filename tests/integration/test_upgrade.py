@@ -10,6 +10,7 @@ import time
 from backends import EchoBackend
 from harness import Skip, check, free_loopback_port, tls_roundtrip
 from test_ops import http_get, start_ops
+from test_reload import root_only_copies
 from test_signals import RoundTrips, isolate_network
 from test_systemd import listening_inodes
 
@@ -115,14 +116,57 @@ def test_sigusr2_new_process_that_fails_leaves_the_old_one_serving(t):
     check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
 
 
-def test_sigusr2_refused_where_a_new_process_could_not_take_over(t):
+def thread_capabilities(pid):
+    """{thread name: (uids, effective capabilities)} of each thread of process `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        status = open(f"/proc/{pid}/task/{tid}/status").read()
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        name = "main" if tid == str(pid) else f"{fields['Name'].strip()} {tid}"
+        out[name] = (set(fields["Uid"].split()), int(fields["CapEff"].strip(), 16))
+    return out
+
+
+def test_sigusr2_after_dropping_root_passes_on_the_two_capabilities(t):
+    # The old process runs as nobody with CAP_NET_BIND_SERVICE and CAP_DAC_READ_SEARCH on its
+    # main thread: it passes those two on (ambient), so the new process, started as nobody,
+    # reads keys only root may read, and narrows itself to the same two.
     if os.geteuid() != 0:
         raise Skip("needs root to drop privileges")
+    adopt_orphans()
     echo = t.backend(EchoBackend())
-    os.chmod(t.tmp, 0o755)
-    # Started as root with global.user, the daemon has dropped root: a new process could not.
-    d = t.sluice(t.listener(echo), global_={"user": "nobody"})
+    keys = root_only_copies(t, ("server-ecdsa",))
+    cert = {"cert": str(keys / "server-ecdsa.crt"), "key": str(keys / "server-ecdsa.key")}
+    d = t.sluice(t.listener(echo, cert=cert), global_={"user": "nobody", "workers": 2})
+    addr = d.addr()
     d.signal(signal.SIGUSR2)
-    d.wait_log(r'upgrade-refused reason="global.user: ')
+    new_pid = int(d.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
+    t.defer(lambda: stop_new_process(new_pid))
+    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
+    d.wait_log(r"privileges-dropped user=nobody .* already=yes "
+               r"kept=cap_net_bind_service,cap_dac_read_search")
+    expected = (1 << 10) | (1 << 2)  # CAP_NET_BIND_SERVICE, CAP_DAC_READ_SEARCH
+    threads = thread_capabilities(new_pid)
+    for name, (uids, effective) in threads.items():
+        check(uids == {"65534"}, f"new process thread {name} runs with uids {uids}")
+        if name == "main":
+            check(effective == expected, f"the new main thread has capabilities {effective:#x}")
+        elif name.startswith("sluice-w"):
+            check(effective == 0, f"new worker thread {name} keeps capabilities {effective:#x}")
+    check(sum(name.startswith("sluice-w") for name in threads) == 2,
+          f"expected 2 worker threads in the new process: {sorted(threads)}")
+    ambient = next(line for line in open(f"/proc/{new_pid}/status") if line.startswith("CapAmb:"))
+    check(int(ambient.split()[1], 16) == 0, f"the new process keeps ambient capabilities: {ambient}")
+    tls_roundtrip(addr, b"served by the new process, as nobody")
+    os.kill(new_pid, signal.SIGTERM)
+    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+
+
+def test_sigusr2_refused_under_systemd(t):
+    echo = t.backend(EchoBackend())
+    notify = t.tmp / "notify.sock"
+    d = t.sluice(t.listener(echo), env={"NOTIFY_SOCKET": str(notify)})
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r'upgrade-refused reason="under systemd: ')
     check(d.alive(), "sluice stopped on a refused upgrade")
     tls_roundtrip(d.addr(), b"still served")
