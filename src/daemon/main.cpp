@@ -254,12 +254,16 @@ public:
         admin_->start(handedOver.take(adminKey()));
     }
 
-    void start() {
+    /** Starts the workers. `upgraded`: started by SIGUSR2, whose sender tells systemd (the
+     * main PID is still the sender's until then, and systemd takes word from it only). */
+    void start(bool upgraded) {
         for (auto &worker : workers_) {
             worker->start();
         }
         watchdog_.start();
-        sluice::ops::systemd::notifyReady("serving");
+        if (!upgraded) {
+            sluice::ops::systemd::notifyReady("serving");
+        }
     }
 
     /** Closes the main loop's handles after a failed start. */
@@ -338,9 +342,8 @@ private:
             return refuse("an upgrade is in progress (pid " + std::to_string(upgrade_->pid()) +
                           ")");
         }
-        if (!activated_.empty() || std::getenv("NOTIFY_SOCKET") != nullptr) {
-            return refuse("under systemd: systemctl restart with socket activation keeps the "
-                          "sockets; systemd would not follow a new main process");
+        if (!activated_.empty()) {
+            return refuse("socket activation: systemctl restart keeps the sockets");
         }
         if (program_.empty()) {
             return refuse("the path this program was started from is unknown");
@@ -379,6 +382,12 @@ private:
     void upgradeReady(int pid) {
         // The new process serves every socket now; this one lets go of its copies and drains.
         sluice::log::info("upgrade-ready pid=" + std::to_string(pid));
+        // Under systemd the new process becomes the service's main process; this one sends
+        // nothing more (no STOPPING=1, no watchdog pings), which systemd would refuse now.
+        sluice::ops::systemd::notify("MAINPID=" + std::to_string(pid) +
+                                     "\nREADY=1\nSTATUS=upgraded: pid " + std::to_string(pid) +
+                                     " serves\n");
+        watchdog_.close();
         stopping_ = true;
         fileWatch_.stop();
         closeAdmin(); // the new process answers on the same socket
@@ -698,7 +707,7 @@ int run(const Options &options, const std::string &program,
         return exitConfig;
     }
     // Workers run before anyone is told the daemon is ready.
-    daemon->start();
+    daemon->start(handedOver.fromParent());
     daemon->watchFiles(readAt);
     if (options.readyFd >= 0) {
         std::string ready;

@@ -54,6 +54,7 @@ HandedOver HandedOver::fromEnvironment() {
                   "parent\"");
         return out;
     }
+    out.fromParent_ = true;
     int fd = firstHandedFd;
     std::size_t start = 0;
     while (start < keys.size()) {
@@ -130,11 +131,14 @@ std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &prog
     for (const auto &socket : sockets) {
         keys += (keys.empty() ? "" : "\n") + socket.key;
     }
+    // WATCHDOG_PID names this process: without it the new one pings systemd's watchdog itself
+    // (once it is the main process; daemon/main.cpp tells systemd).
     std::vector<std::string> envStrings;
     for (char **entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         const std::string_view text(*entry);
         if (!text.starts_with(std::string(pidVariable) + "=") &&
-            !text.starts_with(std::string(socketsVariable) + "=")) {
+            !text.starts_with(std::string(socketsVariable) + "=") &&
+            !text.starts_with("WATCHDOG_PID=")) {
             envStrings.emplace_back(text);
         }
     }

@@ -37,6 +37,8 @@ public:
     static HandedOver fromEnvironment();
 
     bool empty() const { return byKey_.empty(); }
+    /** This process was started by an upgrade (the variables were there and meant for it). */
+    bool fromParent() const { return fromParent_; }
     /** The next socket handed over under `key` (in the old process's worker order), or -1. */
     int take(const std::string &key);
     /** Closes the sockets nobody took, logging each; call once the new sockets are open. */
@@ -47,6 +49,7 @@ public:
 private:
     std::map<std::string, std::vector<int>> byKey_;
     std::size_t taken_ = 0;
+    bool fromParent_ = false;
 };
 
 /** A socket the running process hands over: its key and descriptor (which it keeps). */

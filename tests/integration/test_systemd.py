@@ -7,6 +7,7 @@ import fcntl
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -184,24 +185,30 @@ def test_listen_pid_of_another_process_is_ignored(t):
 
 
 class NotifySocket:
-    """A fake systemd: an AF_UNIX datagram socket in the test's folder that collects messages."""
+    """A fake systemd: an AF_UNIX datagram socket in the test's folder that collects messages,
+    each a dict of its KEY=VALUE lines with the sender's pid (SO_PASSCRED) under "_pid"."""
 
     def __init__(self, t):
         self.path = str(t.tmp / "notify")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind(self.path)
         self.messages = []
         t.defer(self.sock.close)
 
     def poll(self):
         self.sock.setblocking(False)
+        credentials = struct.calcsize("3i")
         while True:
             try:
-                data = self.sock.recv(4096)
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(credentials))
             except BlockingIOError:
                 return
-            self.messages.append(dict(line.split("=", 1) for line in
-                                      data.decode().splitlines() if "=" in line))
+            message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+            for level, kind, payload in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                    message["_pid"] = struct.unpack("3i", payload[:credentials])[0]
+            self.messages.append(message)
 
     def wait(self, key, after=0, timeout=10):
         """The first message from index `after` on that has `key`; returns (index, message)."""

@@ -7,12 +7,13 @@ import os
 import signal
 import time
 
+import harness
 from backends import EchoBackend
-from harness import Skip, check, free_loopback_port, tls_roundtrip
+from harness import Skip, check, free_loopback_port, tls_roundtrip, wait_until
 from test_ops import http_get, start_ops
 from test_reload import root_only_copies
 from test_signals import RoundTrips, isolate_network
-from test_systemd import listening_inodes
+from test_systemd import NotifySocket, listening_inodes
 
 
 def adopt_orphans():
@@ -162,11 +163,38 @@ def test_sigusr2_after_dropping_root_passes_on_the_two_capabilities(t):
     check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
 
 
-def test_sigusr2_refused_under_systemd(t):
+def test_sigusr2_under_systemd_hands_the_service_to_the_new_process(t):
+    # A fake notify socket that records each sender's pid: the old process, still the main
+    # one, names the new process MAINPID once it is ready, and then sends nothing more (no
+    # STOPPING=1, no watchdog pings); the new process, started without WATCHDOG_PID, pings.
+    adopt_orphans()
+    # As systemd starts it: WATCHDOG_PID names the daemon's own pid (a shell that execs it).
+    wrapper = t.tmp / "sluice-started-as-systemd-does"
+    wrapper.write_text(f'#!/bin/sh\nWATCHDOG_PID=$$ exec {harness.sluice_bin()} "$@"\n')
+    wrapper.chmod(0o755)
+    harness.sluice_bin = lambda: str(wrapper)  # this test's process only
     echo = t.backend(EchoBackend())
-    notify = t.tmp / "notify.sock"
-    d = t.sluice(t.listener(echo), env={"NOTIFY_SOCKET": str(notify)})
+    notify = NotifySocket(t)
+    d = t.sluice(t.listener(echo), env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "200000"})
+    i, _ = notify.wait("READY")
+    wait_until(lambda: (notify.poll(), any(m.get("WATCHDOG") == "1" and m["_pid"] == d.pid
+                                           for m in notify.messages))[1],
+               5, "a watchdog ping from the old process")
     d.signal(signal.SIGUSR2)
-    d.wait_log(r'upgrade-refused reason="under systemd: ')
-    check(d.alive(), "sluice stopped on a refused upgrade")
-    tls_roundtrip(d.addr(), b"still served")
+    j, handover = notify.wait("MAINPID", after=i + 1, timeout=30)
+    new_pid = int(handover["MAINPID"])
+    t.defer(lambda: stop_new_process(new_pid))
+    check(handover["_pid"] == d.pid and handover.get("READY") == "1",
+          f"the handover came from pid {handover['_pid']} (the old process is {d.pid}): {handover}")
+    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
+    wait_until(lambda: (notify.poll(), sum(m.get("WATCHDOG") == "1" and m["_pid"] == new_pid
+                                           for m in notify.messages[j:]))[1] >= 3,
+               5, "three watchdog pings from the new process")
+    late = [m for m in notify.messages[j + 1:] if m["_pid"] == d.pid]
+    check(not late, f"the old process notified after the handover: {late}")
+    before = [m for m in notify.messages[:j] if m["_pid"] == new_pid]
+    check(not any("READY" in m for m in before),
+          f"the new process said READY itself before it was the main process: {before}")
+    tls_roundtrip(d.addr(), b"served by the new process")
+    os.kill(new_pid, signal.SIGTERM)
+    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
