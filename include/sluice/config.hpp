@@ -265,6 +265,9 @@ struct GlobalConfig {
      * for TLS, changed on disk, and reloads (as on SIGHUP) once a change has held for one check.
      * 0: only SIGHUP reloads. A Server ignores it: the program calls reload(). */
     Duration reloadOnChange{0};
+    /** How long the daemon's upgrade (SIGUSR2) waits for the new process to report ready before
+     * it sends it SIGTERM and goes on serving. A Server ignores it. */
+    Duration upgradeTimeout{std::chrono::seconds(60)};
     /** TLS contexts derive their keys with sluice's TLS13-KDF and TLS1-PRF (tls_kdf =
      * "sluice"), or with OpenSSL's (tls_kdf = "openssl"). OpenSSL's in FIPS mode regardless. */
     bool builtinKdf = true;

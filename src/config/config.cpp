@@ -733,7 +733,7 @@ private:
         checkKeys(table, "global",
                   {"max_connections", "drain_timeout", "drain_delay", "log_level", "buffers",
                    "workers", "user", "group", "max_handshakes_per_ip", "max_handshake_rate_per_ip",
-                   "release_memory_after", "tls_kdf", "reload_on_change"});
+                   "release_memory_after", "tls_kdf", "reload_on_change", "upgrade_timeout"});
         if (const toml::node *node = table.get("workers")) {
             if (node->is_string()) {
                 if (string(*node, "global.workers") != "auto") {
@@ -778,6 +778,13 @@ private:
             if (global.reloadOnChange != Duration::zero() &&
                 global.reloadOnChange < std::chrono::milliseconds(100)) {
                 fail(node->source(), key, "must be 0 (reload on SIGHUP only) or at least 100ms");
+            }
+        }
+        if (const toml::node *node = table.get("upgrade_timeout")) {
+            const std::string key = "global.upgrade_timeout";
+            global.upgradeTimeout = duration(*node, key);
+            if (global.upgradeTimeout < std::chrono::milliseconds(100)) {
+                fail(node->source(), key, "must be at least 100ms");
             }
         }
         if (const toml::node *node = table.get("tls_kdf")) {

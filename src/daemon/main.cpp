@@ -368,7 +368,8 @@ private:
         }
         std::string error;
         upgrade_ = sluice::daemon::Upgrade::start(
-            loop_, program_, programArgs_, sockets, upgradeTimeoutMs,
+            loop_, program_, programArgs_, sockets,
+            static_cast<std::uint64_t>(config_.global.upgradeTimeout.count()),
             [this](int pid) { upgradeReady(pid); },
             [this](const std::string &reason) { upgradeFailed(reason); }, error);
         if (passing) {
@@ -402,9 +403,7 @@ private:
         sluice::log::error("upgrade-failed reason=\"" + quoted +
                            "\" action=\"this process goes on serving\"");
         if (upgrade_) {
-            // Its handles close on the loop; a process still running (sent SIGTERM) is left to
-            // its own drain.
-            upgrade_->close(nullptr);
+            // A process still running (sent SIGTERM) is watched until it exits, and reaped.
             retired_.push_back(std::move(upgrade_));
         }
     }
@@ -563,6 +562,9 @@ private:
         if (self->upgrade_) {
             self->upgrade_->close(nullptr);
         }
+        for (auto &retired : self->retired_) {
+            retired->close(nullptr);
+        }
         self->watchdog_.close();
         self->closeSignals();
     }
@@ -593,8 +595,7 @@ private:
     std::string program_;
     std::vector<std::string> programArgs_;
     std::unique_ptr<sluice::daemon::Upgrade> upgrade_;
-    std::vector<std::unique_ptr<sluice::daemon::Upgrade>> retired_; // failed, closing
-    static constexpr std::uint64_t upgradeTimeoutMs = 60000;
+    std::vector<std::unique_ptr<sluice::daemon::Upgrade>> retired_; // failed ones
     uv_signal_t term_{};
     uv_signal_t interrupt_{};
     uv_signal_t hangup_{};

@@ -176,6 +176,7 @@ std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &prog
         return nullptr;
     }
     upgrade->open_ = 1;
+    upgrade->pid_ = upgrade->process_->pid;
     upgrade->pipe_ = new uv_pipe_t{};
     uv_pipe_init(loop, upgrade->pipe_, 0);
     upgrade->pipe_->data = upgrade.get();
@@ -205,15 +206,15 @@ void Upgrade::onRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf) {
         if (self->received_.starts_with("ready\n") ||
             self->received_.find("\nready\n") != std::string::npos) {
             self->decided_ = true;
-            uv_timer_stop(self->timer_);
-            uv_read_stop(stream);
-            self->ready_(self->process_->pid);
+            self->closeHandle(self->pipe_);
+            self->closeHandle(self->timer_);
+            self->ready_(self->pid_);
         }
         return;
     }
     if (nread < 0) {
         // Closed without "ready": the exit (or the deadline) says why.
-        uv_read_stop(stream);
+        self->closeHandle(self->pipe_);
     }
 }
 
@@ -221,10 +222,11 @@ void Upgrade::onExit(uv_process_t *process, std::int64_t status, int signal) {
     auto *self = static_cast<Upgrade *>(process->data);
     const std::string how = signal != 0 ? std::string("was killed by signal ") + strsignal(signal)
                                         : "exited with code " + std::to_string(status);
+    self->closeHandle(self->process_); // reaped: nothing more to watch
     if (!self->decided_) {
         self->fail("the new process " + how + " before it was ready");
     } else {
-        log::warn("upgrade-process-exited pid=" + std::to_string(process->pid) + " reason=\"it " +
+        log::warn("upgrade-process-exited pid=" + std::to_string(self->pid_) + " reason=\"it " +
                   how + "\"");
     }
 }
@@ -234,15 +236,30 @@ void Upgrade::onTimeout(uv_timer_t *timer) {
     if (self->decided_) {
         return;
     }
+    // The process handle stays open until it exits, so that it is reaped, not left a zombie.
     uv_process_kill(self->process_, SIGTERM);
     self->fail("the new process was not ready in time; sent it SIGTERM");
 }
 
 void Upgrade::fail(const std::string &reason) {
     decided_ = true;
-    uv_timer_stop(timer_);
-    uv_read_stop(reinterpret_cast<uv_stream_t *>(pipe_));
+    closeHandle(pipe_);
+    closeHandle(timer_);
     failed_(reason);
+}
+
+template <typename Handle>
+void Upgrade::closeHandle(Handle *&handle) {
+    if (handle == nullptr) {
+        return;
+    }
+    auto *closing = reinterpret_cast<uv_handle_t *>(handle);
+    handle = nullptr;
+    uv_close(closing, [](uv_handle_t *closed) {
+        auto *self = static_cast<Upgrade *>(closed->data);
+        delete reinterpret_cast<Handle *>(closed);
+        self->closed();
+    });
 }
 
 void Upgrade::close(std::function<void()> done) {
@@ -251,28 +268,16 @@ void Upgrade::close(std::function<void()> done) {
     }
     closeRequested_ = true;
     done_ = std::move(done);
-    auto closeOne = [this](uv_handle_t *handle) {
-        if (handle != nullptr && uv_is_closing(handle) == 0) {
-            uv_close(handle, [](uv_handle_t *h) {
-                auto *self = static_cast<Upgrade *>(h->data);
-                if (h->type == UV_PROCESS) {
-                    delete reinterpret_cast<uv_process_t *>(h);
-                } else if (h->type == UV_NAMED_PIPE) {
-                    delete reinterpret_cast<uv_pipe_t *>(h);
-                } else {
-                    delete reinterpret_cast<uv_timer_t *>(h);
-                }
-                self->closed();
-            });
-        }
-    };
-    closeOne(reinterpret_cast<uv_handle_t *>(process_));
-    closeOne(reinterpret_cast<uv_handle_t *>(pipe_));
-    closeOne(reinterpret_cast<uv_handle_t *>(timer_));
+    closeHandle(process_);
+    closeHandle(pipe_);
+    closeHandle(timer_);
+    if (open_ == 0 && done_) {
+        done_();
+    }
 }
 
 void Upgrade::closed() {
-    if (--open_ == 0 && done_) {
+    if (--open_ == 0 && closeRequested_ && done_) {
         done_();
     }
 }

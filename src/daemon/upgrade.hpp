@@ -82,9 +82,9 @@ public:
     Upgrade(const Upgrade &) = delete;
     Upgrade &operator=(const Upgrade &) = delete;
 
-    int pid() const { return process_->pid; }
-    /** Closes the handles (the new process goes on); the object may go once `done` ran.
-     * Later calls do nothing. */
+    int pid() const { return pid_; }
+    /** Closes the handles still open (the new process goes on); the object may go once `done`
+     * ran (at once when none was open). Later calls do nothing. */
     void close(std::function<void()> done);
 
 private:
@@ -94,6 +94,9 @@ private:
     static void onRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
     static void onTimeout(uv_timer_t *timer);
     void fail(const std::string &reason);
+    /** Closes one handle once (its pointer becomes null); closed() counts it. */
+    template <typename Handle>
+    void closeHandle(Handle *&handle);
     void closed();
 
     uv_loop_t *loop_;
@@ -106,6 +109,7 @@ private:
     std::string received_; // what the pipe brought so far
     char buffer_[512]{};
     int open_ = 0; // handles not yet closed
+    int pid_ = 0;
     bool decided_ = false;
     bool closeRequested_ = false;
     std::function<void()> done_;

@@ -44,6 +44,18 @@ def stop_new_process(pid):
         pass
 
 
+def upgrade_goes_through(t, d, addr):
+    """SIGUSR2 to daemon `d`: the new process gets ready, the old one drains to exit 0, the new
+    one serves `addr` and, sent SIGTERM, drains to exit 0 too."""
+    d.signal(signal.SIGUSR2)
+    new_pid = int(d.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
+    t.defer(lambda: stop_new_process(new_pid))
+    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
+    tls_roundtrip(addr, b"served by the new process")
+    os.kill(new_pid, signal.SIGTERM)
+    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+
+
 def test_sigusr2_hands_every_socket_over_and_loses_no_connection(t):
     # In a network namespace with net.ipv4.tcp_migrate_req = 0: the kernel moves nothing here,
     # so a connection lost at the switch would show as a failed round trip.
@@ -108,13 +120,42 @@ def test_sigusr2_new_process_that_fails_leaves_the_old_one_serving(t):
     tls_roundtrip(addr, b"still served")
     # Repaired, the next SIGUSR2 goes through.
     d.config_path.write_text(good)
+    upgrade_goes_through(t, d, addr)
+
+
+def test_sigusr2_runs_what_the_path_points_to_and_a_new_process_that_hangs_is_stopped(t):
+    # sluice started through a symbolic link, as an installed version often is; the link is
+    # then pointed at a program that never reports ready. The upgrade runs that program (the
+    # path, not the old binary), gives up after global.upgrade_timeout, sends it SIGTERM and
+    # reaps it; the old process serves throughout, and once the link points at sluice again
+    # the next SIGUSR2 goes through.
+    adopt_orphans()
+    real = harness.sluice_bin()
+    link = t.tmp / "sluice-current"
+    link.symlink_to(real)
+    harness.sluice_bin = lambda: str(link)  # this test's process only
+    hang = t.tmp / "sluice-that-hangs"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    echo = t.backend(EchoBackend())
+    d = t.sluice(t.listener(echo), global_={"upgrade_timeout": "1s"})
+    addr = d.addr()
+    link.unlink()
+    link.symlink_to(hang)
     d.signal(signal.SIGUSR2)
-    new_pid = int(d.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
-    t.defer(lambda: stop_new_process(new_pid))
-    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
-    tls_roundtrip(addr, b"served by the new process")
-    os.kill(new_pid, signal.SIGTERM)
-    check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+    started = d.wait_log(r"upgrade-start program=(\S+) sockets=1").group(1)
+    check(started == str(link), f"the upgrade started {started}, not the path {link}")
+    d.wait_log(r'upgrade-failed reason="the new process was not ready in time; sent it SIGTERM"',
+               timeout=10)
+    pid = int(d.wait_log(r'upgrade-process-exited pid=(\d+) reason="it was killed by signal',
+                         timeout=10).group(1))
+    wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 5,
+               f"the stopped process {pid} to be reaped (not left a zombie)")
+    check(d.alive(), "the old process stopped after a failed upgrade")
+    tls_roundtrip(addr, b"still served")
+    link.unlink()
+    link.symlink_to(real)
+    upgrade_goes_through(t, d, addr)
 
 
 def thread_capabilities(pid):

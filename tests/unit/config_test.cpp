@@ -64,6 +64,7 @@ TEST_CASE("the smallest file gives the documented defaults") {
     CHECK(config.global.drainDelay == 0s);
     CHECK(config.global.releaseMemoryAfter == 1s);
     CHECK(config.global.reloadOnChange == 0s);
+    CHECK(config.global.upgradeTimeout == 60s);
     CHECK(config.global.logLevel == sluice::LogLevel::info);
     CHECK(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 32 * 1024);
@@ -121,6 +122,7 @@ drain_timeout = "1500ms"
 drain_delay = "2s"
 release_memory_after = "0s"
 reload_on_change = "10s"
+upgrade_timeout = "2m"
 log_level = "debug"
 tls_kdf = "openssl"
 buffers = { tls = "4KiB", tls_bulk = "1MiB", plaintext = 1000, backend = "2MB" }
@@ -160,6 +162,7 @@ backlog = 64
     CHECK(config.global.drainDelay == 2s);
     CHECK(config.global.releaseMemoryAfter == 0s);
     CHECK(config.global.reloadOnChange == 10s);
+    CHECK(config.global.upgradeTimeout == 120s);
     CHECK(config.global.logLevel == sluice::LogLevel::debug);
     CHECK_FALSE(config.global.builtinKdf);
     CHECK(config.global.buffers.tls == 4096);
@@ -433,6 +436,8 @@ TEST_CASE("bad values are rejected at their position") {
           "100ms");
     CHECK(parseConfig(global + "reload_on_change = \"100ms\"\n", "t.toml").global.reloadOnChange ==
           100ms);
+    CHECK(errorOf(global + "upgrade_timeout = \"50ms\"\n") ==
+          "t.toml:6:19: global.upgrade_timeout: must be at least 100ms");
     CHECK(errorOf(global + "tls_kdf = \"fast\"\n") ==
           "t.toml:6:11: global.tls_kdf: expected \"sluice\" or \"openssl\", got \"fast\"");
     CHECK(errorOf(global + "log_level = \"verbose\"\n") ==
