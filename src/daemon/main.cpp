@@ -149,6 +149,12 @@ void raiseDescriptorLimit() {
     }
 }
 
+/** `text` as a log field's value: its double quotes become single ones. */
+std::string logValue(std::string text) {
+    std::replace(text.begin(), text.end(), '"', '\'');
+    return text;
+}
+
 void writeAll(int fd, const std::string &text) {
     std::size_t done = 0;
     while (done < text.size()) {
@@ -396,11 +402,7 @@ private:
     }
 
     void upgradeFailed(const std::string &reason) {
-        std::string quoted;
-        for (char c : reason) {
-            quoted += c == '"' ? '\'' : c;
-        }
-        sluice::log::error("upgrade-failed reason=\"" + quoted +
+        sluice::log::error("upgrade-failed reason=\"" + logValue(reason) +
                            "\" action=\"this process goes on serving\"");
         if (upgrade_) {
             // A process still running (sent SIGTERM) is watched until it exits, and reaped.
@@ -533,11 +535,7 @@ private:
     void reloadFailed(const std::string &reason) {
         sluice::proxy::stats().recordReload(false, reason);
         sluice::ops::systemd::notifyReady("reload failed; serving the previous configuration");
-        std::string quoted;
-        for (char c : reason) {
-            quoted += c == '"' ? '\'' : c;
-        }
-        sluice::log::error("reload-failed reason=\"" + quoted +
+        sluice::log::error("reload-failed reason=\"" + logValue(reason) +
                            "\" action=\"kept the running configuration\"");
     }
 

@@ -82,7 +82,6 @@ int HandedOver::take(const std::string &key) {
     }
     const int fd = found->second.front();
     found->second.erase(found->second.begin());
-    ++taken_;
     return fd;
 }
 
@@ -97,9 +96,8 @@ void HandedOver::closeUnused() {
     }
 }
 
-Upgrade::Upgrade(uv_loop_t *loop, Ready ready, Failed failed)
-    : loop_(loop)
-    , ready_(std::move(ready))
+Upgrade::Upgrade(Ready ready, Failed failed)
+    : ready_(std::move(ready))
     , failed_(std::move(failed)) {}
 
 Upgrade::~Upgrade() = default;
@@ -109,7 +107,7 @@ std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &prog
                                         const std::vector<HandOver> &sockets,
                                         std::uint64_t timeoutMs, Ready ready, Failed failed,
                                         std::string &error) {
-    std::unique_ptr<Upgrade> upgrade(new Upgrade(loop, std::move(ready), std::move(failed)));
+    std::unique_ptr<Upgrade> upgrade(new Upgrade(std::move(ready), std::move(failed)));
     uv_file pipeFds[2] = {-1, -1};
     if (const int err = uv_pipe(pipeFds, 0, 0); err != 0) {
         error = std::string("pipe: ") + uv_strerror(err);

@@ -36,19 +36,15 @@ public:
      */
     static HandedOver fromEnvironment();
 
-    bool empty() const { return byKey_.empty(); }
     /** This process was started by an upgrade (the variables were there and meant for it). */
     bool fromParent() const { return fromParent_; }
     /** The next socket handed over under `key` (in the old process's worker order), or -1. */
     int take(const std::string &key);
     /** Closes the sockets nobody took, logging each; call once the new sockets are open. */
     void closeUnused();
-    /** Sockets taken so far. */
-    std::size_t taken() const { return taken_; }
 
 private:
     std::map<std::string, std::vector<int>> byKey_;
-    std::size_t taken_ = 0;
     bool fromParent_ = false;
 };
 
@@ -88,7 +84,7 @@ public:
     void close(std::function<void()> done);
 
 private:
-    Upgrade(uv_loop_t *loop, Ready ready, Failed failed);
+    Upgrade(Ready ready, Failed failed);
     static void onExit(uv_process_t *process, std::int64_t status, int signal);
     static void onAlloc(uv_handle_t *handle, std::size_t suggested, uv_buf_t *buf);
     static void onRead(uv_stream_t *stream, ssize_t nread, const uv_buf_t *buf);
@@ -99,7 +95,6 @@ private:
     void closeHandle(Handle *&handle);
     void closed();
 
-    uv_loop_t *loop_;
     Ready ready_;
     Failed failed_;
     // Handles live on the heap and go in their close callbacks.
