@@ -239,12 +239,13 @@ struct ListenerConfig {
 /** The [global] table. */
 struct GlobalConfig {
     std::uint64_t maxConnections = 100000;
-    /** TLS handshakes one client IP address may have in progress at once, per worker; a
-     * connection beyond it is closed at accept. 0: no limit. */
+    /** TLS handshakes one client IP address may have in progress at once, counted across the
+     * daemon's workers (each libsluice Server counts its own); a connection beyond it is closed
+     * at accept. 0: no limit. */
     std::uint64_t maxHandshakesPerIp = 64;
-    /** New TLS handshakes one client address may start per second, per worker (a bucket that
-     * holds one second's worth, so a burst of that many passes at once); a connection beyond it
-     * is closed at accept. IPv6 addresses count by their /64. 0: no limit. */
+    /** New TLS handshakes one client address may start per second, counted as the one above (a
+     * bucket that holds one second's worth, so a burst of that many passes at once); a
+     * connection beyond it is closed at accept. IPv6 addresses count by their /64. 0: no limit. */
     std::uint64_t maxHandshakeRatePerIp = 0;
     Duration drainTimeout = std::chrono::seconds(30);
     /** Once a worker has accepted and closed no connection for this long after some did (or a

@@ -680,9 +680,11 @@ int run(const Options &options, const std::string &program,
         sluice::proxy::ListenState listening = sluice::proxy::listenStateOf(sockets.front());
         std::vector<std::vector<sluice::proxy::ListenSocket>> opened = sockets; // keys and fds
         std::vector<std::unique_ptr<sluice::daemon::Worker>> pool;
+        // The per-address handshake limits count every worker's handshakes together.
+        auto limits = std::make_shared<sluice::proxy::ClientLimits>();
         for (unsigned w = 0; w < workers; ++w) {
             pool.push_back(std::make_unique<sluice::daemon::Worker>(
-                w, runtime, std::move(sockets[w]), [&owner] { owner->workerExited(); }));
+                w, runtime, limits, std::move(sockets[w]), [&owner] { owner->workerExited(); }));
         }
         // Keys and certificates are loaded and every socket is bound: root is no longer needed.
         sluice::daemon::dropPrivileges(config.global.user, config.global.group);

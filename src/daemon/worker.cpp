@@ -9,13 +9,14 @@
 namespace sluice::daemon {
 
 Worker::Worker(unsigned index, std::shared_ptr<const proxy::Runtime> runtime,
+               std::shared_ptr<proxy::ClientLimits> limits,
                std::vector<proxy::ListenSocket> sockets, std::function<void()> exited)
     : index_(index)
     , exited_(std::move(exited)) {
     uv_loop_init(&loop_);
     uv_async_init(&loop_, &wake_, onWake);
     wake_.data = this;
-    server_ = std::make_unique<proxy::Server>(&loop_, std::move(runtime));
+    server_ = std::make_unique<proxy::Server>(&loop_, std::move(runtime), std::move(limits));
     server_->listen(std::move(sockets));
 }
 

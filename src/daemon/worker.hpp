@@ -1,5 +1,6 @@
 // daemon/worker: one thread with its own libuv loop and its own proxy::Server. Workers share
-// nothing but the immutable Runtime (TLS contexts) and the kernel's SO_REUSEPORT spreading.
+// nothing but the immutable Runtime (TLS contexts), the per-address handshake record
+// (proxy::ClientLimits, sharded behind mutexes) and the kernel's SO_REUSEPORT spreading.
 #pragma once
 
 #include <atomic>
@@ -25,7 +26,8 @@ namespace sluice::daemon {
 class Worker {
 public:
     Worker(unsigned index, std::shared_ptr<const proxy::Runtime> runtime,
-           std::vector<proxy::ListenSocket> sockets, std::function<void()> exited);
+           std::shared_ptr<proxy::ClientLimits> limits, std::vector<proxy::ListenSocket> sockets,
+           std::function<void()> exited);
     ~Worker();
     Worker(const Worker &) = delete;
     Worker &operator=(const Worker &) = delete;

@@ -112,9 +112,11 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
     return runtime;
 }
 
-Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime)
+Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime,
+               std::shared_ptr<ClientLimits> limits)
     : loop_(loop)
     , runtime_(std::move(runtime))
+    , limits_(limits ? std::move(limits) : std::make_shared<ClientLimits>())
     , deadlines_(loop, &Connection::fireDeadline)
     , warm_(warmBudget, &Connection::releaseBuffers) {
     reserve_.take();
@@ -188,9 +190,6 @@ void Server::listen(std::vector<ListenSocket> sockets) {
 void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSocket> added,
                     const std::vector<std::string> &removed) {
     runtime_ = std::move(runtime);
-    if (runtime_->maxHandshakeRatePerIp == 0) {
-        handshakeRates_.clear(); // the rate is off: nothing will look at them again
-    }
     for (auto it = listeners_.begin(); it != listeners_.end();) {
         if (std::find(removed.begin(), removed.end(), (*it)->key()) != removed.end()) {
             auto listener = std::move(*it);
@@ -266,59 +265,22 @@ Server::HandshakeAdmission Server::handshakeStarting(const std::string &ipKey) {
     if (ipKey.empty()) {
         return HandshakeAdmission::admitted;
     }
-    std::uint64_t &count = handshakesByIp_[ipKey];
-    auto refuse = [&](HandshakeAdmission why) {
-        if (count == 0) {
-            handshakesByIp_.erase(ipKey);
-        }
-        if (why == HandshakeAdmission::tooMany) {
-            stats_.handshakeLimited++;
-            proxy::stats().handshakeLimited();
-        } else {
-            stats_.handshakeRateLimited++;
-            proxy::stats().handshakeRateLimited();
-        }
-        return why;
-    };
-    if (runtime_->maxHandshakesPerIp != 0 && count >= runtime_->maxHandshakesPerIp) {
-        return refuse(HandshakeAdmission::tooMany);
+    // Counted with the limits off too, so that a reload turning them on finds the handshakes
+    // already in progress.
+    const auto admission =
+        limits_->starting(ipKey, runtime_->maxHandshakesPerIp, runtime_->maxHandshakeRatePerIp);
+    if (admission == HandshakeAdmission::tooMany) {
+        stats_.handshakeLimited++;
+        proxy::stats().handshakeLimited();
+    } else if (admission == HandshakeAdmission::tooFast) {
+        stats_.handshakeRateLimited++;
+        proxy::stats().handshakeRateLimited();
     }
-    if (runtime_->maxHandshakeRatePerIp != 0 && !takeRateToken(ipKey)) {
-        return refuse(HandshakeAdmission::tooFast);
-    }
-    ++count;
-    return HandshakeAdmission::admitted;
-}
-
-bool Server::takeRateToken(const std::string &ipKey) {
-    const auto rate = static_cast<double>(runtime_->maxHandshakeRatePerIp);
-    const std::uint64_t now = uv_now(loop_);
-    if (handshakeRates_.size() >= ratesPruneAt_) {
-        // A bucket untouched for a second is full again, as good as none: dropping those keeps
-        // the map to the addresses seen in the last second, at O(1) a call over time.
-        std::erase_if(handshakeRates_,
-                      [now](const auto &entry) { return now - entry.second.refilledMs >= 1000; });
-        ratesPruneAt_ = std::max<std::size_t>(1024, 2 * handshakeRates_.size());
-    }
-    auto [found, added] = handshakeRates_.try_emplace(ipKey, RateBucket{rate, now});
-    RateBucket &bucket = found->second;
-    if (!added) {
-        const auto elapsed = static_cast<double>(now - bucket.refilledMs);
-        bucket.tokens = std::min(rate, bucket.tokens + elapsed * rate / 1000.0);
-        bucket.refilledMs = now;
-    }
-    if (bucket.tokens < 1.0) {
-        return false;
-    }
-    bucket.tokens -= 1.0;
-    return true;
+    return admission;
 }
 
 void Server::handshakeEnded(const std::string &ipKey) {
-    auto found = handshakesByIp_.find(ipKey);
-    if (found != handshakesByIp_.end() && --found->second == 0) {
-        handshakesByIp_.erase(found);
-    }
+    limits_->ended(ipKey);
 }
 
 void Server::connectionOpened(Connection *connection, const ListenerSettings &settings) {

@@ -16,6 +16,7 @@
 
 #include "net/address.hpp"
 #include "net/spare_descriptor.hpp"
+#include "proxy/client_limits.hpp"
 #include "proxy/pool.hpp"
 #include "proxy/timer_heap.hpp"
 #include "proxy/warm_list.hpp"
@@ -61,8 +62,8 @@ struct Runtime {
     std::vector<std::shared_ptr<const ListenerSettings>> listeners;
     std::vector<PoolPtr> pools;              ///< every backend of the configuration, in its order
     std::uint64_t maxConnections = 0;        ///< this worker's share of global.max_connections
-    std::uint64_t maxHandshakesPerIp = 0;    ///< per worker (not divided); 0: no limit
-    std::uint64_t maxHandshakeRatePerIp = 0; ///< per second, per worker; 0: no limit
+    std::uint64_t maxHandshakesPerIp = 0;    ///< across Servers sharing ClientLimits; 0: none
+    std::uint64_t maxHandshakeRatePerIp = 0; ///< per second, the same way; 0: no limit
     Duration drainTimeout{};
     Duration releaseMemoryAfter{}; ///< 0: never
 
@@ -124,7 +125,10 @@ std::string clientIpKey(const sockaddr *address);
  */
 class Server {
 public:
-    Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime);
+    /** `limits`: the per-address handshake record this Server shares with the process's other
+     * Servers (the daemon's workers); null: one of its own. */
+    Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime,
+           std::shared_ptr<ClientLimits> limits = nullptr);
     ~Server();
     Server(const Server &) = delete;
     Server &operator=(const Server &) = delete;
@@ -165,12 +169,13 @@ public:
     void connectionOpened(Connection *connection, const ListenerSettings &settings);
     void connectionClosed(Connection *connection, const ListenerSettings &settings);
     /** What handshakeStarting() decided for a client address. */
-    enum class HandshakeAdmission { admitted, tooMany, tooFast };
+    using HandshakeAdmission = ClientLimits::Admission;
     /**
      * Counts a handshake starting from `ipKey`, or refuses it (nothing counted) when that
      * address already has max_handshakes_per_ip in progress (`tooMany`) or has started
-     * max_handshake_rate_per_ip in the last second (`tooFast`); refusals are counted in the
-     * stats. Every `admitted` is matched by one handshakeEnded().
+     * max_handshake_rate_per_ip in the last second (`tooFast`), counting the handshakes of
+     * every Server sharing its ClientLimits; refusals are counted in this Server's stats.
+     * Every `admitted` is matched by one handshakeEnded().
      */
     HandshakeAdmission handshakeStarting(const std::string &ipKey);
     void handshakeEnded(const std::string &ipKey);
@@ -226,19 +231,7 @@ private:
     // prevInServer_/nextInServer_: no allocation or hashing per connection.
     Connection *connections_ = nullptr;
     std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
-    // Handshakes in progress by client IP; an entry exists only while its count is above zero,
-    // so the map's size is bounded by the connections open, whatever addresses connect.
-    std::unordered_map<std::string, std::uint64_t> handshakesByIp_;
-    /** max_handshake_rate_per_ip: tokens (handshakes that may still start) by address, refilled
-     * at the rate and capped at one second's worth, with when each was last refilled. */
-    struct RateBucket {
-        double tokens = 0;
-        std::uint64_t refilledMs = 0;
-    };
-    std::unordered_map<std::string, RateBucket> handshakeRates_;
-    std::size_t ratesPruneAt_ = 1024; // the map's size that makes the next call prune it
-    /** Takes one of `ipKey`'s tokens; false when it has none. */
-    bool takeRateToken(const std::string &ipKey);
+    std::shared_ptr<ClientLimits> limits_;
     ServerStats stats_;
     TimerHeap deadlines_;
     // Busy connections keeping their TLS pairs between pumps: at most warmBudget bytes of pairs

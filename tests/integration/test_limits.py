@@ -4,6 +4,7 @@ counted, while other addresses are served, and the slots free up when the silent
 leave. The handshake rate per source IP (global.max_handshake_rate_per_ip) the same way, for a
 burst. max_connections: new connections wait in the backlog until a slot frees up."""
 
+import signal
 import socket
 import time
 
@@ -119,6 +120,51 @@ def test_handshake_rate_per_ip_is_limited_and_other_addresses_are_not(t):
     time.sleep(1.0 / rate)  # a token back
     wait_until(lambda: served_from("127.0.0.1", d.addr()), 5,
                "a handshake from 127.0.0.1 once its bucket refilled")
+
+
+def test_the_handshake_limits_count_every_workers_handshakes_together(t):
+    # With 2 workers the kernel spreads one address's connections over both; the limits count
+    # them together, so an address gets the configured number, not that many per worker (a
+    # count per worker would hold min(k, 4) + min(12 - k, 4) of 12, which is 4 only when one
+    # worker took all 12).
+    limit = 4
+    echo = t.backend(EchoBackend())
+    d, admin = start_ops(t, t.listener(echo, timeouts={"handshake": "30s"}),
+                         global_={"max_handshakes_per_ip": limit, "workers": 2})
+    silent = [raw_connect(d.addr()) for _ in range(12)]
+    for s in silent:
+        t.defer(s.close)
+    wait_until(lambda: metrics(admin).get("sluice_handshake_limited_total") == 12 - limit, 10,
+               f"{12 - limit} of 12 silent connections refused")
+    held = [s for s in silent if not closed_soon(s, 0.3)]
+    check(len(held) == limit, f"{len(held)} silent connections held, expected {limit}")
+    check(not served_from("127.0.0.1", d.addr()), "a handshake beyond the limit was served")
+    roundtrip_from("127.0.0.2", d.addr())
+    for s in held:
+        s.close()
+    wait_until(lambda: served_from("127.0.0.1", d.addr()), 10,
+               "a handshake from 127.0.0.1 once the silent connections left")
+
+    # The rate the same way, after a reload that turns it on: one bucket for both workers.
+    rate = 3
+    text = d.config_path.read_text()
+    check(f"max_handshakes_per_ip = {limit}\n" in text, "the limit is not in the configuration")
+    d.config_path.write_text(text.replace(f"max_handshakes_per_ip = {limit}\n",
+                                          f"max_handshake_rate_per_ip = {rate}\n"))
+    d.signal(signal.SIGHUP)
+    d.wait_log("reload-done", 10)
+    time.sleep(1.0)  # the bucket full again after the round trips above
+    before = metrics(admin).get("sluice_handshake_rate_limited_total")
+    start = time.monotonic()
+    burst = [raw_connect(d.addr()) for _ in range(12)]
+    elapsed = time.monotonic() - start
+    for s in burst:
+        t.defer(s.close)
+    held = [s for s in burst if not closed_soon(s, 0.5)]
+    check(rate <= len(held) <= rate + int(elapsed * rate),
+          f"{len(held)} of a burst of 12 held at {rate} a second (connecting took {elapsed:.3f} s)")
+    check(metrics(admin).get("sluice_handshake_rate_limited_total") - before == 12 - len(held),
+          "the rate's refusals were not counted")
 
 
 def test_behind_a_balancer_the_limits_count_the_address_the_header_names(t):
