@@ -23,11 +23,6 @@ namespace sluice {
 namespace {
 
 /** `what` and the reason, as one line. */
-std::string quoted(std::string text) {
-    std::replace(text.begin(), text.end(), '"', '\'');
-    return text;
-}
-
 /**
  * Completes and checks a configuration that may have been built in code, where loadConfig()'s
  * checks never ran: a listener without a name takes its first address's text, as in a file, and
@@ -183,8 +178,8 @@ bool Server::Impl::reload(Config next, std::string *error) {
         generation = proxy::buildGeneration(next, 1, listening, {}, handlers());
     } catch (const std::exception &e) {
         proxy::stats().recordReload(false, e.what());
-        log::error("reload-failed reason=\"" + quoted(e.what()) +
-                   "\" action=\"kept the running configuration\"");
+        log::error("reload-failed reason=" + log::quoted(e.what()) +
+                   " action=\"kept the running configuration\"");
         return fail(e.what());
     }
     for (const auto &socket : generation.added.front()) {

@@ -85,8 +85,9 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
         }
         socket.usable = net::isListeningTcp(socket.fd);
         socket.localText = net::localText(socket.fd);
-        log::info("socket-activated fd=" + std::to_string(socket.fd) + " name=\"" + socket.name +
-                  "\" address=" + socket.localText + (socket.usable ? "" : " usable=no"));
+        log::info("socket-activated fd=" + std::to_string(socket.fd) +
+                  " name=" + log::quoted(socket.name) + " address=" + socket.localText +
+                  (socket.usable ? "" : " usable=no"));
         out.push_back(std::move(socket));
     }
     return out;
@@ -95,8 +96,8 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
 void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used) {
     for (const auto &socket : activated) {
         if (std::find(used.begin(), used.end(), socket.fd) == used.end()) {
-            log::warn("socket-activated-unused fd=" + std::to_string(socket.fd) + " name=\"" +
-                      socket.name + "\" address=" + socket.localText +
+            log::warn("socket-activated-unused fd=" + std::to_string(socket.fd) +
+                      " name=" + log::quoted(socket.name) + " address=" + socket.localText +
                       " reason=\"no listener has this name or address; it stays open, unused\"");
         }
     }

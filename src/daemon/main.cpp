@@ -149,12 +149,6 @@ void raiseDescriptorLimit() {
     }
 }
 
-/** `text` as a log field's value: its double quotes become single ones. */
-std::string logValue(std::string text) {
-    std::replace(text.begin(), text.end(), '"', '\'');
-    return text;
-}
-
 void writeAll(int fd, const std::string &text) {
     std::size_t done = 0;
     while (done < text.size()) {
@@ -339,7 +333,7 @@ private:
     /** SIGUSR2: starts the new process with every listening socket; see daemon/upgrade. */
     void upgrade() {
         auto refuse = [](const std::string &reason) {
-            sluice::log::warn("upgrade-refused reason=\"" + reason + "\"");
+            sluice::log::warn("upgrade-refused reason=" + sluice::log::quoted(reason));
         };
         if (stopping_) {
             return refuse("draining");
@@ -402,8 +396,8 @@ private:
     }
 
     void upgradeFailed(const std::string &reason) {
-        sluice::log::error("upgrade-failed reason=\"" + logValue(reason) +
-                           "\" action=\"this process goes on serving\"");
+        sluice::log::error("upgrade-failed reason=" + sluice::log::quoted(reason) +
+                           " action=\"this process goes on serving\"");
         if (upgrade_) {
             // A process still running (sent SIGTERM) is watched until it exits, and reaped.
             retired_.push_back(std::move(upgrade_));
@@ -423,7 +417,7 @@ private:
         sluice::log::info("reopen-logs");
         std::string error;
         if (self->accessLog_ && !self->accessLog_->reopen(&error)) {
-            sluice::log::error("reopen-failed reason=\"" + error + "\"");
+            sluice::log::error("reopen-failed reason=" + sluice::log::quoted(error));
         }
     }
 
@@ -435,7 +429,7 @@ private:
         for (const auto &path : changed) {
             list += (list.empty() ? "" : ",") + path;
         }
-        sluice::log::info("files-changed files=\"" + list + "\"");
+        sluice::log::info("files-changed files=" + sluice::log::quoted(list));
         reload();
     }
 
@@ -535,8 +529,8 @@ private:
     void reloadFailed(const std::string &reason) {
         sluice::proxy::stats().recordReload(false, reason);
         sluice::ops::systemd::notifyReady("reload failed; serving the previous configuration");
-        sluice::log::error("reload-failed reason=\"" + logValue(reason) +
-                           "\" action=\"kept the running configuration\"");
+        sluice::log::error("reload-failed reason=" + sluice::log::quoted(reason) +
+                           " action=\"kept the running configuration\"");
     }
 
     static void onWorkerExited(uv_async_t *handle) {

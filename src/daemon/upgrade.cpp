@@ -88,8 +88,8 @@ int HandedOver::take(const std::string &key) {
 void HandedOver::closeUnused() {
     for (auto &[key, fds] : byKey_) {
         for (const int fd : fds) {
-            log::info("upgrade-socket-closed key=\"" + key + "\" address=" + net::localText(fd) +
-                      " reason=\"this configuration does not use it\"");
+            log::info("upgrade-socket-closed key=" + log::quoted(key) + " address=" +
+                      net::localText(fd) + " reason=\"this configuration does not use it\"");
             ::close(fd);
         }
         fds.clear();

@@ -21,15 +21,6 @@ namespace {
 // The longest PROXY header a listener accepts (v1 is at most 107 bytes; v2 carries TLVs).
 constexpr std::size_t maxProxyHeader = 4096;
 
-std::string quoted(std::string_view text) {
-    std::string out = "\"";
-    for (char c : text) {
-        out += (c == '"' || c == '\\') ? '\'' : c;
-    }
-    out += '"';
-    return out;
-}
-
 std::uint64_t monotonicMs() {
     return uv_hrtime() / 1000000;
 }
@@ -142,7 +133,7 @@ bool Connection::begin(const sockaddr_storage &peer) {
         engine_ = Engine::create(settings_->context.get(), Role::server, options, &error);
         if (!engine_) {
             log::error("engine-failed listener=" + settings_->name + " peer=" + peerText() +
-                       " reason=" + quoted(error));
+                       " reason=" + log::quoted(error));
             noteClose(CloseReason::internal, error);
             closeAll();
             return false;
@@ -440,13 +431,13 @@ bool Connection::checkEngines() {
                         log::warn("handshake-failed-suppressed count=" +
                                   std::to_string(suppressed));
                     }
-                    log::warn("handshake-failed listener=" + settings_->name +
-                              " peer=" + peerText() + " reason=" + quoted(engine_->errorReason()));
+                    log::warn("handshake-failed listener=" + settings_->name + " peer=" +
+                              peerText() + " reason=" + log::quoted(engine_->errorReason()));
                 }
             } else {
                 noteClose(CloseReason::tlsError, engine_->errorReason());
                 log::warn("tls-error listener=" + settings_->name + " peer=" + peerText() +
-                          " reason=" + quoted(engine_->errorReason()));
+                          " reason=" + log::quoted(engine_->errorReason()));
             }
             flushing_ = true;
             phaseStart_ = uv_now(server_.loop());
@@ -461,13 +452,13 @@ bool Connection::checkEngines() {
             stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed, nanos);
             if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
                 log::debug("handshake listener=" + settings_->name + " peer=" + peerText() +
-                           " protocol=" + info.protocol + " cipher=" + info.cipher +
-                           " sni=" + quoted(info.serverName) + " alpn=" + quoted(info.alpn) +
+                           " protocol=" + info.protocol + " cipher=" + info.cipher + " sni=" +
+                           log::quoted(info.serverName) + " alpn=" + log::quoted(info.alpn) +
                            " resumed=" + (info.resumed ? "yes" : "no") +
                            (info.clientSubject.empty()
                                 ? std::string()
-                                : " client=" + quoted(info.clientIdentity) +
-                                      " client_subject=" + quoted(info.clientSubject) +
+                                : " client=" + log::quoted(info.clientIdentity) +
+                                      " client_subject=" + log::quoted(info.clientSubject) +
                                       " client_verified=" + (info.clientVerified ? "yes" : "no")));
             }
             handshakeLogged_ = true;
@@ -942,7 +933,7 @@ bool Connection::takeProxyHeader() {
         std::uint64_t suppressed = 0;
         if (handshakeLogLimit().admit(monotonicMs(), suppressed)) {
             log::warn("proxy-header-invalid listener=" + settings_->name + " peer=" + peerText() +
-                      " reason=" + quoted(error));
+                      " reason=" + log::quoted(error));
         }
         noteClose(CloseReason::proxyHeader, error);
         closeAll();
@@ -1135,7 +1126,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
     }
     log::warn(std::string("backend-failed listener=") + settings_->name + " peer=" + peerText() +
               " backend=" + (pool_ ? pool_->name() : settings_->backendText) +
-              " server=" + serverText + " during=" + what + " error=" + quoted(error) +
+              " server=" + serverText + " during=" + what + " error=" + log::quoted(error) +
               (retry ? " next=retry" : ""));
     if (retry) {
         releaseServer();
@@ -1249,7 +1240,7 @@ void Connection::startHandler(const HandlerFactory &factory) {
         const std::string reason = error.empty() ? "the handler refused the connection"
                                                  : "the handler factory threw: " + error;
         log::warn("handler-refused listener=" + settings_->name + " peer=" + peerText() +
-                  " handler=" + streamInfo.handler + " reason=" + quoted(reason));
+                  " handler=" + streamInfo.handler + " reason=" + log::quoted(reason));
         noteClose(CloseReason::backendFailed, reason);
         backendGone_ = true;
         return;

@@ -70,10 +70,9 @@ void Resolver::onTick(uv_timer_t *timer) {
             },
             [](uv_work_t *work, int) {
                 auto *job = static_cast<Lookup *>(work->data);
-                for (std::string failure : job->failures) {
-                    std::replace(failure.begin(), failure.end(), '"', '\'');
-                    log::warn("resolve-failed reason=\"" + failure +
-                              "\" action=\"kept the previous address\"");
+                for (const auto &failure : job->failures) {
+                    log::warn("resolve-failed reason=" + log::quoted(failure) +
+                              " action=\"kept the previous address\"");
                 }
                 delete job;
             });

@@ -207,7 +207,7 @@ void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSo
         try {
             adopt(std::move(socket));
         } catch (const std::exception &e) {
-            log::error(std::string("reload-listen-failed reason=\"") + e.what() + "\"");
+            log::error("reload-listen-failed reason=" + log::quoted(e.what()));
         }
     }
 }

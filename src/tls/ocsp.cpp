@@ -278,8 +278,9 @@ void OcspStapler::fetch(Slot &slot) {
                            ? firstRetry
                            : std::min({slot.backoff * 2, longestRetry, slot.maxRefresh});
         slot.due = std::time(nullptr) + slot.backoff.count();
-        log::warn("ocsp-fetch-failed cert=" + slot.path + " url=" + slot.url + " reason=\"" +
-                  e.what() + "\" retry_in=" + std::to_string(slot.backoff.count()) + "s");
+        log::warn("ocsp-fetch-failed cert=" + slot.path + " url=" + slot.url +
+                  " reason=" + log::quoted(e.what()) +
+                  " retry_in=" + std::to_string(slot.backoff.count()) + "s");
         return;
     }
     const std::time_t now = std::time(nullptr);
@@ -328,7 +329,7 @@ void OcspStapler::refresh(Slot &slot, bool startup) {
         if (startup && what.find("expired") == std::string::npos) {
             throw TlsError("ocsp " + slot.path + ": " + what);
         }
-        log::warn("ocsp-rejected file=" + slot.path + " reason=\"" + what + "\"");
+        log::warn("ocsp-rejected file=" + slot.path + " reason=" + log::quoted(what));
         return;
     }
     if (fresh->revoked) {

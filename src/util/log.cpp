@@ -25,6 +25,17 @@ const char *levelName(LogLevel level) {
 
 } // namespace
 
+std::string quoted(std::string_view text) {
+    std::string out;
+    out.reserve(text.size() + 2);
+    out += '"';
+    for (const char c : text) {
+        out += (c == '"' || c == '\\') ? '\'' : c;
+    }
+    out += '"';
+    return out;
+}
+
 void setLevel(LogLevel level) {
     threshold.store(static_cast<int>(level));
 }

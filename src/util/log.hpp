@@ -2,6 +2,7 @@
 // threshold. Lines are written with one write(2) so concurrent writers never interleave.
 #pragma once
 
+#include <string>
 #include <string_view>
 
 #include <sluice/config.hpp>
@@ -13,6 +14,12 @@ void setLevel(LogLevel level);
 
 /** True when a line at `level` would be printed (skip building it otherwise). */
 bool enabled(LogLevel level);
+
+/**
+ * `text` as a quoted field value: in double quotes, with its own double quotes and backslashes
+ * turned into single quotes, so that a reason or a path cannot end the field early.
+ */
+std::string quoted(std::string_view text);
 
 /** Prints one line at `level`. `line` should not end in a newline. */
 void write(LogLevel level, std::string_view line);

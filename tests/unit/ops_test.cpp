@@ -327,6 +327,13 @@ TEST_CASE("the log rate limit lets N a second through and reports the rest once"
     CHECK(suppressed == 0);
 }
 
+TEST_CASE("a quoted log value cannot end its field early") {
+    CHECK(log::quoted("plain reason") == "\"plain reason\"");
+    CHECK(log::quoted("") == "\"\"");
+    CHECK(log::quoted("file \"a.pem\": no such file") == "\"file 'a.pem': no such file\"");
+    CHECK(log::quoted("C:\\keys\\\"x") == "\"C:'keys''x\"");
+}
+
 TEST_CASE("the access-log sink receives records and can be removed") {
     int calls = 0;
     proxy::setAccessLogSink([&](const proxy::ConnectionRecord &r) { calls += r.listener == "x"; });
