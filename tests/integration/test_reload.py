@@ -19,6 +19,7 @@ from harness import (
     tls_roundtrip,
     wait_until,
 )
+from test_ops import start_ops
 
 
 def leaf_der(path):
@@ -259,6 +260,88 @@ def test_a_certificate_named_before_it_exists_is_loaded_when_it_appears(t):
     wait_until(lambda: "reload-done" in d.log(), 10, "the reload once the files exist")
     check(served_cert(d.addr()) == leaf_der(t.certs / "server-rsa.crt"),
           "the certificate that appeared is not served")
+
+
+def swap_link(link, target):
+    """Points the symbolic link `link` at `target` in one rename, as certbot and Kubernetes do."""
+    staged = link.parent / (link.name + ".tmp")
+    if staged.is_symlink():
+        staged.unlink()
+    os.symlink(target, staged)
+    os.replace(staged, link)
+
+
+def certbot_layout(t, name, version):
+    """conf/site.crt -> live/site/cert.pem -> ../../archive/site/certN.pem, and the same for the
+    key: certbot's renewal adds certN+1 to archive/ and swaps the live/ links."""
+    archive, live, conf = t.tmp / "archive" / "site", t.tmp / "live" / "site", t.tmp / "conf"
+    for folder in (archive, live, conf):
+        folder.mkdir(parents=True, exist_ok=True)
+    for ext, leaf in (("crt", "cert"), ("key", "privkey")):
+        (archive / f"{leaf}{version}.pem").write_bytes((t.certs / f"{name}.{ext}").read_bytes())
+        swap_link(live / f"{leaf}.pem", f"../../archive/site/{leaf}{version}.pem")
+        if not (conf / f"site.{ext}").is_symlink():
+            os.symlink(live / f"{leaf}.pem", conf / f"site.{ext}")
+    return {"cert": str(conf / "site.crt"), "key": str(conf / "site.key")}
+
+
+def kubernetes_layout(t, name, version):
+    """A mounted Secret: tls.crt -> ..data/tls.crt, ..data -> ..VERSION/; an update writes a new
+    ..VERSION folder, swaps ..data and removes the old folder."""
+    volume = t.tmp / "secret"
+    current = volume / f"..{version}"
+    current.mkdir(parents=True)
+    for ext in ("crt", "key"):
+        (current / f"tls.{ext}").write_bytes((t.certs / f"{name}.{ext}").read_bytes())
+    old = os.readlink(volume / "..data") if (volume / "..data").is_symlink() else None
+    swap_link(volume / "..data", current.name)
+    for ext in ("crt", "key"):
+        if not (volume / f"tls.{ext}").is_symlink():
+            os.symlink(f"..data/tls.{ext}", volume / f"tls.{ext}")
+    if old:
+        for f in (volume / old).iterdir():
+            f.unlink()
+        (volume / old).rmdir()
+    return {"cert": str(volume / "tls.crt"), "key": str(volume / "tls.key")}
+
+
+def reloads_at_once_on_change(t, layout):
+    # With a 60 s interval only inotify can make the reload come within seconds: the folders of
+    # the files and of every link on the way to them are watched. No access log: its lines,
+    # written beside the configuration, would bring a check forward by themselves.
+    echo = t.backend(EchoBackend())
+    d, _ = start_ops(t, t.listener(echo, cert=layout(t, "server-ecdsa", 1)), admin=False,
+                     log={"access": "off"}, global_={"reload_on_change": "60s"})
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-ecdsa.crt"),
+          "the configured certificate is not served")
+    start = time.monotonic()
+    layout(t, "server-rsa", 2)
+    wait_until(lambda: "reload-done" in d.log(), 10, "the reload on the change")
+    took = time.monotonic() - start
+    check(took < 5, f"the reload came {took:.1f} s after the change")
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-rsa.crt"),
+          "the renewed certificate is not served")
+    check(d.log().count("reload-start") == 1, "one change made more than one reload")
+    # Watched again after the reload: the next renewal is seen as well.
+    layout(t, "server-ecdsa", 3)
+    wait_until(lambda: d.log().count("reload-done") == 2, 10, "the reload on the second change")
+    check(served_cert(d.addr()) == leaf_der(t.certs / "server-ecdsa.crt"),
+          "the second renewal is not served")
+    check("reload-failed" not in d.log(), "a reload failed")
+
+
+def test_a_replaced_file_reloads_at_once_without_waiting_for_the_interval(t):
+    def plain(t, name, version):
+        return site_files(t, name)
+    reloads_at_once_on_change(t, plain)
+
+
+def test_a_certbot_renewal_through_its_links_reloads_at_once(t):
+    reloads_at_once_on_change(t, certbot_layout)
+
+
+def test_a_kubernetes_secret_update_reloads_at_once(t):
+    reloads_at_once_on_change(t, kubernetes_layout)
 
 
 def test_files_are_not_watched_by_default(t):
