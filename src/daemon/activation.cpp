@@ -29,6 +29,8 @@ long parseNumber(const char *text, const char *what) {
     return value;
 }
 
+} // namespace
+
 std::vector<std::string> splitNames(const char *text) {
     std::vector<std::string> names;
     if (text == nullptr) {
@@ -49,8 +51,6 @@ std::vector<std::string> splitNames(const char *text) {
     return names;
 }
 
-} // namespace
-
 std::vector<ActivatedSocket> takeActivatedSockets() {
     const char *pidText = std::getenv("LISTEN_PID");
     const char *countText = std::getenv("LISTEN_FDS");
@@ -61,21 +61,28 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
     ::unsetenv("LISTEN_PID");
     ::unsetenv("LISTEN_FDS");
     ::unsetenv("LISTEN_FDNAMES");
-    std::vector<ActivatedSocket> out;
     if (count.empty()) {
-        return out;
+        return {};
     }
     if (pid.empty() || parseNumber(pid.c_str(), "LISTEN_PID") != static_cast<long>(::getpid())) {
         log::info("socket-activation-ignored reason=\"LISTEN_PID is not this process\"");
-        return out;
+        return {};
     }
-    const long n = parseNumber(count.c_str(), "LISTEN_FDS");
+    return adoptActivated(firstListenFd, count, names, "LISTEN_FDS", "");
+}
+
+std::vector<ActivatedSocket> adoptActivated(int firstFd, const std::string &count,
+                                            const std::vector<std::string> &names,
+                                            const char *variable, const std::string &note) {
+    const long n = parseNumber(count.c_str(), variable);
     if (n > 65536) {
-        throw std::runtime_error("socket activation: LISTEN_FDS=" + count + " is too large");
+        throw std::runtime_error(std::string("socket activation: ") + variable + "=" + count +
+                                 " is too large");
     }
+    std::vector<ActivatedSocket> out;
     for (long i = 0; i < n; ++i) {
         ActivatedSocket socket;
-        socket.fd = firstListenFd + static_cast<int>(i);
+        socket.fd = firstFd + static_cast<int>(i);
         if (::fcntl(socket.fd, F_SETFD, FD_CLOEXEC) != 0) {
             throw std::runtime_error("socket activation: descriptor " + std::to_string(socket.fd) +
                                      ": " + std::strerror(errno));
@@ -87,7 +94,7 @@ std::vector<ActivatedSocket> takeActivatedSockets() {
         socket.localText = net::localText(socket.fd);
         log::info("socket-activated fd=" + std::to_string(socket.fd) +
                   " name=" + log::quoted(socket.name) + " address=" + socket.localText +
-                  (socket.usable ? "" : " usable=no"));
+                  (socket.usable ? "" : " usable=no") + note);
         out.push_back(std::move(socket));
     }
     return out;

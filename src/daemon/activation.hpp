@@ -28,6 +28,18 @@ using ActivatedSocket = proxy::InheritedSocket;
  */
 std::vector<ActivatedSocket> takeActivatedSockets();
 
+/**
+ * Takes `count` (the text of `variable`, a number) descriptors from `firstFd` on as activated
+ * sockets named by `names` in order, marked close-on-exec and logged, each line ending in
+ * `note`. Throws std::runtime_error when the count is malformed or a descriptor is not open.
+ */
+std::vector<ActivatedSocket> adoptActivated(int firstFd, const std::string &count,
+                                            const std::vector<std::string> &names,
+                                            const char *variable, const std::string &note);
+
+/** The names of a ':'-separated list ($LISTEN_FDNAMES); none when `text` is null. */
+std::vector<std::string> splitNames(const char *text);
+
 /** Logs the activated sockets that no listener takes (they stay open, unused). */
 void reportUnused(const std::vector<ActivatedSocket> &activated, const std::vector<int> &used);
 

@@ -342,9 +342,6 @@ private:
             return refuse("an upgrade is in progress (pid " + std::to_string(upgrade_->pid()) +
                           ")");
         }
-        if (!activated_.empty()) {
-            return refuse("socket activation: systemctl restart keeps the sockets");
-        }
         if (program_.empty()) {
             return refuse("the path this program was started from is unknown");
         }
@@ -358,7 +355,8 @@ private:
             sockets.push_back({adminKey(), admin_->listenFd()});
         }
         sluice::log::info("upgrade-start program=" + program_ +
-                          " sockets=" + std::to_string(sockets.size()));
+                          " sockets=" + std::to_string(sockets.size()) +
+                          " activated=" + std::to_string(activated_.size()));
         // Having dropped root (global.user), this thread passes its two capabilities on, so
         // that the new process, which starts as the same user, can read root-only keys too.
         const bool passing = !config_.global.user.empty();
@@ -368,7 +366,7 @@ private:
         }
         std::string error;
         upgrade_ = sluice::daemon::Upgrade::start(
-            loop_, program_, programArgs_, sockets,
+            loop_, program_, programArgs_, sockets, activated_,
             static_cast<std::uint64_t>(config_.global.upgradeTimeout.count()),
             [this](int pid) { upgradeReady(pid); },
             [this](const std::string &reason) { upgradeFailed(reason); }, error);
@@ -631,6 +629,11 @@ int run(const Options &options, const std::string &program,
         if (!options.check) {
             activated = sluice::daemon::takeActivatedSockets();
             handedOver = sluice::daemon::HandedOver::fromEnvironment();
+            if (activated.empty()) {
+                // Started by an upgrade of a socket-activated process: systemd's sockets came
+                // from it, and are matched to the listeners as if systemd had passed them.
+                activated = handedOver.takeActivated();
+            }
         }
         runtime = sluice::proxy::buildRuntime(config, workers);
         plan = sluice::proxy::planSockets(config, activated);

@@ -21,6 +21,13 @@ namespace {
 constexpr int firstHandedFd = 3;
 constexpr const char *pidVariable = "SLUICE_UPGRADE_PID";
 constexpr const char *socketsVariable = "SLUICE_UPGRADE_SOCKETS";
+constexpr const char *activatedVariable = "SLUICE_UPGRADE_ACTIVATED";
+constexpr const char *activatedNamesVariable = "SLUICE_UPGRADE_ACTIVATED_NAMES";
+
+std::string variable(const char *name) {
+    const char *text = std::getenv(name);
+    return text != nullptr ? text : "";
+}
 
 std::string currentFolder() {
     char buffer[PATH_MAX];
@@ -38,15 +45,17 @@ std::string absolute(const std::string &path) {
 } // namespace
 
 HandedOver HandedOver::fromEnvironment() {
-    const char *pidText = std::getenv(pidVariable);
-    const char *keysText = std::getenv(socketsVariable);
-    const std::string pid = pidText != nullptr ? pidText : "";
-    const std::string keys = keysText != nullptr ? keysText : "";
+    const std::string pid = variable(pidVariable);
+    const std::string keys = variable(socketsVariable);
+    const std::string activatedCount = variable(activatedVariable);
+    const std::string activatedNames = variable(activatedNamesVariable);
     // Unset first, so that nothing this process starts later inherits them by mistake.
-    ::unsetenv(pidVariable);
-    ::unsetenv(socketsVariable);
+    for (const char *name :
+         {pidVariable, socketsVariable, activatedVariable, activatedNamesVariable}) {
+        ::unsetenv(name);
+    }
     HandedOver out;
-    if (pid.empty() && keys.empty()) {
+    if (pid.empty() && keys.empty() && activatedCount.empty()) {
         return out;
     }
     if (pid != std::to_string(::getppid())) {
@@ -71,7 +80,13 @@ HandedOver HandedOver::fromEnvironment() {
         out.byKey_[key].push_back(fd);
         ++fd;
     }
-    log::info("upgrade-sockets count=" + std::to_string(fd - firstHandedFd) + " from_pid=" + pid);
+    const int keyed = fd - firstHandedFd;
+    if (!activatedCount.empty()) {
+        out.activated_ = adoptActivated(fd, activatedCount, splitNames(activatedNames.c_str()),
+                                        activatedVariable, " from_pid=" + pid);
+    }
+    log::info("upgrade-sockets count=" + std::to_string(keyed) +
+              " activated=" + std::to_string(out.activated_.size()) + " from_pid=" + pid);
     return out;
 }
 
@@ -104,7 +119,8 @@ Upgrade::~Upgrade() = default;
 
 std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &program,
                                         const std::vector<std::string> &args,
-                                        const std::vector<HandOver> &sockets,
+                                        const std::vector<HandOver> &handedOver,
+                                        const std::vector<ActivatedSocket> &activated,
                                         std::uint64_t timeoutMs, Ready ready, Failed failed,
                                         std::string &error) {
     std::unique_ptr<Upgrade> upgrade(new Upgrade(std::move(ready), std::move(failed)));
@@ -113,35 +129,46 @@ std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &prog
         error = std::string("pipe: ") + uv_strerror(err);
         return nullptr;
     }
-    // The new process's descriptors: 0-2 as ours, then the sockets, then the ready pipe.
-    std::vector<uv_stdio_container_t> stdio(firstHandedFd + sockets.size() + 1);
+    // The new process's descriptors: 0-2 as ours, then the keyed sockets, the activated ones
+    // and the ready pipe.
+    std::vector<int> fds{0, 1, 2};
+    std::string keys;
+    for (const auto &socket : handedOver) {
+        fds.push_back(socket.fd);
+        keys += (keys.empty() ? "" : "\n") + socket.key;
+    }
+    std::string names;
+    for (const auto &socket : activated) {
+        fds.push_back(socket.fd);
+        names += (fds.size() == firstHandedFd + handedOver.size() + 1 ? "" : ":") + socket.name;
+    }
+    fds.push_back(pipeFds[1]);
+    std::vector<uv_stdio_container_t> stdio(fds.size());
     for (std::size_t i = 0; i < stdio.size(); ++i) {
         stdio[i].flags = UV_INHERIT_FD;
-        stdio[i].data.fd = i < firstHandedFd                    ? static_cast<int>(i)
-                           : i < firstHandedFd + sockets.size() ? sockets[i - firstHandedFd].fd
-                                                                : pipeFds[1];
+        stdio[i].data.fd = fds[i];
     }
     const std::string readyFd = std::to_string(stdio.size() - 1);
     std::vector<std::string> argStrings{program};
     argStrings.insert(argStrings.end(), args.begin(), args.end());
     argStrings.insert(argStrings.end(), {"--ready-fd", readyFd});
-    std::string keys;
-    for (const auto &socket : sockets) {
-        keys += (keys.empty() ? "" : "\n") + socket.key;
-    }
     // WATCHDOG_PID names this process: without it the new one pings systemd's watchdog itself
     // (once it is the main process; daemon/main.cpp tells systemd).
     std::vector<std::string> envStrings;
     for (char **entry = environ; entry != nullptr && *entry != nullptr; ++entry) {
         const std::string_view text(*entry);
-        if (!text.starts_with(std::string(pidVariable) + "=") &&
-            !text.starts_with(std::string(socketsVariable) + "=") &&
-            !text.starts_with("WATCHDOG_PID=")) {
+        const bool ours = text.starts_with("SLUICE_UPGRADE_");
+        if (!ours && !text.starts_with("WATCHDOG_PID=")) {
             envStrings.emplace_back(text);
         }
     }
     envStrings.push_back(std::string(pidVariable) + "=" + std::to_string(::getpid()));
     envStrings.push_back(std::string(socketsVariable) + "=" + keys);
+    if (!activated.empty()) {
+        envStrings.push_back(std::string(activatedVariable) + "=" +
+                             std::to_string(activated.size()));
+        envStrings.push_back(std::string(activatedNamesVariable) + "=" + names);
+    }
     auto pointers = [](std::vector<std::string> &strings) {
         std::vector<char *> out;
         for (auto &s : strings) {

@@ -10,6 +10,10 @@
 // what it does not use, and reports ready on a pipe (--ready-fd). Only then does the old one
 // drain; until then, and if the new one fails, it goes on serving as if nothing had happened.
 //
+// Sockets systemd passed (socket activation) go on after those, in systemd's order, counted by
+// $SLUICE_UPGRADE_ACTIVATED and named by $SLUICE_UPGRADE_ACTIVATED_NAMES (as $LISTEN_FDS and
+// $LISTEN_FDNAMES): the new process matches them to its listeners as if systemd had passed them.
+//
 // The sockets are the same kernel objects in both processes, so nothing waiting in their accept
 // queues, or still in its TCP handshake, is lost when the old process lets go of its copies.
 #pragma once
@@ -23,6 +27,8 @@
 
 #include <uv.h>
 
+#include "daemon/activation.hpp"
+
 namespace sluice::daemon {
 
 /** The listening sockets a previous sluice process handed to this one, by key. */
@@ -30,9 +36,10 @@ class HandedOver {
 public:
     /**
      * Takes the sockets from the environment when $SLUICE_UPGRADE_PID is this process's parent:
-     * descriptors 3 .. 3+N-1, one per line of $SLUICE_UPGRADE_SOCKETS, marked close-on-exec.
-     * Unsets both variables either way (call before any thread starts). Throws
-     * std::runtime_error when they are malformed or a descriptor is not a listening socket.
+     * descriptors 3 .. 3+N-1, one per line of $SLUICE_UPGRADE_SOCKETS, then the activated ones,
+     * all marked close-on-exec. Unsets the variables either way (call before any thread
+     * starts). Throws std::runtime_error when they are malformed or a keyed descriptor is not a
+     * listening socket.
      */
     static HandedOver fromEnvironment();
 
@@ -42,9 +49,12 @@ public:
     int take(const std::string &key);
     /** Closes the sockets nobody took, logging each; call once the new sockets are open. */
     void closeUnused();
+    /** The sockets systemd passed to the old process, handed on (moved out). */
+    std::vector<ActivatedSocket> takeActivated() { return std::move(activated_); }
 
 private:
     std::map<std::string, std::vector<int>> byKey_;
+    std::vector<ActivatedSocket> activated_;
     bool fromParent_ = false;
 };
 
@@ -66,14 +76,14 @@ public:
     using Failed = std::function<void(const std::string &reason)>;
 
     /**
-     * Starts `program` with `args` (argv[1..], without --ready-fd) and `sockets`. Returns null
-     * after calling nothing when the process could not be started, with the reason in `error`.
+     * Starts `program` with `args` (argv[1..], without --ready-fd), `sockets` and the sockets
+     * systemd passed (`activated`). Returns null after calling nothing when the process could
+     * not be started, with the reason in `error`.
      */
-    static std::unique_ptr<Upgrade> start(uv_loop_t *loop, const std::string &program,
-                                          const std::vector<std::string> &args,
-                                          const std::vector<HandOver> &sockets,
-                                          std::uint64_t timeoutMs, Ready ready, Failed failed,
-                                          std::string &error);
+    static std::unique_ptr<Upgrade>
+    start(uv_loop_t *loop, const std::string &program, const std::vector<std::string> &args,
+          const std::vector<HandOver> &sockets, const std::vector<ActivatedSocket> &activated,
+          std::uint64_t timeoutMs, Ready ready, Failed failed, std::string &error);
     ~Upgrade();
     Upgrade(const Upgrade &) = delete;
     Upgrade &operator=(const Upgrade &) = delete;

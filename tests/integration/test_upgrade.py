@@ -4,6 +4,7 @@ that fails leaves the old one serving."""
 
 import ctypes
 import os
+import re
 import signal
 import time
 
@@ -13,7 +14,7 @@ from harness import Skip, check, free_loopback_port, tls_roundtrip, wait_until
 from test_ops import http_get, start_ops
 from test_reload import root_only_copies
 from test_signals import RoundTrips, isolate_network
-from test_systemd import NotifySocket, listening_inodes
+from test_systemd import NotifySocket, activated, listening_inodes, listening_socket, refused
 
 
 def adopt_orphans():
@@ -80,8 +81,8 @@ def test_sigusr2_hands_every_socket_over_and_loses_no_connection(t):
     old.signal(signal.SIGUSR2)
     new_pid = int(old.wait_log(r"upgrade-ready pid=(\d+)", timeout=30).group(1))
     t.defer(lambda: stop_new_process(new_pid))
-    check(old.wait_log(r"upgrade-sockets count=3 from_pid=(\d+)").group(1) == str(old.pid),
-          "the new process did not report the three sockets from the old one")
+    handed = old.wait_log(r"upgrade-sockets count=3 activated=0 from_pid=(\d+)").group(1)
+    check(handed == str(old.pid), "the new process did not report the three sockets from the old one")
     after = listening_inodes(new_pid)
     check(after == before, f"the new process listens on {after}, the old one on {before}")
 
@@ -239,3 +240,57 @@ def test_sigusr2_under_systemd_hands_the_service_to_the_new_process(t):
     tls_roundtrip(d.addr(), b"served by the new process")
     os.kill(new_pid, signal.SIGTERM)
     check(wait_child_exit(new_pid, 15) == 0, "the new process did not drain to exit 0")
+
+
+def test_sigusr2_with_socket_activation_hands_systemds_sockets_on(t):
+    # Socket activation: the listening socket is systemd's. An upgrade hands it on as such
+    # (named as systemd named it), the new process matches it to its listener as at a first
+    # start and binds nothing, and, keeping it as the old one did, hands it on again at the
+    # next upgrade. Round trips run throughout.
+    adopt_orphans()
+    echo = t.backend(EchoBackend())
+    sock = listening_socket()
+    t.defer(sock.close)
+    addr = sock.getsockname()
+    inode = os.fstat(sock.fileno()).st_ino
+    spare = listening_socket()
+    configured = spare.getsockname()  # a named listener must not bind its configured address
+    spare.close()
+    d = activated(t, [t.listener(echo, listen=f"127.0.0.1:{configured[1]}")], [sock],
+                  names=["web"], global_={"workers": 2, "drain_timeout": "10s"})
+    load = RoundTrips(addr)
+    t.defer(load.stop)
+    load.wait_for(50)
+
+    def ready_pids():
+        return [int(pid) for pid in re.findall(r"upgrade-ready pid=(\d+)", d.log())]
+
+    d.signal(signal.SIGUSR2)
+    wait_until(lambda: len(ready_pids()) == 1, 30, "the first new process to be ready")
+    first = ready_pids()[0]
+    t.defer(lambda: stop_new_process(first))
+    check(re.search(r'socket-activated fd=\d+ name="web" address=127\.0\.0\.1:%d from_pid=%d'
+                    % (addr[1], d.pid), d.log()),
+          "the new process did not take systemd's socket from the old one")
+    check(d.wait_exit(20) == 0, "the old process did not drain to exit 0")
+    check(listening_inodes(first) == {inode},
+          f"the new process listens on {listening_inodes(first)}, expected only {inode}")
+    check(refused(configured), "the new process bound the configured address")
+    load.wait_for(50)
+
+    os.kill(first, signal.SIGUSR2)
+    wait_until(lambda: len(ready_pids()) == 2, 30, "the second new process to be ready")
+    second = ready_pids()[1]
+    t.defer(lambda: stop_new_process(second))
+    check(wait_child_exit(first, 20) == 0, "the first new process did not drain to exit 0")
+    check(listening_inodes(second) == {inode},
+          f"the second new process listens on {listening_inodes(second)}, expected only {inode}")
+    load.wait_for(50)
+    load.stop()
+    check(not load.failures,
+          f"{len(load.failures)} of {load.ok + len(load.failures)} round trips failed, the first: "
+          f"{load.failures[:3]}")
+    tls_roundtrip(addr, b"served by the second new process")
+    print(f"{load.ok} round trips through two upgrades, none failed")
+    os.kill(second, signal.SIGTERM)
+    check(wait_child_exit(second, 15) == 0, "the second new process did not drain to exit 0")
