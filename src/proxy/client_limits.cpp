@@ -44,6 +44,23 @@ std::size_t ClientLimits::addressesInProgress() {
     return count;
 }
 
+void ClientLimits::forgetRates() {
+    for (auto &shard : shards_) {
+        const std::lock_guard lock(shard.mutex);
+        shard.buckets.clear();
+        shard.pruneAt = 1024;
+    }
+}
+
+std::size_t ClientLimits::bucketsHeld() {
+    std::size_t count = 0;
+    for (auto &shard : shards_) {
+        const std::lock_guard lock(shard.mutex);
+        count += shard.buckets.size();
+    }
+    return count;
+}
+
 bool ClientLimits::takeToken(Shard &shard, const std::string &key, std::uint64_t ratePerSecond) {
     using Seconds = std::chrono::duration<double>;
     const auto rate = static_cast<double>(ratePerSecond);

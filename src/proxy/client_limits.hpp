@@ -33,8 +33,12 @@ public:
                        std::uint64_t ratePerSecond);
     void ended(const std::string &key);
 
-    /** Addresses with a handshake in progress (for the tests). */
+    /** Drops every rate bucket: the rate is off (a reload), and nothing prunes them then. */
+    void forgetRates();
+
+    /** Addresses with a handshake in progress, and rate buckets held (for the tests). */
     std::size_t addressesInProgress();
+    std::size_t bucketsHeld();
 
 private:
     using Clock = std::chrono::steady_clock;

@@ -190,6 +190,9 @@ void Server::listen(std::vector<ListenSocket> sockets) {
 void Server::update(std::shared_ptr<const Runtime> runtime, std::vector<ListenSocket> added,
                     const std::vector<std::string> &removed) {
     runtime_ = std::move(runtime);
+    if (runtime_->maxHandshakeRatePerIp == 0) {
+        limits_->forgetRates(); // nothing takes a token, so nothing would prune them
+    }
     for (auto it = listeners_.begin(); it != listeners_.end();) {
         if (std::find(removed.begin(), removed.end(), (*it)->key()) != removed.end()) {
             auto listener = std::move(*it);

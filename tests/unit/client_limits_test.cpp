@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <string>
 #include <thread>
 #include <vector>
@@ -116,4 +117,31 @@ TEST_CASE("client limits: the rate passes one second's worth at once, then refil
     CHECK(limits.starting(a, 0, rate) == Admission::admitted); // refilled
     // The concurrency limit is checked first, and a refusal for it takes no token.
     CHECK(limits.starting(b, 1, rate) == Admission::tooMany);
+    CHECK(limits.bucketsHeld() == 2);
+    limits.forgetRates(); // the rate turned off by a reload
+    CHECK(limits.bucketsHeld() == 0);
+    CHECK(limits.addressesInProgress() == 2); // the handshakes in progress are still counted
+}
+
+TEST_CASE("client limits: buckets of addresses gone quiet for a second are pruned") {
+    ClientLimits limits;
+    // Thousands of addresses, one handshake each, then a second of quiet: the next ones that
+    // take tokens prune the full buckets, so the record holds what the last second saw.
+    int admitted = 0;
+    for (std::uint32_t i = 0; i < 40000; ++i) {
+        const std::string key = "4" + std::string(reinterpret_cast<const char *>(&i), 4);
+        admitted += limits.starting(key, 0, 5) == Admission::admitted ? 1 : 0;
+        limits.ended(key);
+    }
+    CHECK(admitted == 40000);
+    CHECK(limits.bucketsHeld() == 40000);
+    std::this_thread::sleep_for(std::chrono::milliseconds(1100));
+    for (std::uint32_t i = 0; i < 40000; ++i) {
+        const std::uint32_t other = 1000000 + i;
+        const std::string key = "4" + std::string(reinterpret_cast<const char *>(&other), 4);
+        limits.starting(key, 0, 5);
+        limits.ended(key);
+    }
+    CHECK(limits.bucketsHeld() < 80000);
+    CHECK(limits.addressesInProgress() == 0);
 }
