@@ -292,6 +292,22 @@ public:
     std::size_t pairBytes() const { return network_ != nullptr ? 2 * pairSize_ : 0; }
 
     /**
+     * Keeps OpenSSL's two record buffers from one call to the next, where by default each
+     * complete read and write frees its buffer and the next one allocates it again (a malloc
+     * and a free each time). For a busy connection between pumps; releaseIdleBuffers() gives
+     * them back and turns the freeing on again. Does nothing with an OpenSSL older than 3.0.14,
+     * where releasing them later is unsafe (CVE-2024-4741). Cheap to call again.
+     */
+    void keepRecordBuffers();
+
+    /** What the two record buffers take, about, while keepRecordBuffers() holds them. */
+    static constexpr std::size_t recordBufferBytes = 2 * (16 * 1024 + 512);
+
+    /** Bytes held between calls by a connection kept busy: the pair and, when
+     * keepRecordBuffers() can hold them, the record buffers; 0 with no pair. */
+    std::size_t warmBytes() const;
+
+    /**
      * With EngineOptions::holdTickets: true while the ciphertext queued is exactly the TLS 1.3
      * session tickets that ended the handshake. A driver may leave them in cipherOut() until
      * write() adds application data (which ends the hold), or until it gives up waiting and
@@ -364,6 +380,7 @@ private:
     bool closeNotifyAlertSeen_ = false; // recorded by onInfo
     bool readWantsWrite_ = false;       // SSL_read stopped on a full pair
     bool postHandshakePending_ = false; // a KeyUpdate or renegotiation waits to be sent
+    bool recordBuffersKept_ = false;    // SSL_MODE_RELEASE_BUFFERS cleared by keepRecordBuffers()
     bool holdTickets_ = false;
     bool bulkSeen_ = false;           // the pair filled: grow it when next empty
     bool spaceLent_ = false;          // a cipherInSpace() span is out: the pair must stay

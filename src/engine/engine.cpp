@@ -20,6 +20,14 @@ namespace {
 // OpenSSL takes int lengths; no single call moves more than this.
 constexpr std::size_t maxCall = INT_MAX / 2;
 
+// Before 3.0.14 SSL_free_buffers could free a buffer holding a partly read record
+// (CVE-2024-4741): older libraries keep OpenSSL's own release after each call, and nothing
+// calls it.
+bool freeBuffersSafe() {
+    static const bool safe = OpenSSL_version_num() >= 0x300000e0L;
+    return safe;
+}
+
 // The most plaintext one TLS record carries.
 constexpr std::size_t maxRecordPlaintext = 16384;
 // The plaintext block for a read whose ciphertext is this short (a request, a reply, a
@@ -174,14 +182,27 @@ bool Engine::releaseIdleBuffers() {
     network_ = nullptr;
     // SSL_MODE_RELEASE_BUFFERS frees OpenSSL's record buffers after each complete read and
     // write, but a read that ended in the transport's EOF or an alert keeps its ~16 KiB buffer
-    // until SSL_free: give it back too. Before 3.0.14 SSL_free_buffers could free a buffer
-    // holding a partly read record (CVE-2024-4741); nothing is pending here, but older
-    // libraries are left alone all the same.
-    static const bool freeBuffersSafe = OpenSSL_version_num() >= 0x300000e0L;
-    if (freeBuffersSafe) {
+    // until SSL_free, and keepRecordBuffers() keeps both: give them back too.
+    if (recordBuffersKept_) {
+        SSL_set_mode(ssl_, SSL_MODE_RELEASE_BUFFERS);
+        recordBuffersKept_ = false;
+    }
+    if (freeBuffersSafe()) {
         (void)SSL_free_buffers(ssl_);
     }
     return true;
+}
+
+void Engine::keepRecordBuffers() {
+    if (!recordBuffersKept_ && freeBuffersSafe()) {
+        SSL_clear_mode(ssl_, SSL_MODE_RELEASE_BUFFERS);
+        recordBuffersKept_ = true;
+    }
+}
+
+std::size_t Engine::warmBytes() const {
+    const std::size_t pair = pairBytes();
+    return pair == 0 ? 0 : pair + (freeBuffersSafe() ? recordBufferBytes : 0);
 }
 
 void Engine::GiveBlock::operator()(std::uint8_t *block) const noexcept {

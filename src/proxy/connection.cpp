@@ -225,13 +225,21 @@ bool Connection::settled() {
 }
 
 void Connection::keepOrReleaseBuffers() {
-    // A busy connection keeps its pairs for the next pump; the server's sweep releases them
-    // once it is idle, or they go now when busy connections already hold all they may. One
-    // without a pair (a plaintext listener to a plain pool) has nothing worth keeping.
+    // A busy connection keeps its pairs, and OpenSSL's record buffers (a malloc and a free per
+    // read and per write otherwise), for the next pump; the server's sweep releases them once
+    // it is idle, or they go now when busy connections already hold all they may. One without
+    // a pair (a plaintext listener to a plain pool) has nothing worth keeping.
     const std::size_t bytes =
-        (engine_ ? engine_->pairBytes() : 0) + (backendEngine_ ? backendEngine_->pairBytes() : 0);
+        (engine_ ? engine_->warmBytes() : 0) + (backendEngine_ ? backendEngine_->warmBytes() : 0);
     if (bytes == 0 || !server_.keepBuffers(*this, bytes)) {
         releaseIdleBuffers();
+        return;
+    }
+    if (engine_) {
+        engine_->keepRecordBuffers();
+    }
+    if (backendEngine_) {
+        backendEngine_->keepRecordBuffers();
     }
 }
 

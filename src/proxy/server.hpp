@@ -234,10 +234,10 @@ private:
     std::shared_ptr<ClientLimits> limits_;
     ServerStats stats_;
     TimerHeap deadlines_;
-    // Busy connections keeping their TLS pairs between pumps: at most warmBudget bytes of pairs
-    // a worker (128 connections with the default buffers.tls), each released one to two
-    // sweepInterval after its last pump.
-    static constexpr std::size_t warmBudget = 8 * 1024 * 1024;
+    // Busy connections keeping their TLS pairs and OpenSSL's record buffers between pumps: at
+    // most warmBudget bytes of them a worker (126 connections with the default buffers.tls),
+    // each released one to two sweepInterval after its last pump.
+    static constexpr std::size_t warmBudget = 12 * 1024 * 1024;
     static constexpr std::uint64_t sweepInterval = 250; // milliseconds
     WarmList warm_;
     uv_timer_t *sweepTimer_ = nullptr; // made by the first keepBuffers(); closed by the drain
