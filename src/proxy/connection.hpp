@@ -153,6 +153,9 @@ private:
     void holdWrites();
     /** A held tail shorter than this (one full record's plaintext) waits for the next read. */
     static constexpr std::size_t tailBytes = 16 * 1024;
+    /** Warm pumps after the handshake before OpenSSL's record buffers are kept too (about
+     * three round trips; a connection that makes one exchange and idles never keeps them). */
+    static constexpr std::uint8_t busyPumps = 7;
     /** The client's address as logged ("203.0.113.7:51234"): the PROXY header's, once read. */
     std::string peerText() const { return net::format(&clientAddress_.any); }
     bool flushClient();
@@ -361,7 +364,7 @@ private:
     /** Nanoseconds as saturated microseconds. */
     static std::int32_t micros(std::uint64_t nanos);
 
-    // Bits: a connection is mostly waiting, and its size is what idle costs. They take 50 of
+    // Bits: a connection is mostly waiting, and its size is what idle costs. They take 53 of
     // the object's last 64 bits; past those it would need a 16-byte larger heap chunk (the
     // static_assert in connection.cpp).
     Pinned clientPinned_ : 2 = Pinned::none;
@@ -370,7 +373,10 @@ private:
     static_assert(closeReasonCount <= 16, "closeReason_ has 4 bits");
     std::uint8_t openHandles_ : 3 = 0;      // client, backend, the handler's idle
     std::uint8_t requestsInFlight_ : 4 = 0; // started and not yet called back (at most 5)
-    bool awaitingProxy_ : 1 = false;        // the PROXY header has not arrived yet
+    // Pumps kept warm since the handshake, counted up to busyPumps; from then on OpenSSL's
+    // record buffers are kept as well (keepOrReleaseBuffers()).
+    std::uint8_t warmPumps_ : 3 = 0;
+    bool awaitingProxy_ : 1 = false; // the PROXY header has not arrived yet
     bool clientReading_ : 1 = false;
     bool clientEof_ : 1 = false;      // the client's FIN (or a read error) arrived
     bool clientGone_ : 1 = false;     // the client socket failed: nothing more can be sent
