@@ -35,13 +35,22 @@ void ClientLimits::ended(const std::string &key) {
     }
 }
 
-std::size_t ClientLimits::addressesInProgress() {
+template <typename Map>
+std::size_t ClientLimits::entries(Map Shard::*map) {
     std::size_t count = 0;
     for (auto &shard : shards_) {
         const std::lock_guard lock(shard.mutex);
-        count += shard.inProgress.size();
+        count += (shard.*map).size();
     }
     return count;
+}
+
+std::size_t ClientLimits::addressesInProgress() {
+    return entries(&Shard::inProgress);
+}
+
+std::size_t ClientLimits::bucketsHeld() {
+    return entries(&Shard::buckets);
 }
 
 void ClientLimits::forgetRates() {
@@ -50,15 +59,6 @@ void ClientLimits::forgetRates() {
         shard.buckets.clear();
         shard.pruneAt = 1024;
     }
-}
-
-std::size_t ClientLimits::bucketsHeld() {
-    std::size_t count = 0;
-    for (auto &shard : shards_) {
-        const std::lock_guard lock(shard.mutex);
-        count += shard.buckets.size();
-    }
-    return count;
 }
 
 bool ClientLimits::takeToken(Shard &shard, const std::string &key, std::uint64_t ratePerSecond) {

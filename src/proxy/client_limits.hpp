@@ -55,6 +55,9 @@ private:
     static constexpr std::size_t shardCount = 16;
 
     Shard &shardOf(const std::string &key);
+    /** The entries of one of the shards' maps, summed. */
+    template <typename Map>
+    std::size_t entries(Map Shard::*map);
     /** Takes one of `key`'s tokens; false when it has none. Called with the shard locked. */
     static bool takeToken(Shard &shard, const std::string &key, std::uint64_t ratePerSecond);
 
