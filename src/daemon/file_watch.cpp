@@ -171,17 +171,13 @@ void FileWatch::onTimer(uv_timer_t *timer) {
     static_cast<FileWatch *>(timer->data)->check();
 }
 
-void FileWatch::onSettle(uv_timer_t *timer) {
-    static_cast<FileWatch *>(timer->data)->check();
-}
-
 void FileWatch::onEvent(uv_fs_event_t *handle, const char *, int, int) {
     // Any event in the folder: its other files change too (a log written beside the keys), so
     // this only brings the next check forward; the stamps decide. Events while a check is due
     // are folded into it.
     auto *self = static_cast<FileWatch *>(handle->data);
     if (uv_is_active(reinterpret_cast<uv_handle_t *>(&self->settle_)) == 0) {
-        uv_timer_start(&self->settle_, onSettle, settleDelay, 0);
+        uv_timer_start(&self->settle_, onTimer, settleDelay, 0);
     }
 }
 
@@ -194,7 +190,7 @@ void FileWatch::check() {
     if (!pending_ || *pending_ != current) {
         pending_ = std::move(current); // still changing: act once it holds for a check
         if (!events_.empty() && uv_is_active(reinterpret_cast<uv_handle_t *>(&settle_)) == 0) {
-            uv_timer_start(&settle_, onSettle, settleDelay, 0); // that check comes soon
+            uv_timer_start(&settle_, onTimer, settleDelay, 0); // that check comes soon
         }
         return;
     }

@@ -65,7 +65,6 @@ public:
 
 private:
     static void onTimer(uv_timer_t *timer);
-    static void onSettle(uv_timer_t *timer);
     static void onEvent(uv_fs_event_t *handle, const char *name, int events, int status);
     void check();
     void closeEvents();

@@ -137,10 +137,10 @@ std::unique_ptr<Upgrade> Upgrade::start(uv_loop_t *loop, const std::string &prog
         fds.push_back(socket.fd);
         keys += (keys.empty() ? "" : "\n") + socket.key;
     }
-    std::string names;
-    for (const auto &socket : activated) {
-        fds.push_back(socket.fd);
-        names += (fds.size() == firstHandedFd + handedOver.size() + 1 ? "" : ":") + socket.name;
+    std::string names; // as $LISTEN_FDNAMES: a name may be empty, so joined by position
+    for (std::size_t i = 0; i < activated.size(); ++i) {
+        fds.push_back(activated[i].fd);
+        names += (i == 0 ? "" : ":") + activated[i].name;
     }
     fds.push_back(pipeFds[1]);
     std::vector<uv_stdio_container_t> stdio(fds.size());
