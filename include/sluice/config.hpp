@@ -240,8 +240,8 @@ struct ListenerConfig {
 struct GlobalConfig {
     std::uint64_t maxConnections = 100000;
     /** TLS handshakes one client IP address may have in progress at once, counted across the
-     * daemon's workers (each libsluice Server counts its own); a connection beyond it is closed
-     * at accept. 0: no limit. */
+     * daemon's workers (a libsluice Server counts its own, unless Servers share a
+     * HandshakeLimits); a connection beyond it is closed at accept. 0: no limit. */
     std::uint64_t maxHandshakesPerIp = 64;
     /** New TLS handshakes one client address may start per second, counted as the one above (a
      * bucket that holds one second's worth, so a burst of that many passes at once); a

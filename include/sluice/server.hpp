@@ -17,7 +17,8 @@
 // thread that will run it). A Server is one worker: global.workers, global.user/group, [admin],
 // [log] and socket activation are daemon features that a Server ignores; a program that wants
 // several threads runs one loop and one Server per thread (their listeners share ports through
-// SO_REUSEPORT when they bind the same addresses).
+// SO_REUSEPORT when they bind the same addresses), and gives them one HandshakeLimits so that
+// the per-address handshake limits count every thread's handshakes together.
 //
 // Callbacks: the `done` of drain() and stop() runs on the loop, once, after every handle the
 // Server owns has closed, and never inside the call that passed it. A call that fails (returns
@@ -28,6 +29,7 @@
 // twice, reload before start, stop after stop) is reported the same way and never crashes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -73,6 +75,32 @@ struct ServerStats {
 };
 
 /**
+ * The record that global.max_handshakes_per_ip and global.max_handshake_rate_per_ip are checked
+ * against: the handshakes each client address has in progress, and the ones it started in the
+ * last second. A Server made without one keeps a record of its own. Servers made with copies of
+ * one HandshakeLimits count an address's handshakes together, whichever thread's loop each runs
+ * on, as the daemon's workers do; each still applies its own configuration's figures to the
+ * shared counts. Copies share one record, which lives until the last copy and the last Server
+ * using it are gone. Safe from any thread.
+ */
+class SLUICE_API HandshakeLimits {
+public:
+    HandshakeLimits();
+    // Copies share the record; a move copies too, so no HandshakeLimits is ever empty.
+    HandshakeLimits(const HandshakeLimits &) = default;
+    HandshakeLimits &operator=(const HandshakeLimits &) = default;
+    ~HandshakeLimits() = default;
+
+    /** Client addresses with a handshake in progress now, in every Server sharing the record. */
+    std::size_t addressesInProgress() const;
+
+private:
+    friend class Server;
+    struct Impl;
+    std::shared_ptr<Impl> impl_;
+};
+
+/**
  * Listeners and their connections on a caller's loop. Not copyable; movable (the moved-from
  * Server is empty: every call on it fails as before start(), and destroying it does nothing).
  */
@@ -83,6 +111,9 @@ public:
      * must outlive the Server's closing (see ~Server). Never throws for a bad configuration.
      */
     Server(uv_loop_t *loop, Config config);
+
+    /** As above, counting the per-address handshake limits in `limits` (see HandshakeLimits). */
+    Server(uv_loop_t *loop, Config config, HandshakeLimits limits);
 
     /**
      * A Server that never started, or whose drain()/stop() has completed, goes at once. One that

@@ -14,6 +14,7 @@
 
 #include <sluice/server.hpp>
 
+#include "proxy/client_limits.hpp"
 #include "proxy/generation.hpp"
 #include "proxy/resolver.hpp"
 #include "proxy/stats.hpp"
@@ -104,14 +105,17 @@ struct __attribute__((visibility("hidden"))) Server::Impl {
     bool stopRequested = false;
     // Set by ~Server when it gives up the Impl before closing completed: finish() deletes it.
     bool orphaned = false;
+    // The per-address handshake record, shared with other Servers through a HandshakeLimits.
+    std::shared_ptr<proxy::ClientLimits> limits;
     std::unique_ptr<proxy::Server> server;
     std::unique_ptr<proxy::Resolver> resolver;
     proxy::ListenState listening;
     std::vector<std::function<void(bool)>> done; // drain()'s and stop()'s, in call order
 
-    Impl(uv_loop_t *l, Config c)
+    Impl(uv_loop_t *l, Config c, std::shared_ptr<proxy::ClientLimits> shared)
         : loop(l)
-        , config(std::move(c)) {}
+        , config(std::move(c))
+        , limits(std::move(shared)) {}
 
     // In-process stream handlers by name (setHandler), for backends with a `handler`; every
     // generation is built with them.
@@ -134,7 +138,7 @@ void Server::Impl::start() {
     log::setLevel(completed.global.logLevel);
     proxy::Generation generation = asError(
         [&] { return proxy::buildGeneration(completed, 1, proxy::ListenState{}, {}, handlers()); });
-    auto built = std::make_unique<proxy::Server>(loop, generation.runtime);
+    auto built = std::make_unique<proxy::Server>(loop, generation.runtime, limits);
     std::vector<proxy::ListenSocket> &sockets = generation.added.front();
     for (std::size_t i = 0; i < sockets.size(); ++i) {
         try {
@@ -243,8 +247,26 @@ void Server::Impl::finish(bool forced) {
     }
 }
 
+// Hidden, as Server::Impl: a HandshakeLimits is a shared pointer to one record.
+struct __attribute__((visibility("hidden"))) HandshakeLimits::Impl {
+    proxy::ClientLimits record;
+};
+
+HandshakeLimits::HandshakeLimits()
+    : impl_(std::make_shared<Impl>()) {}
+
+std::size_t HandshakeLimits::addressesInProgress() const {
+    return impl_->record.addressesInProgress();
+}
+
 Server::Server(uv_loop_t *loop, Config config)
-    : impl_(std::make_unique<Impl>(loop, std::move(config))) {}
+    : Server(loop, std::move(config), HandshakeLimits()) {}
+
+Server::Server(uv_loop_t *loop, Config config, HandshakeLimits limits)
+    : impl_(std::make_unique<Impl>(
+          loop, std::move(config),
+          // The record, kept alive by the HandshakeLimits' own shared pointer.
+          std::shared_ptr<proxy::ClientLimits>(limits.impl_, &limits.impl_->record))) {}
 
 Server::~Server() {
     if (!impl_) {

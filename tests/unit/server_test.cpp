@@ -7,6 +7,7 @@
 #include <arpa/inet.h>
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <netinet/in.h>
+#include <poll.h>
 #include <random>
 #include <span>
 #include <string>
@@ -951,4 +953,159 @@ TEST_CASE("setHandler: connections to a handler backend stay in the process; an 
     CHECK(seenListener == "test");
     REQUIRE(server.stop([](bool) {}));
     uv_run(loop.get(), UV_RUN_DEFAULT);
+}
+
+/** A Server on a loop of its own, run by a thread of its own, as a program with several threads
+ * runs one per thread. */
+class ServerThread {
+public:
+    ServerThread(sluice::Config config, sluice::HandshakeLimits limits)
+        : thread_([this, config = std::move(config), limits] { run(config, limits); }) {
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [this] { return started_; });
+    }
+    ServerThread(const ServerThread &) = delete;
+    ServerThread &operator=(const ServerThread &) = delete;
+    ~ServerThread() { stop(); }
+
+    /** The listener's address; empty if start() failed (the thread has ended then). */
+    const std::string &address() const { return address_; }
+
+    /** Stops the Server and waits for its thread: true when the loop then closed with nothing
+     * left open. */
+    bool stop() {
+        if (thread_.joinable()) {
+            if (!address_.empty()) {
+                uv_async_send(&stop_);
+            }
+            thread_.join();
+        }
+        return closedCleanly_;
+    }
+
+private:
+    void run(const sluice::Config &config, const sluice::HandshakeLimits &limits) {
+        uv_loop_t loop{};
+        uv_loop_init(&loop);
+        {
+            sluice::Server server(&loop, config, limits);
+            std::string address;
+            try {
+                server.start();
+                address = server.addresses().at(0).second;
+            } catch (const std::exception &) {
+            }
+            if (!address.empty()) {
+                stop_.data = &server;
+                uv_async_init(&loop, &stop_, [](uv_async_t *async) {
+                    static_cast<sluice::Server *>(async->data)->stop([](bool) {});
+                    uv_close(reinterpret_cast<uv_handle_t *>(async), nullptr);
+                });
+            }
+            {
+                const std::lock_guard lock(mutex_);
+                address_ = address;
+                started_ = true;
+            }
+            changed_.notify_all();
+            uv_run(&loop, UV_RUN_DEFAULT);
+        }
+        closedCleanly_ = uv_loop_close(&loop) == 0;
+    }
+
+    std::mutex mutex_;
+    std::condition_variable changed_;
+    bool started_ = false;
+    std::string address_;
+    uv_async_t stop_{};
+    bool closedCleanly_ = false;
+    std::thread thread_;
+};
+
+/** Waits (up to 5 s) until `count` of `fds` have been closed by the Server, then 300 ms more for
+ * any further one, and returns how many were closed. A held connection stays silent and open. */
+std::size_t closedByServer(const std::vector<int> &fds, std::size_t count) {
+    auto closed = [&fds] {
+        std::size_t n = 0;
+        for (const int fd : fds) {
+            pollfd p{fd, POLLIN, 0};
+            n += ::poll(&p, 1, 0) == 1 ? 1 : 0; // EOF or reset: readable
+        }
+        return n;
+    };
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (closed() < count && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::sleep_for(10ms);
+    }
+    std::this_thread::sleep_for(300ms);
+    return closed();
+}
+
+TEST_CASE("Servers on two threads that share a HandshakeLimits count an address's handshakes "
+          "together; Servers that do not, each count their own") {
+    const auto &certs = certificates();
+    EchoBackend backend;
+    sluice::Config config = configFor(backend.address(), certs.certA, certs.keyA);
+    config.global.maxHandshakesPerIp = 3;
+
+    // Four silent connections from 127.0.0.1 to each of two Servers, on two threads.
+    auto connectSilent = [](const ServerThread &a, const ServerThread &b) {
+        std::vector<int> fds;
+        for (const ServerThread *server : {&a, &b}) {
+            for (int i = 0; i < 4; ++i) {
+                const int fd = connectPlain(server->address());
+                REQUIRE(fd >= 0);
+                fds.push_back(fd);
+            }
+        }
+        return fds;
+    };
+    auto limited = [] {
+        Loop idle; // stats() needs no running Server; any one reads the process's counters
+        return sluice::Server(idle.get(), sluice::Config{}).stats().handshakeLimited;
+    };
+    auto waitUntil = [](const std::function<bool()> &done) {
+        const auto deadline = std::chrono::steady_clock::now() + 5s;
+        while (!done() && std::chrono::steady_clock::now() < deadline) {
+            std::this_thread::sleep_for(10ms);
+        }
+        return done();
+    };
+
+    SUBCASE("shared: three handshakes in progress in all, five connections refused") {
+        const sluice::HandshakeLimits limits;
+        const auto before = limited();
+        ServerThread a(config, limits), b(config, limits);
+        REQUIRE_FALSE(a.address().empty());
+        REQUIRE_FALSE(b.address().empty());
+        const std::vector<int> fds = connectSilent(a, b);
+        CHECK(closedByServer(fds, 5) == 5);
+        CHECK(limited() - before == 5);
+        CHECK(limits.addressesInProgress() == 1);
+        for (const int fd : fds) {
+            ::close(fd);
+        }
+        // Every handshake counted ends once its client has gone.
+        CHECK(waitUntil([&limits] { return limits.addressesInProgress() == 0; }));
+        CHECK(a.stop());
+        CHECK(b.stop());
+    }
+
+    SUBCASE("not shared: each Server holds three and refuses one") {
+        const sluice::HandshakeLimits limitsA, limitsB;
+        const auto before = limited();
+        ServerThread a(config, limitsA), b(config, limitsB);
+        REQUIRE_FALSE(a.address().empty());
+        REQUIRE_FALSE(b.address().empty());
+        const std::vector<int> fds = connectSilent(a, b);
+        CHECK(closedByServer(fds, 2) == 2);
+        CHECK(limited() - before == 2);
+        CHECK(limitsA.addressesInProgress() == 1);
+        CHECK(limitsB.addressesInProgress() == 1);
+        for (const int fd : fds) {
+            ::close(fd);
+        }
+        CHECK(a.stop());
+        CHECK(b.stop());
+    }
 }
