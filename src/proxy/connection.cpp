@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -172,23 +173,19 @@ void Connection::pump() {
         pumpAgain_ = false;
         // Bounded: each round moves bytes or changes state; the loop ends when neither happens.
         for (int round = 0; round < 64 && !closing_; ++round) {
-            bool progress = feedLeftover();
-            progress |= moveDown();
-            progress |= flushClient();
-            progress |= moveUp();
-            progress |= flushBackend();
-            if (closing_) {
+            if (!pumpRound() || closing_) {
                 break;
             }
-            progress |= checkEngines();
-            if (closing_) {
-                break;
-            }
-            if (!flushing_) {
-                progress |= moveDown();
-                progress |= propagateCloses();
-            }
-            if (!progress || settled()) {
+            if (settled()) {
+#ifndef NDEBUG
+                // The test builds check settled() against the steps themselves: one more round
+                // must move nothing, or a step gained a condition that settled() does not know.
+                if (pumpRound()) {
+                    log::error("pump-settled-early listener=" + settings_->name +
+                               " peer=" + peerText() + " action=abort");
+                    std::abort();
+                }
+#endif
                 break;
             }
         }
@@ -202,6 +199,26 @@ void Connection::pump() {
     if (!closing_) {
         keepOrReleaseBuffers();
     }
+}
+
+bool Connection::pumpRound() {
+    bool progress = feedLeftover();
+    progress |= moveDown();
+    progress |= flushClient();
+    progress |= moveUp();
+    progress |= flushBackend();
+    if (closing_) {
+        return progress;
+    }
+    progress |= checkEngines();
+    if (closing_) {
+        return progress;
+    }
+    if (!flushing_) {
+        progress |= moveDown();
+        progress |= propagateCloses();
+    }
+    return progress;
 }
 
 bool Connection::settled() {

@@ -130,11 +130,14 @@ private:
     bool releaseIdleBuffers();
     bool feedLeftover();
     bool checkEngines();
+    /** One round of pump()'s steps, in order; true if any moved bytes or changed state. */
+    bool pumpRound();
     /**
      * True when another round of pump()'s steps is sure to move nothing: a TLS client and a
      * plain backend, both open, in their data phase, with nothing left for any step. A round
      * that made progress is then the last, where the loop would run one more to find out.
-     * Conservative: false whenever any step's condition is not plainly idle.
+     * Conservative: false whenever any step's condition is not plainly idle. The test builds
+     * (no NDEBUG) run that round anyway and abort if it moves anything.
      */
     bool settled();
     /** True while the client engine's session tickets wait to share the first reply's write. */
