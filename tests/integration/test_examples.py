@@ -72,6 +72,14 @@ def test_embed_server_self_test(t):
     check("self-test ok" in out, out)
 
 
+def test_threaded_server_self_test(t):
+    # Two threads, each with its own loop and Server on one port, sharing a HandshakeLimits: the
+    # echoes spread over both, and of 12 silent connections 4 are held (the program's
+    # max_handshakes_per_ip), not 4 per thread.
+    out = run_example(t, [example("threaded_server"), "--self-test", cert(t, "server-ecdsa.crt"), cert(t, "server-ecdsa.key"), cert(t, "ca.crt")])
+    check("silent connections: 4 held, 8 closed at accept" in out and "self-test ok" in out, out)
+
+
 def test_reload_certificates_self_test(t):
     out = run_example(
         t,
@@ -165,6 +173,41 @@ def test_embed_server_serves_a_real_client_and_drains_on_sigterm(t):
     code, rest, log = p.stop(None)
     check(code == 0, f"exit status {code}:\n{rest}\n{log}")
     check("forced=no" in rest, f"the drain was forced:\n{rest}")
+
+
+def test_threaded_server_spreads_clients_over_its_threads_and_drains_them_all(t):
+    p = Program(t, [example("threaded_server"), "--threads", "3", cert(t, "server-rsa.crt"), cert(t, "server-rsa.key")])
+    addr = p.listening["tls-echo"]
+    check("threads 3" in p.lines, f"{p.lines}")
+    for i in range(60):
+        tls_roundtrip(addr, pattern_bytes(1000 + i))
+    held = t.client(addr)
+    held.handshake()
+    held.sendall(b"held")
+    check(held.recv_exact(4) == b"held", "the held connection did not echo")
+    p.proc.send_signal(signal.SIGTERM)
+
+    def refused():
+        try:
+            socket.create_connection(addr, timeout=2).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+        except ConnectionResetError:
+            return False
+
+    # Refused only once every thread's socket on the port has closed.
+    wait_until(refused, 10, "every thread's listener to close at SIGTERM")
+    check(p.proc.poll() is None, "the program exited while a connection was open")
+    held.sendall(b"still")
+    check(held.recv_exact(9) == b"heldstill", "the held connection stopped echoing during the drain")
+    held.close_write_tls()
+    held.recv_until_closed()
+    code, rest, log = p.stop(None)
+    check(code == 0, f"exit status {code}:\n{rest}\n{log}")
+    served = [int(line.split()[2]) for line in rest.splitlines() if line.startswith("served ")]
+    check(len(served) == 3 and sum(served) == 61, f"served per thread: {served}\n{rest}")
+    check(all(n > 0 for n in served), f"a thread served nothing (SO_REUSEPORT did not spread): {served}")
 
 
 def test_embed_server_in_process_handler_echoes_with_backpressure(t):
