@@ -25,6 +25,7 @@
 #include <sluice/server.hpp>
 
 #include "echo_backend.hpp"
+#include "echo_handler.hpp"
 #include "tls_client.hpp"
 
 namespace {
@@ -55,19 +56,6 @@ struct Program {
             }
         });
     }
-};
-
-/** The in-process echo: what arrives goes back; while the client is slow to read, stop
- * reading from it, so neither side's memory grows. */
-struct EchoHandler : sluice::StreamHandler {
-    void onData(sluice::Stream &stream, std::span<const std::uint8_t> data) override {
-        stream.write(data);
-        if (stream.writeQueued() >= stream.writeHighWater()) {
-            stream.pauseReading(true);
-        }
-    }
-    void onWritable(sluice::Stream &stream) override { stream.pauseReading(false); }
-    void onEnd(sluice::Stream &stream, bool) override { stream.shutdown(); }
 };
 
 sluice::Config tlsInFrontOf(const std::string &backend, const std::string &cert,
@@ -128,8 +116,9 @@ int main(int argc, char **argv) {
 
     // The addition: TLS in front of the echo service, on the same loop.
     sluice::Server server(loop, tlsInFrontOf(backend, cert, key));
-    server.setHandler("echo",
-                      [](const sluice::StreamInfo &) { return std::make_unique<EchoHandler>(); });
+    server.setHandler("echo", [](const sluice::StreamInfo &) {
+        return std::make_unique<example::EchoHandler>();
+    });
     program.server = &server;
     try {
         server.start();

@@ -36,23 +36,12 @@
 
 #include <sluice/server.hpp>
 
+#include "echo_handler.hpp"
 #include "tls_client.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
-
-/** Echoes each connection's bytes back, with backpressure, and ends when the client ends. */
-struct EchoHandler : sluice::StreamHandler {
-    void onData(sluice::Stream &stream, std::span<const std::uint8_t> data) override {
-        stream.write(data);
-        if (stream.writeQueued() >= stream.writeHighWater()) {
-            stream.pauseReading(true);
-        }
-    }
-    void onWritable(sluice::Stream &stream) override { stream.pauseReading(false); }
-    void onEnd(sluice::Stream &stream, bool) override { stream.shutdown(); }
-};
 
 /** One thread: its loop, its Server, and how it is told to stop. */
 class Worker {
@@ -103,7 +92,7 @@ private:
             sluice::Server server(&loop, std::move(config), std::move(limits));
             server.setHandler("echo", [this](const sluice::StreamInfo &) {
                 served_.fetch_add(1);
-                return std::make_unique<EchoHandler>();
+                return std::make_unique<example::EchoHandler>();
             });
             State state = State::running;
             std::string address;

@@ -80,8 +80,9 @@ struct ServerStats {
  * last second. A Server made without one keeps a record of its own. Servers made with copies of
  * one HandshakeLimits count an address's handshakes together, whichever thread's loop each runs
  * on, as the daemon's workers do; each still applies its own configuration's figures to the
- * shared counts. Copies share one record, which lives until the last copy and the last Server
- * using it are gone. Safe from any thread.
+ * shared counts (a reload() that turns a Server's rate off empties the shared rate buckets:
+ * every address may start a second's worth again). Copies share one record, which lives until
+ * the last copy and the last Server using it are gone. Safe from any thread.
  */
 class SLUICE_API HandshakeLimits {
 public:

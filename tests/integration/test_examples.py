@@ -40,6 +40,17 @@ def run_example(t, args, timeout=60):
     return proc.stdout
 
 
+def refuses(addr):
+    """True once nothing listens on `addr` (a connect is refused)."""
+    try:
+        socket.create_connection(addr, timeout=2).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+    except ConnectionResetError:
+        return False  # it sat in the backlog as the listener closed: ask again
+
+
 def cert(t, name):
     return str(t.certs / name)
 
@@ -141,28 +152,15 @@ class Program:
         self.proc.stdout.close()
 
 
-def test_embed_server_serves_a_real_client_and_drains_on_sigterm(t):
-    p = Program(t, [example("embed_server"), cert(t, "server-rsa.crt"), cert(t, "server-rsa.key")])
-    addr = p.listening["tls-echo"]
-    payload = pattern_bytes(3 * 1024 * 1024 + 11)
-    tls_roundtrip(addr, payload)  # checks the echo byte for byte and the clean close
-    # A connection open at SIGTERM is let finish: the drain waits for it.
+def drain_with_a_held_connection(t, p, addr):
+    """A connection open at SIGTERM is let finish: the listeners close (every one on `addr`), the
+    connection still echoes, and once it ends the program exits 0. Returns its last output."""
     held = t.client(addr)
     held.handshake()
     held.sendall(b"held")
     check(held.recv_exact(4) == b"held", "the held connection did not echo")
     p.proc.send_signal(signal.SIGTERM)
-
-    def refused():
-        try:
-            socket.create_connection(addr, timeout=2).close()
-            return False
-        except ConnectionRefusedError:
-            return True
-        except ConnectionResetError:
-            return False  # it sat in the backlog as the listener closed: ask again
-
-    wait_until(refused, 10, "the listener to close at SIGTERM")
+    wait_until(lambda: refuses(addr), 10, "the listeners to close at SIGTERM")
     check(p.proc.poll() is None, "the program exited while a connection was open")
     held.sendall(b"still")
     check(held.recv_exact(9) == b"heldstill", "the held connection stopped echoing during the drain")
@@ -172,6 +170,15 @@ def test_embed_server_serves_a_real_client_and_drains_on_sigterm(t):
     # action (the program closed its signal handles), so none is sent.
     code, rest, log = p.stop(None)
     check(code == 0, f"exit status {code}:\n{rest}\n{log}")
+    return rest
+
+
+def test_embed_server_serves_a_real_client_and_drains_on_sigterm(t):
+    p = Program(t, [example("embed_server"), cert(t, "server-rsa.crt"), cert(t, "server-rsa.key")])
+    addr = p.listening["tls-echo"]
+    payload = pattern_bytes(3 * 1024 * 1024 + 11)
+    tls_roundtrip(addr, payload)  # checks the echo byte for byte and the clean close
+    rest = drain_with_a_held_connection(t, p, addr)
     check("forced=no" in rest, f"the drain was forced:\n{rest}")
 
 
@@ -181,30 +188,7 @@ def test_threaded_server_spreads_clients_over_its_threads_and_drains_them_all(t)
     check("threads 3" in p.lines, f"{p.lines}")
     for i in range(60):
         tls_roundtrip(addr, pattern_bytes(1000 + i))
-    held = t.client(addr)
-    held.handshake()
-    held.sendall(b"held")
-    check(held.recv_exact(4) == b"held", "the held connection did not echo")
-    p.proc.send_signal(signal.SIGTERM)
-
-    def refused():
-        try:
-            socket.create_connection(addr, timeout=2).close()
-            return False
-        except ConnectionRefusedError:
-            return True
-        except ConnectionResetError:
-            return False
-
-    # Refused only once every thread's socket on the port has closed.
-    wait_until(refused, 10, "every thread's listener to close at SIGTERM")
-    check(p.proc.poll() is None, "the program exited while a connection was open")
-    held.sendall(b"still")
-    check(held.recv_exact(9) == b"heldstill", "the held connection stopped echoing during the drain")
-    held.close_write_tls()
-    held.recv_until_closed()
-    code, rest, log = p.stop(None)
-    check(code == 0, f"exit status {code}:\n{rest}\n{log}")
+    rest = drain_with_a_held_connection(t, p, addr)
     served = [int(line.split()[2]) for line in rest.splitlines() if line.startswith("served ")]
     check(len(served) == 3 and sum(served) == 61, f"served per thread: {served}\n{rest}")
     check(all(n > 0 for n in served), f"a thread served nothing (SO_REUSEPORT did not spread): {served}")

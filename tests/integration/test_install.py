@@ -135,7 +135,7 @@ def test_program_built_against_the_installed_shared_library(t):
     flags = pkg_config(env, "--cflags", "--libs")
     check(any(f.startswith("-I") and str(t.tmp) in f for f in flags), f"no staged include folder in {flags}")
     program = compile_outside(
-        t, "embed_server", ["examples/embed_server.cpp", "examples/echo_backend.hpp", "examples/tls_client.hpp"], flags, extra
+        t, "embed_server", ["examples/embed_server.cpp", "examples/echo_backend.hpp", "examples/echo_handler.hpp", "examples/tls_client.hpp"], flags, extra
     )
     check(any(n.startswith("libsluice.so") for n in needed(program)), f"not linked to libsluice.so: {needed(program)}")
     runtime = dict(os.environ, LD_LIBRARY_PATH=str(libdir))
