@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include "net/address.hpp"
+#include "net/close_notice.hpp"
 #include "net/listen_socket.hpp"
 #include "net/timer.hpp"
 #include "tls/context.hpp"
@@ -306,7 +307,7 @@ void Admin::closeClient(Client *client) {
             c->admin->clientClosed(c);
         }
     };
-    uv_close(reinterpret_cast<uv_handle_t *>(&client->tcp), closed);
+    net::closeSocket(reinterpret_cast<uv_handle_t *>(&client->tcp), closed);
     uv_close(reinterpret_cast<uv_handle_t *>(&client->timer), closed);
 }
 

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "net/address.hpp"
+#include "net/close_notice.hpp"
 #include "net/listen_socket.hpp"
 #include "proxy/proxy_protocol.hpp"
 #include "proxy/server.hpp"
@@ -91,8 +92,8 @@ int Connection::clientFd() const {
 }
 
 void Connection::refuse() {
-    uv_close(reinterpret_cast<uv_handle_t *>(&client_),
-             [](uv_handle_t *handle) { delete static_cast<Connection *>(handle->data); });
+    net::closeSocket(reinterpret_cast<uv_handle_t *>(&client_),
+                     [](uv_handle_t *handle) { delete static_cast<Connection *>(handle->data); });
 }
 
 void Connection::start(std::shared_ptr<const ListenerSettings> settings,
@@ -1169,7 +1170,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
             backendReading_ = false;
         }
         backendClosing_ = true;
-        uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
+        net::closeSocket(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
         return;
     }
     noteClose(ready ? CloseReason::backendReset : CloseReason::backendFailed, error);
@@ -1232,7 +1233,7 @@ void Connection::reconnectAfterHandshake() {
     helloStarted_ = false;
     reconnectPending_ = true;
     backendClosing_ = true;
-    uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
+    net::closeSocket(reinterpret_cast<uv_handle_t *>(&backend_), onBackendClosed);
 }
 
 void Connection::releaseServer() {
@@ -1636,8 +1637,8 @@ void Connection::closeAll() {
         log::debug("connection-closed listener=" + settings_->name + " peer=" + peerText() +
                    " up=" + std::to_string(bytesUp_) + " down=" + std::to_string(bytesDown_));
     }
-    if (!resetClient_ || uv_tcp_close_reset(&client_, onClose) != 0) {
-        uv_close(reinterpret_cast<uv_handle_t *>(&client_), onClose);
+    if (!resetClient_ || net::closeSocketReset(&client_, onClose) != 0) {
+        net::closeSocket(reinterpret_cast<uv_handle_t *>(&client_), onClose);
     }
     server_.deadlines().cancel(*this);
     server_.forgetBuffers(*this);
@@ -1654,7 +1655,7 @@ void Connection::closeAll() {
         handler->onClose(*local_, closeReasonName(closeReason_));
     }
     if (backendInitialised_ && !backendClosing_) {
-        uv_close(reinterpret_cast<uv_handle_t *>(&backend_), onClose);
+        net::closeSocket(reinterpret_cast<uv_handle_t *>(&backend_), onClose);
     }
     // The handles close on the loop's next turn and the connection goes with them. Its pairs
     // go now: when many clients vanish at once, one turn reads a thousand resets, and each
