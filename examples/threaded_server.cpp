@@ -55,26 +55,25 @@ public:
     }
     Worker(const Worker &) = delete;
     Worker &operator=(const Worker &) = delete;
-    ~Worker() { stop(false); }
+    ~Worker() { finish(); }
 
     /** The listening address, or empty if start() failed (error() says why). */
     const std::string &address() const { return address_; }
     const std::string &error() const { return error_; }
     std::uint64_t served() const { return served_.load(); }
 
-    /** Starts the Server's drain (or, with `now`, its stop); returns at once. */
-    void requestStop(bool now) {
-        if (state_ == State::running && !stopRequested_) {
-            stopRequested_ = true;
-            stopNow_ = now;
-            uv_async_send(&stop_);
+    /** Starts the Server's drain; returns at once. */
+    void drain() {
+        if (state_ == State::running && !drainRequested_) {
+            drainRequested_ = true;
+            uv_async_send(&drain_);
         }
     }
 
-    /** Waits for the thread: true when its loop closed with nothing left open and no
-     * connection was cut by the drain's deadline. Stops the Server first if nothing asked. */
-    bool stop(bool now) {
-        requestStop(now);
+    /** Drains the Server if nothing asked yet, and waits for the thread: true when its loop
+     * closed with nothing left open and no connection was cut by the drain's deadline. */
+    bool finish() {
+        drain();
         if (thread_.joinable()) {
             thread_.join();
         }
@@ -87,7 +86,6 @@ private:
     void run(sluice::Config config, sluice::HandshakeLimits limits) {
         uv_loop_t loop{};
         uv_loop_init(&loop);
-        bool forced = false;
         {
             sluice::Server server(&loop, std::move(config), std::move(limits));
             server.setHandler("echo", [this](const sluice::StreamInfo &) {
@@ -104,11 +102,10 @@ private:
                 state = State::failed;
             }
             if (state == State::running) {
-                stop_.data = this;
-                uv_async_init(&loop, &stop_, [](uv_async_t *async) {
+                drain_.data = this;
+                uv_async_init(&loop, &drain_, [](uv_async_t *async) {
                     auto *self = static_cast<Worker *>(async->data);
-                    auto done = [self](bool cut) { self->forced_ = cut; };
-                    self->stopNow_ ? self->server_->stop(done) : self->server_->drain(done);
+                    self->server_->drain([self](bool cut) { self->forced_ = cut; });
                     uv_close(reinterpret_cast<uv_handle_t *>(async), nullptr);
                 });
                 server_ = &server;
@@ -120,9 +117,8 @@ private:
             }
             started_.notify_all();
             uv_run(&loop, UV_RUN_DEFAULT);
-            forced = forced_;
         }
-        clean_ = uv_loop_close(&loop) == 0 && !forced;
+        clean_ = uv_loop_close(&loop) == 0 && !forced_;
     }
 
     std::mutex mutex_;
@@ -132,9 +128,8 @@ private:
     std::string error_;
     std::atomic<std::uint64_t> served_{0};
     sluice::Server *server_ = nullptr;
-    uv_async_t stop_{};
-    bool stopRequested_ = false;
-    std::atomic<bool> stopNow_{false};
+    uv_async_t drain_{};
+    bool drainRequested_ = false;
     bool forced_ = false;
     bool clean_ = false;
     std::thread thread_;
@@ -297,10 +292,10 @@ int main(int argc, char **argv) {
     // Every thread drains at once: their listeners close together, and each lets its own
     // connections finish.
     for (const auto &worker : workers) {
-        worker->requestStop(false);
+        worker->drain();
     }
     for (std::size_t i = 0; i < workers.size(); ++i) {
-        if (!workers[i]->stop(false)) {
+        if (!workers[i]->finish()) {
             std::fprintf(stderr, "threaded_server: thread %zu did not close cleanly\n", i);
             ok = false;
         }
