@@ -3,7 +3,7 @@
 // address (the kernel spreads the connections between their sockets through SO_REUSEPORT), and
 // all of them were made with one sluice::HandshakeLimits, so global.max_handshakes_per_ip holds
 // for the program rather than for each thread. An in-process echo handler answers every
-// connection and counts it for its thread.
+// connection and counts it for its thread; each Server's stats() counts its own thread's too.
 //
 //   threaded_server [--threads N] CERT KEY    serve on 127.0.0.1 until SIGINT or SIGTERM, then
 //                                             drain every thread and exit
@@ -61,6 +61,9 @@ public:
     const std::string &address() const { return address_; }
     const std::string &error() const { return error_; }
     std::uint64_t served() const { return served_.load(); }
+    /** The thread's Server's counters, read from this thread while the Server runs (it may be:
+     * stats() is safe from any thread). */
+    sluice::ServerStats stats() const { return server_->stats(); }
 
     /** Starts the Server's drain; returns at once. */
     void drain() {
@@ -200,10 +203,21 @@ bool selfTest(const std::vector<std::unique_ptr<Worker>> &workers,
             fail("a TLS echo failed");
         }
     }
+    // Each Server counts its own: a thread's completed handshakes are the connections its
+    // handler served, and the threads' add up to the program's.
+    std::uint64_t handshakes = 0;
     for (const auto &worker : workers) {
         if (worker->served() == 0) {
             fail("a thread served no connection: SO_REUSEPORT did not spread them");
         }
+        const std::uint64_t own = worker->stats().handshakesOk;
+        if (own != worker->served()) {
+            fail("a thread's stats() counted handshakes that other threads served");
+        }
+        handshakes += own;
+    }
+    if (handshakes != 40) {
+        fail("the threads' stats() do not add up to the 40 handshakes");
     }
     // Twelve silent connections from 127.0.0.1, spread over the threads as above: with the count
     // shared, 4 stay (global.max_handshakes_per_ip) and 8 are closed at accept. With a count per
@@ -227,6 +241,13 @@ bool selfTest(const std::vector<std::unique_ptr<Worker>> &workers,
                 closed);
     if (closed != 8 || limits.addressesInProgress() != 1) {
         fail("the shared handshake limit did not hold 4 of the 12 silent connections");
+    }
+    std::uint64_t refused = 0;
+    for (const auto &worker : workers) {
+        refused += worker->stats().handshakeLimited;
+    }
+    if (refused != 8) {
+        fail("the threads' stats() do not count the 8 connections closed at accept");
     }
     for (const int fd : silent) {
         ::close(fd);

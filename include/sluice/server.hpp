@@ -48,8 +48,9 @@ typedef struct uv_loop_s uv_loop_t;
 namespace sluice {
 
 /**
- * A snapshot of sluice's counters. They are the process's: every Server (and every daemon
- * worker) in one process adds to the same ones, which are also what the daemon's /metrics shows.
+ * A snapshot of one Server's counters: what its listeners and connections did since it was made
+ * (a reload() keeps them). Each Server counts its own, so a program with a Server per thread
+ * adds them up for the process's totals.
  */
 struct ServerStats {
     std::uint64_t accepted = 0;               ///< connections accepted
@@ -180,7 +181,8 @@ public:
     /** The loop the Server runs on. */
     uv_loop_t *loop() const;
 
-    /** A snapshot of the process's counters (see ServerStats). Any state. */
+    /** A snapshot of this Server's counters (see ServerStats). Any state, and from any thread
+     * while the Server exists; a moved-from Server reads all zero. */
     ServerStats stats() const;
 
     /**

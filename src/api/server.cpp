@@ -107,6 +107,9 @@ struct __attribute__((visibility("hidden"))) Server::Impl {
     bool orphaned = false;
     // The per-address handshake record, shared with other Servers through a HandshakeLimits.
     std::shared_ptr<proxy::ClientLimits> limits;
+    // This Server's counters (stats()), shared with its proxy::Server, which may outlive the
+    // Impl when start() abandons it.
+    std::shared_ptr<proxy::Stats> metrics = std::make_shared<proxy::Stats>();
     std::unique_ptr<proxy::Server> server;
     std::unique_ptr<proxy::Resolver> resolver;
     proxy::ListenState listening;
@@ -138,7 +141,7 @@ void Server::Impl::start() {
     log::setLevel(completed.global.logLevel);
     proxy::Generation generation = asError(
         [&] { return proxy::buildGeneration(completed, 1, proxy::ListenState{}, {}, handlers()); });
-    auto built = std::make_unique<proxy::Server>(loop, generation.runtime, limits);
+    auto built = std::make_unique<proxy::Server>(loop, generation.runtime, limits, metrics);
     std::vector<proxy::ListenSocket> &sockets = generation.added.front();
     for (std::size_t i = 0; i < sockets.size(); ++i) {
         try {
@@ -181,7 +184,7 @@ bool Server::Impl::reload(Config next, std::string *error) {
         complete(next);
         generation = proxy::buildGeneration(next, 1, listening, {}, handlers());
     } catch (const std::exception &e) {
-        proxy::stats().recordReload(false, e.what());
+        metrics->recordReload(false, e.what());
         log::error("reload-failed reason=" + log::quoted(e.what()) +
                    " action=\"kept the running configuration\"");
         return fail(e.what());
@@ -194,7 +197,7 @@ bool Server::Impl::reload(Config next, std::string *error) {
     listening = std::move(generation.state);
     config = std::move(next);
     log::setLevel(config.global.logLevel);
-    proxy::stats().recordReload(true, "listeners=" + std::to_string(config.listeners.size()));
+    metrics->recordReload(true, "listeners=" + std::to_string(config.listeners.size()));
     log::info("reload-done listeners=" + std::to_string(config.listeners.size()) +
               " sockets_added=" + std::to_string(generation.addedCount) +
               " sockets_removed=" + std::to_string(generation.removed.size()));
@@ -351,7 +354,9 @@ uv_loop_t *Server::loop() const {
 }
 
 ServerStats Server::stats() const {
-    const proxy::StatsSnapshot snapshot = proxy::stats().snapshot();
+    // A moved-from Server has counted nothing.
+    const proxy::StatsSnapshot snapshot =
+        impl_ ? impl_->metrics->snapshot() : proxy::StatsSnapshot{};
     auto handshakes = [&snapshot](proxy::HandshakeResult result) {
         return snapshot.handshakes[static_cast<std::size_t>(result)];
     };

@@ -120,7 +120,7 @@ bool Connection::begin(const sockaddr_storage &peer) {
     // listening socket, where the Listener set them.
     lastActivity_ = uv_now(loop);
     acceptedHr_ = uv_hrtime();
-    stats().connectionAccepted();
+    server_.metrics().connectionAccepted();
     awaitingProxy_ = !settings_->acceptProxyFrom.empty();
     clientIn_.setCapacity(settings_->buffers.plaintext);
     reply_.setCapacity(settings_->buffers.backend);
@@ -484,7 +484,7 @@ bool Connection::checkEngines() {
             const auto &info = engine_->handshake();
             const std::uint64_t nanos = uv_hrtime() - acceptedHr_;
             handshakeMicros_ = micros(nanos);
-            stats().handshakeDone(tlsVersionFrom(info.protocol), info.resumed, nanos);
+            server_.metrics().handshakeDone(tlsVersionFrom(info.protocol), info.resumed, nanos);
             if (!handshakeLogged_ && log::enabled(LogLevel::debug)) {
                 log::debug("handshake listener=" + settings_->name + " peer=" + peerText() +
                            " protocol=" + info.protocol + " cipher=" + info.cipher + " sni=" +
@@ -555,7 +555,7 @@ bool Connection::moveDown() {
         }
         downConsume(taken);
         bytesDown_ += taken;
-        stats().bytesBackendToClient(taken);
+        server_.metrics().bytesBackendToClient(taken);
         progress = true;
     }
     return progress;
@@ -578,7 +578,7 @@ bool Connection::moveUp() {
         }
         upConsume(taken);
         bytesUp_ += taken;
-        stats().bytesClientToBackend(taken);
+        server_.metrics().bytesClientToBackend(taken);
         progress = true;
     }
     return progress;
@@ -710,7 +710,7 @@ bool Connection::flushClient() {
                       [this](std::size_t n) {
                           downConsume(n);
                           bytesDown_ += n;
-                          stats().bytesBackendToClient(n);
+                          server_.metrics().bytesBackendToClient(n);
                       });
     if (sent < 0) {
         clientGone_ = true;
@@ -752,7 +752,7 @@ bool Connection::flushBackend() {
                 [this](std::size_t n) {
                     upConsume(n);
                     bytesUp_ += n;
-                    stats().bytesClientToBackend(n);
+                    server_.metrics().bytesClientToBackend(n);
                 });
         }
     }
@@ -1127,7 +1127,7 @@ void Connection::backendConnected() {
     const std::uint64_t nanos =
         std::uint64_t{static_cast<std::uint32_t>(uv_hrtime() / 1000) - connectStartMicros_} * 1000;
     connectMicros_ = micros(nanos);
-    stats().backendConnected(nanos);
+    server_.metrics().backendConnected(nanos);
     const auto index = static_cast<std::size_t>(serverIndex_);
     if (pool_->succeeded(index) == HealthChange::recovered) {
         log::info("backend-up backend=" + pool_->name() + " server=" + pool_->server(index).text());
@@ -1150,7 +1150,7 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
     const bool ready = backendReady_;
     bool retry = false;
     if (!ready && serverIndex_ >= 0) {
-        stats().backendConnectFailed();
+        server_.metrics().backendConnectFailed();
         const auto index = static_cast<std::size_t>(serverIndex_);
         if (pool_->failed(index, monotonicMs()) == HealthChange::markedDown) {
             log::warn("backend-down backend=" + pool_->name() + " server=" + serverText +
@@ -1224,7 +1224,7 @@ void Connection::reconnectAfterHandshake() {
         log::debug("backend-closed-early listener=" + settings_->name + " peer=" + peerText() +
                    " backend=" + pool_->name() + " next=after-handshake");
     }
-    stats().backendUnused();
+    server_.metrics().backendUnused();
     releaseServer();
     if (backendReading_) {
         uv_read_stop(backendStream());
@@ -1316,7 +1316,7 @@ bool Connection::moveToHandler() {
     // The span was the handler's for the call: it is consumed whatever the handler did with it.
     upConsume(up.size());
     bytesUp_ += up.size();
-    stats().bytesClientToBackend(up.size());
+    server_.metrics().bytesClientToBackend(up.size());
     touch();
     return true;
 }
@@ -1569,13 +1569,13 @@ void Connection::noteClose(CloseReason reason, std::string_view error) {
 void Connection::recordClose() {
     const CloseReason reason = closeReason_;
     if (engine_ && handshakeMicros_ < 0) {
-        stats().handshakeNotDone(
+        server_.metrics().handshakeNotDone(
             reason == CloseReason::handshakeFailed || reason == CloseReason::tlsError
                 ? HandshakeResult::failed
             : reason == CloseReason::timeoutHandshake ? HandshakeResult::timeout
                                                       : HandshakeResult::aborted);
     }
-    stats().connectionClosed(reason);
+    server_.metrics().connectionClosed(reason);
     if (!accessLogEnabled()) {
         return;
     }
@@ -1628,7 +1628,7 @@ void Connection::closeAll() {
     }
     closing_ = true;
     if (helloStarted_ && !clientReady() && (backendConnected_ || backendConnecting_)) {
-        stats().backendUnused(); // its client's handshake never finished
+        server_.metrics().backendUnused(); // its client's handshake never finished
     }
     endHandshakeCount();
     releaseServer();
@@ -1768,7 +1768,7 @@ void Connection::onClientWrite(uv_write_t *req, int status) {
     } else if (pinned == Pinned::plain) {
         self->downConsume(written);
         self->bytesDown_ += written;
-        stats().bytesBackendToClient(written);
+        self->server_.metrics().bytesBackendToClient(written);
     }
     self->touch();
     self->pump();
@@ -1913,7 +1913,7 @@ void Connection::onBackendWrite(uv_write_t *req, int status) {
     } else if (pinned == Pinned::plain) {
         self->upConsume(written);
         self->bytesUp_ += written;
-        stats().bytesClientToBackend(written);
+        self->server_.metrics().bytesClientToBackend(written);
     }
     self->touch();
     self->pump();

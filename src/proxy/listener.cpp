@@ -174,7 +174,7 @@ void Listener::acceptFailed(int error) {
     const std::size_t shed = error == EMFILE || error == ENFILE ? server_.shedWaiting(fd_) : 0;
     const std::uint64_t failures = std::max<std::uint64_t>(shed, 1);
     server_.counters().acceptErrors += failures;
-    stats().acceptErrors(failures);
+    server_.metrics().acceptErrors(failures);
     shedSinceLog_ += shed;
     const std::uint64_t now = uv_now(server_.loop());
     if (now - lastAcceptErrorLog_ >= acceptErrorLogIntervalMs || lastAcceptErrorLog_ == 0) {
@@ -217,7 +217,7 @@ void Listener::acceptOne(int fd, const sockaddr_storage &peer) {
         // Only a trusted balancer may speak for its clients; the handshake limit then applies
         // to the client the header names, counted by the connection once it has read it.
         if (!settings_->proxySourceAllowed(reinterpret_cast<const sockaddr *>(&peer))) {
-            stats().proxySourceRefused();
+            server_.metrics().proxySourceRefused();
             const std::uint64_t now = uv_now(server_.loop());
             if (now - lastProxyRefusedLog_ >= acceptErrorLogIntervalMs ||
                 lastProxyRefusedLog_ == 0) {

@@ -113,10 +113,13 @@ std::shared_ptr<const Runtime> buildRuntime(const Config &config, unsigned worke
 }
 
 Server::Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime,
-               std::shared_ptr<ClientLimits> limits)
+               std::shared_ptr<ClientLimits> limits, std::shared_ptr<Stats> metrics)
     : loop_(loop)
     , runtime_(std::move(runtime))
     , limits_(limits ? std::move(limits) : std::make_shared<ClientLimits>())
+    // The process's Stats lives as long as the process: held without an owner.
+    , metrics_(metrics ? std::move(metrics)
+                       : std::shared_ptr<Stats>(std::shared_ptr<Stats>(), &proxy::stats()))
     , deadlines_(loop, &Connection::fireDeadline)
     , warm_(warmBudget, &Connection::releaseBuffers) {
     reserve_.take();
@@ -274,10 +277,10 @@ Server::HandshakeAdmission Server::handshakeStarting(const std::string &ipKey) {
         limits_->starting(ipKey, runtime_->maxHandshakesPerIp, runtime_->maxHandshakeRatePerIp);
     if (admission == HandshakeAdmission::tooMany) {
         stats_.handshakeLimited++;
-        proxy::stats().handshakeLimited();
+        metrics().handshakeLimited();
     } else if (admission == HandshakeAdmission::tooFast) {
         stats_.handshakeRateLimited++;
-        proxy::stats().handshakeRateLimited();
+        metrics().handshakeRateLimited();
     }
     return admission;
 }
@@ -540,7 +543,7 @@ void Server::onQuiet(uv_timer_t *timer) {
     self->peakConnections_ = count;
     const std::uint64_t start = uv_hrtime();
     const bool released = releaseFreeMemory();
-    proxy::stats().memoryReleased();
+    self->metrics().memoryReleased();
     if (log::enabled(LogLevel::debug)) {
         log::debug(std::string("memory-released released=") + (released ? "yes" : "no") +
                    " connections=" + std::to_string(count) + " peak=" + std::to_string(peak) +

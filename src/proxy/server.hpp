@@ -18,6 +18,7 @@
 #include "net/spare_descriptor.hpp"
 #include "proxy/client_limits.hpp"
 #include "proxy/pool.hpp"
+#include "proxy/stats.hpp"
 #include "proxy/timer_heap.hpp"
 #include "proxy/warm_list.hpp"
 #include "tls/context.hpp"
@@ -126,9 +127,12 @@ std::string clientIpKey(const sockaddr *address);
 class Server {
 public:
     /** `limits`: the per-address handshake record this Server shares with the process's other
-     * Servers (the daemon's workers); null: one of its own. */
+     * Servers (the daemon's workers); null: one of its own. `metrics`: the counters its
+     * listeners and connections add to; null: the process's (stats(), what the daemon's
+     * /metrics shows). */
     Server(uv_loop_t *loop, std::shared_ptr<const Runtime> runtime,
-           std::shared_ptr<ClientLimits> limits = nullptr);
+           std::shared_ptr<ClientLimits> limits = nullptr,
+           std::shared_ptr<Stats> metrics = nullptr);
     ~Server();
     Server(const Server &) = delete;
     Server &operator=(const Server &) = delete;
@@ -180,6 +184,8 @@ public:
     HandshakeAdmission handshakeStarting(const std::string &ipKey);
     void handshakeEnded(const std::string &ipKey);
     ServerStats &counters() { return stats_; }
+    /** The counters, histograms and reload record this Server's connections add to. */
+    Stats &metrics() const { return *metrics_; }
     /**
      * Out of descriptors (EMFILE or ENFILE from accept): spends this server's reserve
      * descriptor to accept and close every connection waiting on the listening socket
@@ -232,6 +238,7 @@ private:
     Connection *connections_ = nullptr;
     std::unordered_map<std::string, std::uint64_t> perListener_; // active, by listener name
     std::shared_ptr<ClientLimits> limits_;
+    std::shared_ptr<Stats> metrics_;
     ServerStats stats_;
     TimerHeap deadlines_;
     // Busy connections keeping their TLS pairs and OpenSSL's record buffers between pumps: at
