@@ -1,7 +1,8 @@
-// proxy/stats: process-wide counters, gauges and fixed-bucket histograms that every worker thread
-// updates (relaxed atomics in per-thread shards, summed when read: each value is exact, a
-// snapshot is not one instant, and workers never share a cache line on the data path), the record
-// of one connection that is handed to the access-log sink when it closes, and the rate limit on
+// proxy/stats: counters, gauges and fixed-bucket histograms that a Server's threads update
+// (relaxed atomics in per-thread shards, summed when read: each value is exact, a snapshot is not
+// one instant, and workers never share a cache line on the data path): the process's one,
+// stats(), shared by the daemon's workers, or a libsluice Server's own. Also the record of one
+// connection that is handed to the access-log sink when it closes, and the rate limit on
 // handshake-failure log lines. ops/ reads the snapshot and installs the sink; proxy/ never
 // depends on ops/.
 #pragma once
@@ -108,7 +109,7 @@ struct StatsSnapshot {
     std::int64_t startUnixSeconds = 0;
 };
 
-/** The process-wide statistics. Every member function may be called from any thread. */
+/** A set of statistics. Every member function may be called from any thread. */
 class Stats {
 public:
     Stats();
@@ -184,7 +185,7 @@ private:
     std::string lastReloadMessage_;
 };
 
-/** The one Stats object of the process. */
+/** The process's Stats: the daemon's workers count into it and /metrics shows it. */
 Stats &stats();
 
 /** What one connection did, handed to the access-log sink once, when it starts closing. */
