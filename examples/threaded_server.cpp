@@ -61,8 +61,8 @@ public:
     const std::string &address() const { return address_; }
     const std::string &error() const { return error_; }
     std::uint64_t served() const { return served_.load(); }
-    /** The thread's Server's counters, read from this thread while the Server runs (it may be:
-     * stats() is safe from any thread). */
+    /** The thread's Server's counters, read from the calling thread while the Server runs on
+     * its own (stats() allows any thread). */
     sluice::ServerStats stats() const { return server_->stats(); }
 
     /** Starts the Server's drain; returns at once. */
