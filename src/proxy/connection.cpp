@@ -457,7 +457,6 @@ bool Connection::checkEngines() {
         const EngineStatus status = engine_->status();
         if (status.failed) {
             if (!status.handshakeDone) {
-                server_.counters().handshakeFailures++;
                 noteClose(CloseReason::handshakeFailed, engine_->errorReason());
                 // A flood of bad handshakes must not become a flood of log lines.
                 std::uint64_t suppressed = 0;
@@ -1140,7 +1139,6 @@ void Connection::backendFailed(const char *what, int status, std::string detail)
     if (backendGone_ || backendClosing_ || closing_) {
         return;
     }
-    server_.counters().backendFailures++;
     const std::string serverText =
         serverIndex_ >= 0 ? pool_->server(static_cast<std::size_t>(serverIndex_)).text() : "-";
     const std::string error =
@@ -1509,7 +1507,6 @@ void Connection::fireDeadline(Timed &timed) {
             self->armTimer();
             return;
         }
-        self->server_.counters().timeouts++;
         log::info("timeout listener=" + self->settings_->name + " peer=" + self->peerText() +
                   " phase=connect");
         if (!self->canRetry()) {
@@ -1518,7 +1515,6 @@ void Connection::fireDeadline(Timed &timed) {
         self->backendFailed("connect", UV_ETIMEDOUT);
         return;
     }
-    self->server_.counters().timeouts++;
     const bool noHeader = phase == Phase::handshake && self->awaitingProxy_;
     self->noteClose(phase == Phase::flush       ? CloseReason::timeoutFlush
                     : noHeader                  ? CloseReason::proxyHeader

@@ -173,7 +173,6 @@ void Listener::acceptFailed(int error) {
     // their clients give up: close them now, each a client this listener could not serve.
     const std::size_t shed = error == EMFILE || error == ENFILE ? server_.shedWaiting(fd_) : 0;
     const std::uint64_t failures = std::max<std::uint64_t>(shed, 1);
-    server_.counters().acceptErrors += failures;
     server_.metrics().acceptErrors(failures);
     shedSinceLog_ += shed;
     const std::uint64_t now = uv_now(server_.loop());

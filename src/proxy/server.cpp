@@ -276,10 +276,8 @@ Server::HandshakeAdmission Server::handshakeStarting(const std::string &ipKey) {
     const auto admission =
         limits_->starting(ipKey, runtime_->maxHandshakesPerIp, runtime_->maxHandshakeRatePerIp);
     if (admission == HandshakeAdmission::tooMany) {
-        stats_.handshakeLimited++;
         metrics().handshakeLimited();
     } else if (admission == HandshakeAdmission::tooFast) {
-        stats_.handshakeRateLimited++;
         metrics().handshakeRateLimited();
     }
     return admission;

@@ -87,16 +87,11 @@ struct ListenSocket {
     int fd = -1;      ///< owned by the Server once passed to it
 };
 
-/** Counters since start. Read on the loop's thread. */
+/** What the connection limits and the drain read, on the loop's thread (the counters the
+ * metrics show are in the Server's Stats, metrics()). */
 struct ServerStats {
-    std::uint64_t accepted = 0;
-    std::uint64_t active = 0;
-    std::uint64_t handshakeFailures = 0;
-    std::uint64_t backendFailures = 0;
-    std::uint64_t timeouts = 0;
-    std::uint64_t acceptErrors = 0;
-    std::uint64_t handshakeLimited = 0;
-    std::uint64_t handshakeRateLimited = 0;
+    std::uint64_t accepted = 0; ///< since start
+    std::uint64_t active = 0;   ///< open now
 };
 
 /**
@@ -163,7 +158,6 @@ public:
     /** Closes every listener and connection now; `done` as for drain(). */
     void stop(std::function<void(bool forced)> done);
 
-    const ServerStats &stats() const { return stats_; }
     uv_loop_t *loop() const { return loop_; }
 
     // --- For listeners and connections --------------------------------------------------------
@@ -178,7 +172,7 @@ public:
      * Counts a handshake starting from `ipKey`, or refuses it (nothing counted) when that
      * address already has max_handshakes_per_ip in progress (`tooMany`) or has started
      * max_handshake_rate_per_ip in the last second (`tooFast`), counting the handshakes of
-     * every Server sharing its ClientLimits; refusals are counted in this Server's stats.
+     * every Server sharing its ClientLimits; refusals are counted in this Server's metrics().
      * Every `admitted` is matched by one handshakeEnded().
      */
     HandshakeAdmission handshakeStarting(const std::string &ipKey);

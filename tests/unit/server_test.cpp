@@ -1044,8 +1044,8 @@ private:
                 address = server.addresses().at(0).second;
             } catch (const std::exception &) {
             }
-            server_ = &server;
             if (!address.empty()) {
+                server_ = &server;
                 stop_.data = &server;
                 uv_async_init(&loop, &stop_, [](uv_async_t *async) {
                     static_cast<sluice::Server *>(async->data)->stop([](bool) {});
@@ -1067,7 +1067,7 @@ private:
     std::condition_variable changed_;
     bool started_ = false;
     std::string address_;
-    sluice::Server *server_ = nullptr; // until stop()
+    sluice::Server *server_ = nullptr; // while it runs: until stop()
     uv_async_t stop_{};
     bool closedCleanly_ = false;
     std::thread thread_;
